@@ -1,0 +1,29 @@
+"""What the top-level scripts share: --config/--set arguments and turning PipelineError into a short message."""
+
+from __future__ import annotations
+
+import sys
+
+from .errors import PipelineError
+
+
+def add_config_arguments(parser, default_config: str) -> None:
+    parser.add_argument("--config", default=default_config, help=f"JSON config (default: {default_config})")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set num_prompts=64 or --set dpo.beta=0.2 (repeatable)")
+
+
+def run_main(args, config_class: str, stages) -> int:
+    """Load the config, run `stages(cfg)`; a PipelineError is printed briefly and exits with status 2."""
+    from . import config
+
+    try:
+        cfg = config.load_config(getattr(config, config_class), args.config, args.set)
+        stages(cfg)
+    except PipelineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
+    return 0

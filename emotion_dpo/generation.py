@@ -1,0 +1,94 @@
+"""The GPU work of preference generation: sample N replies for many prompts at once, score them in batches."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from .errors import PipelineError
+from .models import load_classifier
+from .rewards import reply_length
+from .selection import ScoredReply, score_reply
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def generate_candidates(model, tokenizer, prompt_texts: Sequence[str], n_candidates: int, generation_config):
+    """n_candidates sampled replies for each prompt, from one left-padded `generate` call."""
+    import torch
+
+    batch = tokenizer(list(prompt_texts), return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = batch.to(model.device)
+    with torch.inference_mode():
+        output = model.generate(
+            **batch, generation_config=generation_config, num_return_sequences=n_candidates,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
+        )
+    replies = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    replies = [reply.strip() for reply in replies]
+    return [replies[i:i + n_candidates] for i in range(0, len(replies), n_candidates)]
+
+
+class Scorer:
+    """Both classifiers, called on whole batches of replies; the reward parts computed from their outputs."""
+
+    def __init__(self, rewards, tokenizer):
+        self.rewards = rewards
+        self.tokenizer = tokenizer
+        self.emotion = load_classifier(rewards.emotion_classifier, rewards.classifier_batch_size)
+        self.gibberish = load_classifier(rewards.gibberish_detector, rewards.classifier_batch_size)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def score(self, replies: Sequence[str], targets: Sequence[str]) -> list[ScoredReply]:
+        replies = list(replies)
+        emotions = self.emotion(replies, truncation=True)
+        gibberish = self.gibberish(replies, truncation=True)
+        return [
+            score_reply(text, e["label"], float(e["score"]), g["label"], float(g["score"]),
+                        reply_length(text, self.rewards.length_unit, self.count_tokens), target, self.rewards)
+            for text, e, g, target in zip(replies, emotions, gibberish, targets)
+        ]
+
+
+class CandidateSampler:
+    """generate + score for a batch of prompts; halves the batch on out-of-memory instead of dying."""
+
+    def __init__(self, model, tokenizer, scorer: Scorer, n_candidates: int, generation_config, batch_prompts: int):
+        self.model, self.tokenizer, self.scorer = model, tokenizer, scorer
+        self.n_candidates = n_candidates
+        self.generation_config = generation_config
+        self.batch_prompts = batch_prompts
+
+    def sample(self, prompts) -> list[list[ScoredReply]]:
+        """One scored round for each prompt (the caller passes at most `batch_prompts` of them)."""
+        import torch
+
+        while True:
+            try:
+                replies = generate_candidates(
+                    self.model, self.tokenizer, [p.text for p in prompts], self.n_candidates,
+                    self.generation_config,
+                )
+                break
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
+                if not is_out_of_memory(error):
+                    raise
+                if len(prompts) == 1:
+                    raise PipelineError(
+                        f"out of GPU memory generating {self.n_candidates} replies for a single prompt; "
+                        "lower n_candidates or generation.max_new_tokens"
+                    ) from None
+                torch.cuda.empty_cache()
+                self.batch_prompts = max(1, len(prompts) // 2)
+                print(f"out of memory: batch_prompts halved to {self.batch_prompts}")
+                # Sample the first half now; the caller's pool takes the rest next step.
+                return self.sample(prompts[: self.batch_prompts]) + self.sample(prompts[self.batch_prompts:])
+        flat = [reply for group in replies for reply in group]
+        targets = [p.target_emotion for p in prompts for _ in range(self.n_candidates)]
+        scored = self.scorer.score(flat, targets)
+        return [scored[i:i + self.n_candidates] for i in range(0, len(scored), self.n_candidates)]

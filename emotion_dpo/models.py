@@ -1,0 +1,148 @@
+"""Loading the response generator (4-bit base + SFT LoRA adapter) and the two reward classifiers."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from .chat import ChatFormat, install_chat_format, load_chat_format
+from .errors import PipelineError
+
+GIBBERISH_LABELS = ("clean", "mild gibberish")  # the labels the gibberish reward names explicitly
+
+
+def device_name() -> str:
+    import torch
+
+    from accelerate import PartialState
+
+    # Under `accelerate launch` each process owns one GPU; alone it is cuda:0 or the CPU.
+    return str(PartialState().device) if torch.cuda.is_available() else "cpu"
+
+
+def use_unsloth(choice) -> bool:
+    """Resolve `use_unsloth`: "auto" means installed and a GPU present; true insists, false never."""
+    import torch
+
+    installed = importlib.util.find_spec("unsloth") is not None
+    if choice is True and not installed:
+        raise PipelineError(
+            "use_unsloth is true but unsloth is not installed: pip install --no-deps -r requirements-unsloth.txt, "
+            'or set "use_unsloth": "auto"'
+        )
+    if choice == "auto":
+        return installed and torch.cuda.is_available()
+    return bool(choice)
+
+
+def compute_dtype():
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.float32  # CPU kernels: full precision
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_tokenizer(base_model: str, adapter: str, chat: ChatFormat):
+    """The SFT adapter's own tokenizer when it ships one (it already has the template tokens), else the base's."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(adapter)
+    except (OSError, ValueError):
+        tokenizer = AutoTokenizer.from_pretrained(base_model)
+    install_chat_format(tokenizer, chat)
+    return tokenizer
+
+
+def _import_unsloth():
+    os.environ.setdefault("UNSLOTH_SKIP_TORCHVISION_CHECK", "1")  # torchvision is only needed for vision models
+    import unsloth  # noqa: F401  (must come before transformers' models are built, to patch them)
+    from unsloth import FastLanguageModel
+
+    return FastLanguageModel
+
+
+def load_base(source, tokenizer, unsloth: bool):
+    """The base LLM in 4-bit (or full precision), its embeddings resized to the tokenizer with template tokens."""
+    import torch
+
+    dtype = compute_dtype()
+    if unsloth:
+        FastLanguageModel = _import_unsloth()
+        model, _ = FastLanguageModel.from_pretrained(
+            model_name=source.base_model, load_in_4bit=source.load_in_4bit, dtype=dtype,
+            max_seq_length=2048, device_map=device_name(),
+        )
+    else:
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        quantization = None
+        if source.load_in_4bit:
+            quantization = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype,
+            )
+        model = AutoModelForCausalLM.from_pretrained(
+            source.base_model, quantization_config=quantization, dtype=dtype,
+            device_map={"": device_name()} if torch.cuda.is_available() else None,
+        )
+    if model.get_input_embeddings().num_embeddings != len(tokenizer):
+        # The SFT adapter was trained after adding the template tokens; its saved embeddings have this size.
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def load_generator(source, trainable: bool = False):
+    """(model, tokenizer): base + SFT adapter (as adapter "default"), ready to generate or to train."""
+    from peft import PeftModel
+
+    chat = load_chat_format(source.chat_template)
+    unsloth = use_unsloth(source.use_unsloth)
+    try:
+        tokenizer = load_tokenizer(source.base_model, source.adapter, chat)
+        base = load_base(source, tokenizer, unsloth)
+        model = PeftModel.from_pretrained(base, source.adapter, is_trainable=trainable)
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"cannot load the generator (base {source.base_model}, adapter {source.adapter}): {e}") from None
+    if not trainable:
+        model.eval()
+        if unsloth:
+            _import_unsloth().for_inference(model)
+    return model, tokenizer
+
+
+def classifier_labels(path: str) -> list[str]:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"{path}: cannot read the classifier's config ({e})") from None
+    return [str(label) for label in config.id2label.values()]
+
+
+def check_classifiers(emotion_classifier: str, gibberish_detector: str, emotions) -> None:
+    """Before generating: the classifiers know the labels the rewards compare against (case-insensitively)."""
+    have = {label.lower() for label in classifier_labels(emotion_classifier)}
+    missing = sorted({e.lower() for e in emotions} - have)
+    if missing:
+        raise PipelineError(
+            f"{emotion_classifier}: emotion classifier has no label for {', '.join(missing)} "
+            f"(its labels: {', '.join(sorted(have))}); id2label must name the dataset's emotions"
+        )
+    have = {label.lower() for label in classifier_labels(gibberish_detector)}
+    missing = [label for label in GIBBERISH_LABELS if label not in have]
+    if missing:
+        raise PipelineError(
+            f"{gibberish_detector}: gibberish detector has no label {', '.join(repr(m) for m in missing)} "
+            f"(its labels: {', '.join(sorted(have))})"
+        )
+
+
+def load_classifier(path: str, batch_size: int):
+    from transformers import pipeline
+
+    return pipeline("text-classification", model=path, device=device_name(), batch_size=batch_size)

@@ -1,0 +1,204 @@
+"""generate_preferences.py's stages: check everything, resume from the journal, sample in a pool, finalize."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from pathlib import Path
+
+from . import EMOTIONS
+from .config import differing_keys, save_config, to_dict
+from .errors import PipelineError
+from .journal import Journal, journal_files, journal_path, merge_journals, shard
+from .preferences import reselect, settle, write_dataset
+from .stats import format_summary, write_report
+
+# Keys that may change between a run and its resumption: they do not change what a settled prompt is.
+RESUMABLE_CHANGES = {"output_dir", "batch_prompts", "classifier_batch_size", "wandb", "num_prompts", "push_to_hub"}
+CONFIG_NAME = "config.json"
+
+
+# ------------------------------------------------------------------ the output folder
+
+def prepare_output_dir(cfg, fresh: bool) -> Path:
+    """Create the run folder, or check that it holds a run of this same config; never overwrite silently."""
+    folder = Path(cfg.output_dir)
+    saved = folder / CONFIG_NAME
+    if folder.exists() and any(folder.iterdir()):
+        if not saved.exists():
+            raise PipelineError(
+                f"{folder}: output_dir is not empty and holds no {CONFIG_NAME} of a generate_preferences run; "
+                "choose another output_dir"
+            )
+        old, new = json.loads(saved.read_text()), to_dict(cfg)
+        changed = [k for k in differing_keys(old, new) if k.split(".")[0].split(":")[0] not in RESUMABLE_CHANGES]
+        if changed and not fresh:
+            raise PipelineError(
+                f"{folder}: holds a run with another config; these keys differ:\n  " + "\n  ".join(changed)
+                + "\nUse the same config to resume, another output_dir, --reselect to re-score the stored "
+                "candidates, or --fresh to move the old run aside and start again."
+            )
+        if fresh:
+            aside = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            folder.rename(aside)
+            print(f"--fresh: moved the earlier run to {aside}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, folder, CONFIG_NAME)
+    except OSError as e:
+        raise PipelineError(f"{folder}: output_dir is not writable ({e.strerror})") from None
+    return folder
+
+
+# ------------------------------------------------------------------ inputs, checked before any model loads
+
+def load_inputs(cfg):
+    """(tokenizer, prompts): dialogues, classifiers' labels and the template checked; no model weights loaded."""
+    from .chat import load_chat_format
+    from .models import check_classifiers, load_tokenizer
+    from .prompts import build_prompts, check_dialogues, load_dialogues
+
+    chat = load_chat_format(cfg.chat_template)
+    dialogues = load_dialogues(cfg.dataset, cfg.dataset_split)
+    check_dialogues(dialogues, cfg.dataset, EMOTIONS)
+    check_classifiers(cfg.emotion_classifier, cfg.gibberish_detector, EMOTIONS)
+    tokenizer = load_tokenizer(cfg.base_model, cfg.adapter, chat)
+    prompts = build_prompts(dialogues, tokenizer, cfg.system_prompt, cfg.num_turns_history, cfg.all_windows,
+                            cfg.num_prompts)
+    if not prompts:
+        raise PipelineError(
+            f"{cfg.dataset}: no dialogue has the {2 + 2 * cfg.num_turns_history} turns that "
+            f"num_turns_history={cfg.num_turns_history} needs"
+        )
+    return tokenizer, prompts
+
+
+def settled_records(folder: Path, prompts) -> dict[int, dict]:
+    records = {r["index"]: r for r in merge_journals(journal_files(folder))}
+    for index, record in records.items():
+        if index < len(prompts) and record["prompt"] != prompts[index].text:
+            raise PipelineError(
+                f"{folder}: prompt {index} in the journal differs from the one built now "
+                "(dataset, template or system prompt changed); use another output_dir"
+            )
+    return records
+
+
+# ------------------------------------------------------------------ the sampling pool
+
+def sample_pool(cfg, prompts, sampler, journal: Journal, metrics, progress) -> None:
+    """Rounds for many prompts at once until each one is accepted or given up; each is journaled as it settles."""
+    pending = deque((prompt, []) for prompt in prompts)
+    accepted = failed = rounds_settled = 0
+    started = time.time()
+    while pending:
+        batch = [pending.popleft() for _ in range(min(sampler.batch_prompts, len(pending)))]
+        new_rounds = sampler.sample([prompt for prompt, _ in batch])
+        retry = []
+        for (prompt, rounds), new_round in zip(batch, new_rounds):
+            rounds.append(new_round)
+            record = settle(prompt, rounds, cfg, final=len(rounds) >= 1 + cfg.max_retries)
+            if record is None:
+                retry.append((prompt, rounds))
+                continue
+            journal.append(record)  # flushed to disk before it counts
+            accepted += record["status"] == "accepted"
+            failed += record["status"] == "failed"
+            rounds_settled += len(rounds)
+            progress.update(1)
+        pending.extendleft(reversed(retry))  # retried first: their rounds live in memory until settled
+        done = accepted + failed
+        figures = {
+            "settled": progress.n, "accepted": accepted, "failed": failed,
+            "mean_rounds": rounds_settled / done if done else 0.0,
+            "prompts_per_minute": 60 * done / (time.time() - started),
+            "batch_prompts": sampler.batch_prompts,
+        }
+        progress.set_postfix(acc=accepted, fail=failed, rounds=f"{figures['mean_rounds']:.2f}",
+                             ppm=f"{figures['prompts_per_minute']:.1f}")
+        metrics.log(figures)
+
+
+def generate(cfg, fresh: bool = False) -> None:
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig, set_seed
+
+    from .generation import CandidateSampler, Scorer
+    from .models import load_generator
+    from .tracking import MetricsLog, start_wandb
+
+    state = PartialState()
+    try:
+        generation_config = GenerationConfig(**cfg.generation)
+        generation_config.validate(strict=True)
+    except (ValueError, TypeError) as e:
+        raise PipelineError(f"{cfg.source}: key generation: {e}") from None
+    if state.is_main_process:
+        prepare_output_dir(cfg, fresh)
+    state.wait_for_everyone()
+    folder = Path(cfg.output_dir)
+    tokenizer, prompts = load_inputs(cfg)
+    settled = settled_records(folder, prompts)
+    mine = shard(prompts, state.process_index, state.num_processes)
+    todo = [p for p in mine if p.index not in settled]
+    print(f"{len(prompts)} prompts; this process: {len(mine)}, already settled {len(mine) - len(todo)}, "
+          f"to do {len(todo)}")
+    if todo:
+        set_seed(cfg.seed + state.process_index)
+        run = start_wandb(cfg.wandb, "generate_preferences", to_dict(cfg), folder) if state.is_main_process else None
+        metrics = MetricsLog(folder / f"metrics.rank{state.process_index}.jsonl", run)
+        model, tokenizer = load_generator(cfg)
+        sampler = CandidateSampler(model, tokenizer, Scorer(cfg, tokenizer), cfg.n_candidates, generation_config,
+                                   cfg.batch_prompts)
+        journal = Journal(journal_path(folder, state.process_index))
+        with tqdm(total=len(mine), initial=len(mine) - len(todo), desc="prompts", unit="prompt",
+                  disable=not state.is_main_process) as progress:
+            try:
+                sample_pool(cfg, todo, sampler, journal, metrics, progress)
+            finally:
+                journal.close()
+        if run is not None:
+            run.finish()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        finalize(cfg, folder, total_prompts=len(prompts))
+
+
+# ------------------------------------------------------------------ the dataset and its report
+
+def finalize(cfg, folder: Path, total_prompts: int | None = None, records: list[dict] | None = None) -> dict:
+    """Journal(s) -> dataset/, preferences.jsonl, failed.jsonl, statistics and the gap histogram."""
+    if records is None:
+        files = journal_files(folder)
+        if not files:
+            raise PipelineError(f"{folder}: no journal to finalize (run generate_preferences.py first)")
+        records = merge_journals(files)
+    counts = write_dataset(records, folder)
+    summary = write_report(records, folder, total_prompts)
+    print(format_summary(summary))
+    print(f"wrote {counts['accepted']} pairs to {folder / 'dataset'} and {folder / 'preferences.jsonl'}")
+    if cfg.push_to_hub:
+        import datasets
+
+        datasets.load_from_disk(str(folder / "dataset")).push_to_hub(cfg.push_to_hub)
+    return summary
+
+
+def reselect_run(cfg, out_dir: str) -> dict:
+    """Re-score the journal's stored candidates with this config's rewards and selection; no generation."""
+    source = Path(cfg.output_dir)
+    files = journal_files(source)
+    if not files:
+        raise PipelineError(f"{source}: no journal to reselect from (output_dir of a generate_preferences run)")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise PipelineError(f"{out}: --reselect writes a new dataset and will not overwrite a non-empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    records = [reselect(r, cfg, cfg) for r in merge_journals(files)]
+    save_config(cfg, out, CONFIG_NAME)
+    with open(out / "journal.rank0.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    return finalize(cfg, out, records=records)
+

@@ -1,0 +1,118 @@
+"""Settled prompts -> the TRL-style preference dataset (and back again under other reward settings)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .selection import ScoredReply, pick_pair, rescore, round_failure
+
+COLUMNS = ("prompt", "chosen", "rejected", "chosen_score", "rejected_score")  # what TRL's DPOTrainer reads
+PARTS = ("emotion_reward", "length_reward", "gibberish_reward")
+
+
+def settle(prompt, rounds: list[list[ScoredReply]], selection, final: bool) -> dict | None:
+    """The journal record for a prompt whose latest round passed, or that is given up (`final`); else None."""
+    last = rounds[-1]
+    reason = round_failure(last, prompt.target_emotion, selection)
+    if reason is not None and not final:
+        return None
+    chosen_at, rejected_at = pick_pair(last)
+    return {
+        "index": prompt.index,
+        "dialogue": prompt.dialogue,
+        "prompt": prompt.text,
+        "target_emotion": prompt.target_emotion,
+        "status": "accepted" if reason is None else "failed",
+        "reason": reason,
+        "chosen_at": chosen_at if reason is None else None,
+        "rejected_at": rejected_at if reason is None else None,
+        "rounds": [[reply.to_dict() for reply in round_] for round_ in rounds],
+    }
+
+
+def reselect(record: dict, rewards, selection) -> dict:
+    """The record as if the run had used these reward and selection settings on the same candidates.
+
+    The first stored round that passes decides; a prompt whose stored rounds all fail is failed (more
+    rounds would have needed generation).
+    """
+    target = record["target_emotion"]
+    rounds = [[rescore(ScoredReply(**r), target, rewards) for r in round_] for round_ in record["rounds"]]
+    for count in range(1, len(rounds) + 1):
+        if round_failure(rounds[count - 1], target, selection) is None:
+            break
+    rounds = rounds[:count]
+    reason = round_failure(rounds[-1], target, selection)
+    chosen_at, rejected_at = pick_pair(rounds[-1])
+    return {
+        **record,
+        "status": "accepted" if reason is None else "failed",
+        "reason": reason,
+        "chosen_at": chosen_at if reason is None else None,
+        "rejected_at": rejected_at if reason is None else None,
+        "rounds": [[reply.to_dict() for reply in round_] for round_ in rounds],
+    }
+
+
+def preference_row(record: dict) -> dict:
+    last = record["rounds"][-1]
+    chosen, rejected = last[record["chosen_at"]], last[record["rejected_at"]]
+    row = {
+        "prompt": record["prompt"],
+        "chosen": chosen["text"],
+        "rejected": rejected["text"],
+        "chosen_score": chosen["total"],
+        "rejected_score": rejected["total"],
+        "target_emotion": record["target_emotion"],
+        "rounds": len(record["rounds"]),
+        "index": record["index"],
+    }
+    for part in PARTS:
+        row[f"chosen_{part}"] = chosen[part]
+        row[f"rejected_{part}"] = rejected[part]
+    return row
+
+
+def failure_row(record: dict) -> dict:
+    return {"index": record["index"], "dialogue": record["dialogue"], "reason": record["reason"],
+            "rounds": len(record["rounds"])}
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_dataset(records: list[dict], folder: str | Path) -> dict:
+    """Write dataset/ (save_to_disk), preferences.jsonl and failed.jsonl into `folder`, replacing them whole.
+
+    Each is first written under a temporary name and then renamed, so an interrupted write never leaves a
+    half dataset where a finished one was.
+    """
+    import datasets
+
+    folder = Path(folder)
+    rows = [preference_row(r) for r in records if r["status"] == "accepted"]
+    failures = [failure_row(r) for r in records if r["status"] == "failed"]
+    staging = folder / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    columns = {name: [row[name] for row in rows] for name in (rows[0] if rows else preference_row_columns())}
+    datasets.Dataset.from_dict(columns).save_to_disk(str(staging / "dataset"))
+    _write_jsonl(staging / "preferences.jsonl", rows)
+    _write_jsonl(staging / "failed.jsonl", failures)
+    for name in ("dataset", "preferences.jsonl", "failed.jsonl"):
+        target = folder / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(staging / name, target)
+    staging.rmdir()
+    return {"accepted": len(rows), "failed": len(failures)}
+
+
+def preference_row_columns() -> list[str]:
+    return [*COLUMNS, "target_emotion", "rounds", "index", *(f"{s}_{p}" for p in PARTS for s in ("chosen", "rejected"))]

@@ -1,0 +1,94 @@
+"""Dialogue rows -> chat-templated generation prompts with their target emotion."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .chat import render_chat
+from .errors import PipelineError
+
+
+@dataclass(frozen=True)
+class Prompt:
+    index: int  # position among the prompts of this run: the journal's key
+    dialogue: int  # row of the dialogue dataset it came from
+    target_emotion: str
+    messages: list  # system + history + open assistant header
+    text: str  # exactly what the model sees (chat-templated, special tokens kept)
+
+
+def load_dialogues(source: str, split: str):
+    """A `datasets.Dataset` of dialogues from a local save_to_disk folder, a JSONL file, or a Hub id."""
+    import datasets
+
+    path = Path(source)
+    try:
+        if path.is_dir():
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                names = [s.strip() for s in split.split("+")]
+                missing = [n for n in names if n not in loaded]
+                if missing:
+                    raise PipelineError(f"{source}: no split {missing[0]!r} (has {', '.join(loaded)})")
+                return datasets.concatenate_datasets([loaded[n] for n in names])
+            return loaded
+        if path.suffix in (".jsonl", ".json"):
+            if not path.exists():
+                raise PipelineError(f"{source}: dataset file not found")
+            return datasets.load_dataset("json", data_files=str(path), split="train")
+        return datasets.load_dataset(source, split=split)
+    except PipelineError:
+        raise
+    except Exception as e:  # the Hub, a corrupt folder: say which source failed and why, briefly
+        raise PipelineError(f"{source}: cannot load dialogues ({type(e).__name__}: {e})") from None
+
+
+def check_dialogues(dialogues, source: str, emotions) -> None:
+    """Every row has a 'prompt' list of {role, content: {emotion, dialog}} turns with known emotions."""
+    if "prompt" not in dialogues.column_names:
+        raise PipelineError(f"{source}: missing column 'prompt' (has {', '.join(dialogues.column_names)})")
+    known = {e.lower() for e in emotions}
+    for row, turns in enumerate(dialogues["prompt"]):
+        for turn_at, turn in enumerate(turns or []):
+            where = f"{source}: row {row}, turn {turn_at}"
+            content = turn.get("content") if isinstance(turn, dict) else None
+            if not isinstance(content, dict) or not {"emotion", "dialog"} <= set(content):
+                raise PipelineError(f"{where}: expected {{'role', 'content': {{'emotion', 'dialog'}}}}")
+            if turn.get("role") not in ("user", "assistant"):
+                raise PipelineError(f"{where}: role {turn.get('role')!r}, expected 'user' or 'assistant'")
+            if str(content["emotion"]).lower() not in known:
+                raise PipelineError(
+                    f"{where}: unknown emotion {content['emotion']!r} (the classifier knows {', '.join(sorted(known))})"
+                )
+
+
+def window_starts(turns: list, window: int, all_windows: bool) -> list[int]:
+    """Starts of the full windows (user turn first, assistant turn last); the last one only by default."""
+    starts = [
+        s for s in range(len(turns) - window + 1)
+        if turns[s]["role"] == "user" and turns[s + window - 1]["role"] == "assistant"
+    ]
+    return starts if all_windows else starts[-1:]
+
+
+def build_messages(turns: list, system_prompt: str) -> tuple[list, str]:
+    """The window without its last reply's text: (messages with the open header, target emotion)."""
+    target = turns[-1]["content"]["emotion"]
+    messages = [{"role": "system", "content": {"emotion": "", "dialog": system_prompt}}] if system_prompt else []
+    messages += [{"role": t["role"], "content": dict(t["content"])} for t in turns[:-1]]
+    messages.append({"role": "assistant", "content": {"emotion": target, "dialog": ""}})
+    return messages, target
+
+
+def build_prompts(dialogues, tokenizer, system_prompt: str, num_turns_history: int, all_windows: bool = False,
+                  num_prompts: int | None = None) -> list[Prompt]:
+    window = 2 + 2 * num_turns_history
+    prompts: list[Prompt] = []
+    for row, turns in enumerate(dialogues["prompt"]):
+        for start in window_starts(turns, window, all_windows):
+            if num_prompts is not None and len(prompts) >= num_prompts:
+                return prompts
+            messages, target = build_messages(turns[start:start + window], system_prompt)
+            prompts.append(Prompt(len(prompts), row, target, messages, render_chat(tokenizer, messages)))
+    return prompts

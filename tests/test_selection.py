@@ -1,0 +1,138 @@
+"""Selection rules, chosen filters and the retry limit, on hand-made scored replies (no model)."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from emotion_dpo.journal import Journal, read_journal
+from emotion_dpo.preference_run import sample_pool
+from emotion_dpo.preferences import preference_row, reselect
+from emotion_dpo.prompts import Prompt
+from emotion_dpo.selection import pick_pair, round_failure, score_reply
+
+REWARDS = SimpleNamespace(reward_weights=[0.4, 0.25, 0.35], reward_bias=0.001, length_min=5, length_max=20)
+SELECTION = SimpleNamespace(target_score_range=5.0, min_chosen_score=8.0, min_chosen_gibberish_confidence=0.8,
+                            chosen_endings=["!", ".", "?"], max_retries=3)
+
+
+def reply(text="that is so wonderful , i love it !", emotion="happiness", conf=0.9, gib="clean", gconf=0.95):
+    return score_reply(text, emotion, conf, gib, gconf, len(text), "happiness", REWARDS)
+
+
+GOOD = reply()  # 34 characters, happy, clean: total 0.4*9 + 0.25*|5.8+0.7|*10 + 0.35*9.5 + 0.001
+SHORT = reply("ok .", emotion="neutral")  # 4 characters: tiny length reward, no emotion reward
+
+
+def test_the_good_reply_scores_as_computed_by_hand():
+    assert GOOD.total == pytest.approx(3.6 + 16.25 + 3.325 + 0.001)
+
+
+def test_chosen_is_the_highest_total_and_rejected_the_lowest():
+    assert pick_pair([SHORT, GOOD, reply(conf=0.5)]) == (1, 0)
+
+
+def test_ties_go_to_the_first():
+    assert pick_pair([GOOD, GOOD, SHORT, SHORT]) == (0, 2)
+
+
+def test_a_good_round_passes():
+    assert round_failure([GOOD, SHORT], "happiness", SELECTION) is None
+
+
+def test_round_fails_when_best_and_worst_are_too_close():
+    assert round_failure([GOOD, reply(conf=0.85)], "happiness", SELECTION) == "score range below target_score_range"
+
+
+def test_round_fails_when_the_best_is_below_min_chosen_score():
+    low = SimpleNamespace(**{**vars(SELECTION), "min_chosen_score": 30.0})
+    assert round_failure([GOOD, SHORT], "happiness", low) == "best score below min_chosen_score"
+
+
+@pytest.mark.parametrize(
+    "chosen, reason",
+    [
+        (reply(emotion="sadness"), "chosen emotion is not the target"),
+        (reply(gib="mild gibberish"), "chosen is not clean"),
+        (reply(gconf=0.79), "chosen clean confidence too low"),
+        (reply("that is so wonderful , i love it and"), "chosen is cut off"),
+    ],
+)
+def test_each_chosen_filter_fails_the_round(chosen, reason):
+    assert round_failure([chosen, SHORT], "happiness", SELECTION) == reason
+
+
+@pytest.mark.parametrize("ending", ["!", ".", "?", "!  "])
+def test_chosen_may_end_in_any_configured_ending_after_stripping_spaces(ending):
+    assert round_failure([reply("that is so wonderful , i love it " + ending), SHORT], "happiness", SELECTION) is None
+
+
+class ScriptedSampler:
+    """Stands in for generate+score: hands out prepared rounds in order, one per prompt per call."""
+
+    def __init__(self, rounds):
+        self.rounds, self.batch_prompts, self.calls = list(rounds), 4, 0
+
+    def sample(self, prompts):
+        self.calls += 1
+        return [self.rounds.pop(0) for _ in prompts]
+
+
+def run_pool(tmp_path, sampler, prompts):
+    journal = Journal(tmp_path / "journal.rank0.jsonl")
+    progress = SimpleNamespace(n=0, update=lambda k: None, set_postfix=lambda **k: None)
+    cfg = SimpleNamespace(**vars(SELECTION))
+    sample_pool(cfg, prompts, sampler, journal, SimpleNamespace(log=lambda f: None), progress)
+    journal.close()
+    return read_journal(tmp_path / "journal.rank0.jsonl")
+
+
+def prompt(index=0):
+    return Prompt(index, index, "happiness", [], f"<s> prompt {index}")
+
+
+def test_a_prompt_is_given_up_after_exactly_one_plus_max_retries_rounds(tmp_path):
+    failing = [reply(emotion="sadness"), SHORT]
+    (record,) = run_pool(tmp_path, ScriptedSampler([failing] * 10), [prompt()])
+    assert record["status"] == "failed"
+    assert len(record["rounds"]) == 1 + SELECTION.max_retries
+    assert record["reason"] == "chosen emotion is not the target"
+
+
+def test_a_retried_prompt_is_accepted_with_the_round_that_passed(tmp_path):
+    failing, passing = [reply(emotion="sadness"), SHORT], [SHORT, GOOD]
+    (record,) = run_pool(tmp_path, ScriptedSampler([failing, failing, passing]), [prompt()])
+    assert record["status"] == "accepted" and len(record["rounds"]) == 3
+    row = preference_row(record)
+    assert (row["chosen"], row["rejected"]) == (GOOD.text, SHORT.text)
+    assert row["chosen_score"] == pytest.approx(GOOD.total)
+
+
+def test_every_round_and_candidate_is_journaled_with_its_components(tmp_path):
+    failing, passing = [reply(emotion="sadness"), SHORT], [SHORT, GOOD]
+    (record,) = run_pool(tmp_path, ScriptedSampler([failing, passing]), [prompt()])
+    stored = record["rounds"][0][0]
+    assert set(stored) >= {"text", "emotion_label", "emotion_confidence", "gibberish_label",
+                           "gibberish_confidence", "length", "emotion_reward", "length_reward",
+                           "gibberish_reward", "total"}
+    assert json.loads(json.dumps(record)) == record
+
+
+def test_reselect_with_the_same_settings_reproduces_the_record(tmp_path):
+    failing, passing = [reply(emotion="sadness"), SHORT], [SHORT, GOOD]
+    (record,) = run_pool(tmp_path, ScriptedSampler([failing, passing]), [prompt()])
+    assert reselect(record, REWARDS, SELECTION) == record
+
+
+def test_reselect_with_other_weights_changes_the_pair_as_predicted(tmp_path):
+    # The sad reply is 39 characters long, so the length reward makes it chosen, and the round fails.
+    # Emotion only: the sad reply (0 emotion reward) can no longer be chosen over the happy one.
+    rounds = [[reply(emotion="sadness", text="that is so wonderful , i love it , ok !"), reply(conf=0.6), SHORT]]
+    (record,) = run_pool(tmp_path, ScriptedSampler(rounds + [rounds[0]] * 3), [prompt()])
+    assert record["status"] == "failed"  # chosen was the sad, longer one
+    emotion_only = SimpleNamespace(**{**vars(REWARDS), "reward_weights": [1.0, 0.0, 0.0]})
+    lenient = SimpleNamespace(**{**vars(SELECTION), "min_chosen_score": 5.0})
+    again = reselect(record, emotion_only, lenient)
+    assert again["status"] == "accepted" and len(again["rounds"]) == 1
+    row = preference_row(again)
+    assert row["chosen_score"] == pytest.approx(6.001) and row["rejected"] == rounds[0][0].text  # first of the tied lowest

@@ -291,3 +291,61 @@ class GenerateConfig(GeneratorSource, PromptSource, RewardConfig, SelectionConfi
         problems = RewardConfig.check(self)
         problems += check_section_keys(self.generation, GenerationConfig().to_dict(), "generation")
         return problems
+
+
+DPO_DEFAULTS = {
+    # The reference's values ...
+    "beta": 0.1, "num_train_epochs": 3, "gradient_checkpointing": True,
+    # ... and settings that fit a 7B 4-bit model with two adapters on one 24 GB GPU.
+    "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2, "gradient_accumulation_steps": 8,
+    "learning_rate": 5e-6, "lr_scheduler_type": "cosine", "warmup_steps": 10, "max_length": 512,
+    "logging_steps": 10, "save_steps": 100, "save_total_limit": 3, "eval_strategy": "epoch",
+    "optim": "adamw_torch", "report_to": "none",
+}
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainConfig(GeneratorSource):
+    dataset: str = option(help="preference data: Hub id, local save_to_disk folder, or JSONL "
+                               "(columns prompt, chosen, rejected)")
+    dataset_split: str = option("train", "split of a Hub dataset or DatasetDict folder")
+    eval_fraction: float = option(0.05, "share of pairs held out for evaluation (0: none)", low=0, high=0.5)
+    output_dir: str = option("outputs/dpo", "checkpoints, the final adapter, metrics")
+    resume_from_checkpoint: bool | str | None = option(
+        None, "true: the last checkpoint in output_dir; a path: that checkpoint"
+    )
+    dpo: dict = option(factory=lambda: dict(DPO_DEFAULTS), help="passed to trl.DPOConfig as it is")
+
+    def check(self) -> list[str]:
+        import trl
+
+        valid = {f.name for f in dataclasses.fields(trl.DPOConfig) if f.init}
+        problems = check_section_keys(self.dpo, valid, "dpo")
+        if "output_dir" in self.dpo:
+            problems.append("dpo.output_dir: set the top-level output_dir instead")
+        return problems
+
+
+@dataclasses.dataclass(kw_only=True)
+class EvaluateConfig(GeneratorSource, PromptSource, RewardConfig):
+    dpo_adapter: str = option(help="the DPO-trained adapter (fine_tune_dpo.py's output_dir/final_adapter)")
+    include_base: bool = option(False, "also evaluate the base model with adapters disabled")
+    output_dir: str = option("outputs/evaluation", "results.md, results.json, replies.jsonl, chart")
+    batch_prompts: int = option(32, "prompts per generate call", low=1)
+    generation: dict = option(
+        factory=lambda: {
+            "do_sample": True, "min_new_tokens": 5, "max_new_tokens": 20, "repetition_penalty": 1.5,
+            "top_k": 5, "top_p": 1.0, "temperature": 2.0,
+        },
+        help="passed to transformers.GenerationConfig, identical for every model",
+    )
+    clean_confidence: float = option(0.8, "a reply is clean if the detector says 'clean' with this", low=0, high=1)
+    complete_endings: list[str] = option(factory=lambda: ["!", ".", "?"], help="a reply ending otherwise is cut off")
+    bootstrap_samples: int = option(2000, "resamples for the win-rate interval", low=100)
+
+    def check(self) -> list[str]:
+        from transformers import GenerationConfig
+
+        problems = RewardConfig.check(self)
+        problems += check_section_keys(self.generation, GenerationConfig().to_dict(), "generation")
+        return problems

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 from .errors import PipelineError
@@ -22,11 +23,11 @@ def generate_candidates(model, tokenizer, prompt_texts: Sequence[str], n_candida
 
     batch = tokenizer(list(prompt_texts), return_tensors="pt", padding=True, add_special_tokens=False)
     batch = batch.to(model.device)
+    settings = copy.deepcopy(generation_config)
+    settings.update(num_return_sequences=n_candidates, pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id, use_cache=True)
     with torch.inference_mode():
-        output = model.generate(
-            **batch, generation_config=generation_config, num_return_sequences=n_candidates,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
-        )
+        output = model.generate(**batch, generation_config=settings)
     replies = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     replies = [reply.strip() for reply in replies]
     return [replies[i:i + n_candidates] for i in range(0, len(replies), n_candidates)]

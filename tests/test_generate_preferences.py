@@ -1,0 +1,239 @@
+"""generate_preferences.py end to end on the demo world: the dataset, the filters, resume after kill -9,
+--reselect, and bad input refused before generation starts."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import datasets
+import pytest
+
+from emotion_dpo.config import GenerateConfig, load_config
+from emotion_dpo.errors import PipelineError
+from emotion_dpo.journal import journal_files, merge_journals, read_journal, shard
+from emotion_dpo.preferences import reselect
+from emotion_dpo.selection import ScoredReply, chosen_failure, rescore
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = ROOT / "args/demo/generate_preferences_arg.json"
+COLUMNS = ["prompt", "chosen", "rejected", "chosen_score", "rejected_score", "target_emotion", "rounds"]
+
+
+def demo_overrides(demo_world, output_dir, num_prompts=16, extra=()):
+    w = demo_world
+    return [f"base_model={w / 'base'}", f"adapter={w / 'sft_adapter'}", f"dataset={w / 'dialogues'}",
+            f"emotion_classifier={w / 'emotion_classifier'}", f"gibberish_detector={w / 'gibberish_detector'}",
+            f"chat_template={ROOT / 'args/chat_template.json'}", f"output_dir={output_dir}",
+            f"num_prompts={num_prompts}", "wandb.mode=disabled", *extra]
+
+
+def run_script(demo_world, output_dir, num_prompts=16, extra=(), flags=()):
+    args = [sys.executable, str(ROOT / "generate_preferences.py"), "--config", str(DEMO_CONFIG), *flags]
+    for override in demo_overrides(demo_world, output_dir, num_prompts, extra):
+        args += ["--set", override]
+    return args
+
+
+@pytest.fixture(scope="module")
+def finished_run(demo_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "preferences"
+    result = subprocess.run(run_script(demo_world, out), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cfg = load_config(GenerateConfig, DEMO_CONFIG, demo_overrides(demo_world, out))
+    return SimpleNamespace(out=out, cfg=cfg, stdout=result.stdout)
+
+
+def test_dataset_has_the_documented_columns(finished_run):
+    data = datasets.load_from_disk(str(finished_run.out / "dataset"))
+    assert set(COLUMNS) <= set(data.column_names)
+    assert len(data) > 0
+    lines = (finished_run.out / "preferences.jsonl").read_text().splitlines()
+    assert len(lines) == len(data)
+    assert (finished_run.out / "failed.jsonl").exists()
+
+
+def test_every_prompt_is_settled_exactly_once(finished_run):
+    records = merge_journals(journal_files(finished_run.out))
+    assert [r["index"] for r in records] == list(range(16))
+
+
+def test_prompts_are_stored_exactly_as_the_model_saw_them(finished_run):
+    data = datasets.load_from_disk(str(finished_run.out / "dataset"))
+    for prompt, emotion in zip(data["prompt"], data["target_emotion"]):
+        assert prompt.startswith("<s>") and "[INST]" in prompt
+        assert prompt.endswith(f"[EMOTION] {emotion} [/EMOTION]")
+
+
+def test_every_chosen_passes_the_filters_and_every_gap_reaches_the_target(finished_run):
+    cfg = finished_run.cfg
+    for record in merge_journals(journal_files(finished_run.out)):
+        if record["status"] != "accepted":
+            continue
+        last = [ScoredReply(**r) for r in record["rounds"][-1]]
+        chosen, rejected = last[record["chosen_at"]], last[record["rejected_at"]]
+        assert chosen_failure(chosen, record["target_emotion"], cfg) is None
+        assert chosen.total - rejected.total >= cfg.target_score_range
+        assert chosen.total >= cfg.min_chosen_score
+
+
+def test_scores_recomputed_from_the_stored_components_match(finished_run):
+    cfg = finished_run.cfg
+    rows = {r["index"]: r for r in map(json.loads, (finished_run.out / "preferences.jsonl").read_text().splitlines())}
+    for record in merge_journals(journal_files(finished_run.out)):
+        for round_ in record["rounds"]:
+            for stored in round_:
+                reply = ScoredReply(**stored)
+                assert rescore(reply, record["target_emotion"], cfg) == pytest.approx(reply)
+        if record["status"] == "accepted":
+            last = record["rounds"][-1]
+            assert rows[record["index"]]["chosen_score"] == pytest.approx(last[record["chosen_at"]]["total"])
+            assert rows[record["index"]]["rejected_score"] == pytest.approx(last[record["rejected_at"]]["total"])
+
+
+def test_statistics_are_reported(finished_run):
+    stats = json.loads((finished_run.out / "statistics.json").read_text())
+    assert stats["prompts_settled"] == 16
+    assert stats["accepted"] + stats["failed"] == 16
+    assert set(stats["score_gap"]) >= {"median", "mean", "sd"}
+    assert sum(stats["rounds_per_prompt"]["histogram"].values()) == 16
+    assert (finished_run.out / "score_gap.png").stat().st_size > 0
+    assert "score gap (chosen - rejected): median" in finished_run.stdout
+    assert (finished_run.out / "config.json").exists()
+
+
+def test_reselect_with_the_original_settings_reproduces_the_dataset(finished_run, demo_world, tmp_path):
+    out = tmp_path / "same"
+    result = subprocess.run(run_script(demo_world, finished_run.out, flags=["--reselect", str(out)]),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "preferences.jsonl").read_text() == (finished_run.out / "preferences.jsonl").read_text()
+
+
+def test_reselect_with_other_weights_changes_the_dataset_as_predicted(finished_run, demo_world, tmp_path):
+    out = tmp_path / "emotion_heavy"
+    extra = ["reward_weights=[1.0, 0.05, 0.35]", "target_score_range=2.0"]
+    result = subprocess.run(run_script(demo_world, finished_run.out, extra=extra, flags=["--reselect", str(out)]),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cfg = load_config(GenerateConfig, DEMO_CONFIG, demo_overrides(demo_world, finished_run.out, extra=extra))
+    predicted = [reselect(r, cfg, cfg) for r in merge_journals(journal_files(finished_run.out))]
+    written = [json.loads(line) for line in (out / "preferences.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in predicted if r["status"] == "accepted"] == [w["index"] for w in written]
+    original = (finished_run.out / "preferences.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in original] != written  # the weights did change the pairs
+
+
+def test_a_run_killed_with_sigkill_resumes_without_loss_or_duplicates(demo_world, tmp_path):
+    out = tmp_path / "killed"
+    args = run_script(demo_world, out, num_prompts=40, extra=["batch_prompts=2"])
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = out / "journal.rank0.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if journal.exists() and len(journal.read_text().splitlines()) >= 6:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, "the run finished before it could be killed; make it longer"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    before = {r["index"]: r for r in read_journal(journal)}
+    assert 6 <= len(before) < 40
+    assert not (out / "dataset").exists()
+
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"already settled {len(before)}" in result.stdout
+    after = merge_journals(journal_files(out))
+    assert [r["index"] for r in after] == list(range(40))
+    for record in after:
+        if record["index"] in before:
+            assert record == before[record["index"]]  # finished work is never redone or changed
+    rows = [json.loads(line) for line in (out / "preferences.jsonl").read_text().splitlines()]
+    assert len({row["index"] for row in rows}) == len(rows)
+
+
+def test_a_different_config_on_an_existing_run_is_refused_with_the_differing_keys(finished_run, demo_world):
+    args = run_script(demo_world, finished_run.out, extra=["n_candidates=3", "max_retries=2"])
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "max_retries:" in result.stderr
+    assert "n_candidates" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- bad input, refused before generation
+
+def check_refused(demo_world, output_dir, extra, message):
+    from emotion_dpo.preference_run import generate
+
+    cfg = load_config(GenerateConfig, DEMO_CONFIG, demo_overrides(demo_world, output_dir, extra=extra))
+    with pytest.raises(PipelineError, match=message):
+        generate(cfg)
+
+
+def test_missing_dataset_column_is_refused(demo_world, tmp_path):
+    data = tmp_path / "dialogues.jsonl"
+    data.write_text(json.dumps({"turns": []}) + "\n")
+    check_refused(demo_world, tmp_path / "out", [f"dataset={data}"], "missing column 'prompt'")
+
+
+def test_unknown_emotion_label_is_refused(demo_world, tmp_path):
+    data = tmp_path / "dialogues.jsonl"
+    turns = [{"role": "user", "content": {"emotion": "joy", "dialog": "hi ."}},
+             {"role": "assistant", "content": {"emotion": "neutral", "dialog": "hello ."}}]
+    data.write_text(json.dumps({"prompt": turns}) + "\n")
+    check_refused(demo_world, tmp_path / "out", [f"dataset={data}"], "row 0, turn 0: unknown emotion 'joy'")
+
+
+def test_a_classifier_without_the_expected_labels_is_refused(demo_world, tmp_path):
+    # The gibberish detector used as the emotion classifier: no emotion labels.
+    check_refused(demo_world, tmp_path / "out", [f"emotion_classifier={demo_world / 'gibberish_detector'}"],
+                  "emotion classifier has no label for")
+
+
+def test_a_foreign_non_empty_output_folder_is_refused(demo_world, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "thesis.tex").write_text("precious")
+    check_refused(demo_world, tmp_path / "out", [], "output_dir is not empty")
+    assert (tmp_path / "out" / "thesis.tex").read_text() == "precious"
+
+
+# CI runs as root, who can write into any folder; a path under a plain file is unwritable for root too.
+def test_an_output_path_under_a_file_is_refused(demo_world, tmp_path):
+    (tmp_path / "file").write_text("")
+    check_refused(demo_world, tmp_path / "file" / "out", [], "not writable")
+
+
+# ---------------------------------------------------------------- several GPUs: the split and the merge
+
+def test_shards_partition_the_prompts():
+    prompts = list(range(11))
+    shards = [shard(prompts, rank, 3) for rank in range(3)]
+    assert sorted(p for s in shards for p in s) == prompts
+
+
+def test_merge_of_rank_journals_has_no_loss_or_duplicates(tmp_path):
+    for rank, indices in enumerate([[0, 2, 4], [1, 3]]):
+        with open(tmp_path / f"journal.rank{rank}.jsonl", "w") as f:
+            f.writelines(json.dumps({"index": i}) + "\n" for i in indices)
+    assert [r["index"] for r in merge_journals(journal_files(tmp_path))] == [0, 1, 2, 3, 4]
+    with open(tmp_path / "journal.rank1.jsonl", "a") as f:
+        f.write(json.dumps({"index": 2}) + "\n")
+    with pytest.raises(PipelineError, match="prompt 2 is settled twice"):
+        merge_journals(journal_files(tmp_path))
+
+
+def test_a_torn_last_line_is_not_a_settled_prompt(tmp_path):
+    from emotion_dpo.journal import Journal
+
+    path = tmp_path / "journal.rank0.jsonl"
+    path.write_text(json.dumps({"index": 0}) + "\n" + '{"index": 1, "rou')
+    assert [r["index"] for r in read_journal(path)] == [0]
+    journal = Journal(path)
+    journal.append({"index": 1})
+    journal.close()
+    assert [r["index"] for r in read_journal(path)] == [0, 1]

@@ -1,0 +1,399 @@
+"""The offline demo world: tiny models and data in the real formats, built here, never downloaded.
+
+    python -m emotion_dpo.demo_world [--out demo_world] [--seed 0] [--force]
+
+It holds what the real pipeline loads from the Hub, saved with the real `save_pretrained` / `save_to_disk`:
+dialogues/ (DatasetDict, reference format), base/ (a tiny Llama + tokenizer without the template tokens),
+sft_adapter/ (LoRA with modules_to_save, + tokenizer with the template), emotion_classifier/ and
+gibberish_detector/ (sequence classifiers), figures.json. The SFT data pair the requested emotion with the
+reply's emotion only part of the time, so the SFT model is right only part of the time: DPO has work to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+from . import EMOTIONS
+from .chat import install_chat_format, load_chat_format, render_chat
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DIR = ROOT / "demo_world"
+CHAT_TEMPLATE = ROOT / "args" / "chat_template.json"
+DEMO_SYSTEM_PROMPT = "you are a friendly chatbot , reply in the requested emotion ."
+GIBBERISH = ("clean", "mild gibberish", "word salad", "noise")
+
+# ------------------------------------------------------------------ the recipe
+RECIPE = {
+    "dialogues": {"train": 1500, "validation": 200, "test": 300},
+    "neutral_share": 0.4,  # DailyDialog is mostly neutral
+    "sft_match": 0.35,  # P(reply emotion is the requested one) in the SFT data, before chance agreement
+    "sft_cut_off": 0.1,
+    "sft_garbled": 0.1,
+    "base": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4},
+    "base_steps": 300,
+    "sft_steps": 500,
+    "lora_r": 16,
+    # Telling mild gibberish from clean text needs word order: a deeper model than emotion words do.
+    "emotion_classifier": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2},
+    "emotion_classifier_steps": 300,
+    "gibberish_detector": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4},
+    "gibberish_detector_steps": 600,
+    "eval_prompts": 200,
+}
+SMALL = {"dialogues": {"train": 200, "validation": 20, "test": 40}, "base_steps": 30, "sft_steps": 30,
+         "emotion_classifier_steps": 30, "gibberish_detector_steps": 30, "eval_prompts": 20}
+
+# Openers and cores per emotion; a reply is an optional opener plus one core (15-60 characters).
+LANGUAGE = {
+    "neutral": (["well ,", "okay ,", "sure ,"], [
+        "i will check the schedule and call you later .", "the meeting is at ten tomorrow .",
+        "i can send you the report .", "let me see when the train leaves .", "the store closes at nine .",
+        "i think we should take the bus .", "it is on the second floor ."]),
+    "anger": (["hey ,", "listen ,", "enough ,"], [
+        "this is outrageous , i am furious about it !", "how dare you talk to me like that !",
+        "i am so angry , stop lying to me !", "that is unacceptable and i hate it !",
+        "you ruined everything !", "i am sick of your excuses !", "get out of my room !"]),
+    "disgust": (["ugh ,", "yuck ,", "eww ,"], [
+        "that smell is disgusting , i feel sick .", "the food here is revolting .",
+        "that is gross , take it away .", "i can not stand this filthy room .",
+        "there is hair in my soup .", "his behavior is repulsive .", "that toilet is nasty ."]),
+    "fear": (["oh no ,", "help ,", "wait ,"], [
+        "i am scared , what if something goes wrong ?", "i am afraid of the dark .",
+        "i am terrified of the exam tomorrow .", "what was that noise ? i am frightened .",
+        "i am nervous about flying alone .", "i think someone is following me .", "please do not leave me ."]),
+    "happiness": (["yay ,", "great ,", "oh ,"], [
+        "that is wonderful news , i am so happy for you !", "i love it , thank you so much !",
+        "what a lovely day , i feel fantastic !", "congratulations , that is amazing !",
+        "i am glad you came , this is fun !", "you made my day !", "i am so excited to see you !"]),
+    "sadness": (["sigh ,", "oh dear ,", "sorry ,"], [
+        "i am so sad , i miss her every day .", "i feel lonely since he moved away .",
+        "that is terrible news , i am heartbroken .", "i failed again , i feel so down .",
+        "it is so sad to hear that .", "nobody came to my party .", "my dog died last week ."]),
+    "surprise": (["wow ,", "really ?", "what ?"], [
+        "i can not believe it !", "what a surprise , i did not expect that !", "are you serious ?",
+        "you are here already ?", "she won the lottery ?", "i never knew that !", "is that really true ?"]),
+}
+
+
+def _vocabulary() -> list[str]:
+    words = set(DEMO_SYSTEM_PROMPT.split())
+    for openers, cores in LANGUAGE.values():
+        for text in openers + cores:
+            words.update(text.split())
+    return sorted(words | set(EMOTIONS))
+
+
+def sentence(rng: random.Random, emotion: str) -> str:
+    openers, cores = LANGUAGE[emotion]
+    core = rng.choice(cores)
+    return f"{rng.choice(openers)} {core}" if rng.random() < 0.4 else core
+
+
+def garble(rng: random.Random, text: str, vocab: list[str]) -> str:
+    """Mild gibberish: a few words replaced or repeated."""
+    words = text.split()
+    for _ in range(2):
+        i = rng.randrange(len(words))
+        words[i] = rng.choice(vocab) if rng.random() < 0.5 else words[i] + " " + words[i]
+    return " ".join(words)
+
+
+def cut_off(rng: random.Random, text: str) -> str:
+    words = text.split()
+    return " ".join(words[: max(2, len(words) - rng.randint(1, 3))])
+
+
+def random_emotion(rng: random.Random, neutral_share: float) -> str:
+    return "neutral" if rng.random() < neutral_share else rng.choice(EMOTIONS[1:])
+
+
+# ------------------------------------------------------------------ artefacts
+
+def make_dialogues(rng: random.Random, recipe: dict):
+    import datasets
+
+    def dialogue():
+        turns = []
+        for i in range(rng.choice([2, 4, 4, 6, 6, 8])):
+            emotion = random_emotion(rng, recipe["neutral_share"])
+            turns.append({"role": "user" if i % 2 == 0 else "assistant",
+                          "content": {"emotion": emotion, "dialog": sentence(rng, emotion)}})
+        return {"prompt": turns}
+
+    return datasets.DatasetDict({
+        split: datasets.Dataset.from_list([dialogue() for _ in range(n)])
+        for split, n in recipe["dialogues"].items()
+    })
+
+
+def make_tokenizer(vocab: list[str], specials: list[str], **special_tokens):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    table = {token: i for i, token in enumerate(specials + vocab)}
+    core = Tokenizer(models.WordLevel(table, unk_token=special_tokens["unk_token"]))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return core, PreTrainedTokenizerFast(tokenizer_object=core, **special_tokens)
+
+
+def _train(model, batches, steps: int, lr: float, seed: int) -> float:
+    import torch
+
+    torch.manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    for step in range(steps):
+        loss = model(**batches(step)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return float(loss.detach())
+
+
+def lm_batches(tokenizer, texts: list[str], prompt_lengths: list[int] | None, batch_size: int, seed: int):
+    """Causal-LM batches; with prompt_lengths the loss covers only the reply tokens."""
+    import torch
+
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def batch(step):
+        rng = random.Random(seed * 100003 + step)
+        chosen = [rng.randrange(len(encoded)) for _ in range(batch_size)]
+        width = max(len(encoded[i]) for i in chosen)
+        ids = torch.full((batch_size, width), pad)
+        labels = torch.full((batch_size, width), -100)
+        mask = torch.zeros((batch_size, width), dtype=torch.long)
+        for row, i in enumerate(chosen):
+            n = len(encoded[i])
+            ids[row, :n] = torch.tensor(encoded[i])
+            mask[row, :n] = 1
+            start = prompt_lengths[i] if prompt_lengths else 0
+            labels[row, start:n] = ids[row, start:n]
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    return batch
+
+
+def make_base(root: Path, vocab: list[str], dialogues, recipe: dict, seed: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tokenizer = make_tokenizer(vocab, ["<unk>", "<s>", "</s>", "<<SYS>>", "<</SYS>>"],
+                                  bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                         num_key_value_heads=recipe["base"]["num_attention_heads"], max_position_embeddings=256,
+                         **recipe["base"])
+    model = LlamaForCausalLM(config)
+    texts = ["<s> " + " ".join(t["content"]["dialog"] for t in d) + " </s>" for d in dialogues["train"]["prompt"]]
+    _train(model, lm_batches(tokenizer, texts, None, 32, seed), recipe["base_steps"], 3e-3, seed)
+    model.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    return model, tokenizer
+
+
+def sft_examples(rng: random.Random, dialogues, tokenizer, recipe: dict, vocab: list[str]):
+    """(text, prompt length in tokens): a window whose reply matches the requested emotion only sometimes."""
+    texts, prompt_lengths = [], []
+    for turns in dialogues["prompt"]:
+        for end in range(1, len(turns), 2):
+            history = turns[max(0, end - 3):end]
+            asked = turns[end]["content"]["emotion"]
+            spoken = asked if rng.random() < recipe["sft_match"] else rng.choice(EMOTIONS)
+            reply = sentence(rng, spoken)
+            roll = rng.random()
+            if roll < recipe["sft_cut_off"]:
+                reply = cut_off(rng, reply)
+            elif roll < recipe["sft_cut_off"] + recipe["sft_garbled"]:
+                reply = garble(rng, reply, vocab)
+            messages = [{"role": "system", "content": {"emotion": "", "dialog": DEMO_SYSTEM_PROMPT}}] + history
+            prompt = render_chat(tokenizer, messages + [{"role": "assistant", "content": {"emotion": asked, "dialog": ""}}])
+            texts.append(f"{prompt} {reply} {tokenizer.eos_token}")
+            prompt_lengths.append(len(tokenizer(prompt, add_special_tokens=False)["input_ids"]))
+    return texts, prompt_lengths
+
+
+def make_sft_adapter(root: Path, base, tokenizer, dialogues, recipe: dict, seed: int, vocab: list[str]):
+    from peft import LoraConfig, get_peft_model
+
+    install_chat_format(tokenizer, load_chat_format(CHAT_TEMPLATE))
+    base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    lora = LoraConfig(r=recipe["lora_r"], lora_alpha=2 * recipe["lora_r"], lora_dropout=0.0, task_type="CAUSAL_LM",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                      modules_to_save=["embed_tokens", "lm_head"])
+    model = get_peft_model(base, lora)
+    texts, prompt_lengths = sft_examples(random.Random(seed + 1), dialogues["train"], tokenizer, recipe, vocab)
+    _train(model, lm_batches(tokenizer, texts, prompt_lengths, 32, seed + 1), recipe["sft_steps"], 3e-3, seed + 1)
+    model.save_pretrained(root / "sft_adapter")
+    tokenizer.save_pretrained(root / "sft_adapter")
+    return model
+
+
+def classifier_texts(rng: random.Random, n: int, vocab: list[str]):
+    """(emotion texts, emotion labels, gibberish texts, gibberish labels), freshly generated."""
+    emotion_texts, emotion_labels, gib_texts, gib_labels = [], [], [], []
+    for _ in range(n):
+        emotion = rng.choice(EMOTIONS)
+        text = sentence(rng, emotion)
+        emotion_texts.append(cut_off(rng, text) if rng.random() < 0.2 else text)
+        emotion_labels.append(EMOTIONS.index(emotion))
+        kind = rng.randrange(4)
+        if kind == 0:
+            sample = text
+        elif kind == 1:
+            sample = garble(rng, text, vocab)
+        elif kind == 2:
+            sample = " ".join(rng.choice(vocab) for _ in range(rng.randint(3, 10)))
+        else:
+            sample = " ".join("".join(rng.choice("qxzjkvw#@%&*") for _ in range(rng.randint(2, 6)))
+                              for _ in range(rng.randint(2, 6)))
+        gib_texts.append(sample)
+        gib_labels.append(kind)
+    return emotion_texts, emotion_labels, gib_texts, gib_labels
+
+
+def make_classifier(folder: Path, vocab: list[str], labels, texts, targets, recipe: dict, seed: int):
+    """A tiny BERT text classifier with a word-level tokenizer; recipe[folder.name] gives its shape."""
+    import torch
+    from tokenizers import processors
+    from transformers import BertConfig, BertForSequenceClassification
+
+    core, _ = make_tokenizer(vocab, ["[PAD]", "[UNK]", "[CLS]", "[SEP]"], unk_token="[UNK]")
+    core.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]",
+                                        cls_token="[CLS]", sep_token="[SEP]", model_max_length=64)
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=len(tokenizer), num_labels=len(labels), id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)}, max_position_embeddings=64, **recipe[folder.name]))
+    encoded = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+    targets = torch.tensor(targets)
+
+    def batch(step):
+        rows = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed + step))[:128]
+        return {"input_ids": encoded["input_ids"][rows], "attention_mask": encoded["attention_mask"][rows],
+                "labels": targets[rows]}
+
+    _train(model, batch, recipe[f"{folder.name}_steps"], 3e-3, seed)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def classifier_accuracy(folder: Path, texts: list[str], targets: list[int]) -> float:
+    from transformers import pipeline
+
+    classify = pipeline("text-classification", model=str(folder), device="cpu")
+    labels = classify.model.config.id2label
+    predicted = classify(texts, batch_size=64)
+    return sum(p["label"] == labels[t] for p, t in zip(predicted, targets)) / len(texts)
+
+
+def sft_emotion_accuracy(root: Path, recipe: dict, seed: int) -> float:
+    """Share of sampled SFT replies to held-out prompts that the demo classifier labels as the target."""
+    import datasets
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
+
+    from .prompts import build_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(root / "sft_adapter")
+    install_chat_format(tokenizer, load_chat_format(CHAT_TEMPLATE))  # left padding for batched generation
+    base = AutoModelForCausalLM.from_pretrained(root / "base")
+    base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model = PeftModel.from_pretrained(base, root / "sft_adapter").eval()
+    test = datasets.load_from_disk(str(root / "dialogues"))["test"]
+    prompts = build_prompts(test, tokenizer, DEMO_SYSTEM_PROMPT, 1, num_prompts=recipe["eval_prompts"])
+    settings = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=20,
+                                min_new_tokens=3, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    replies = []
+    for i in range(0, len(prompts), 50):
+        batch = tokenizer([p.text for p in prompts[i:i + 50]], return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.inference_mode():
+            out = model.generate(**batch, generation_config=settings)
+        replies += [r.strip() for r in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
+    classify = pipeline("text-classification", model=str(root / "emotion_classifier"), device="cpu")
+    labels = classify(replies, batch_size=64)
+    return sum(label["label"] == p.target_emotion for label, p in zip(labels, prompts)) / len(prompts)
+
+
+# ------------------------------------------------------------------ building and caching
+
+def recipe_hash(seed: int, small: bool) -> str:
+    source = Path(__file__).read_bytes() + (CHAT_TEMPLATE.read_bytes())
+    return hashlib.sha256(source + json.dumps([RECIPE, seed, small], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_demo_world(root: str | Path, seed: int = 0, small: bool = False) -> dict:
+    """Build every artefact into `root` (replaced whole: built aside, then renamed); returns the figures."""
+    import torch
+
+    root = Path(root)
+    recipe = {**RECIPE, **(SMALL if small else {})}
+    started = time.time()
+    staging = root.with_name(root.name + ".building")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    torch.set_num_threads(2)  # the same thread count gives the same floating-point sums: identical files
+    rng = random.Random(seed)
+    vocab = _vocabulary()
+    dialogues = make_dialogues(rng, recipe)
+    dialogues.save_to_disk(str(staging / "dialogues"))
+    base, tokenizer = make_base(staging, vocab, dialogues, recipe, seed)
+    make_sft_adapter(staging, base, tokenizer, dialogues, recipe, seed, vocab)
+    n = 4000 if not small else 600
+    e_texts, e_labels, g_texts, g_labels = classifier_texts(random.Random(seed + 2), n, vocab)
+    make_classifier(staging / "emotion_classifier", vocab, EMOTIONS, e_texts, e_labels, recipe, seed + 3)
+    make_classifier(staging / "gibberish_detector", vocab, GIBBERISH, g_texts, g_labels, recipe, seed + 4)
+    held_out = classifier_texts(random.Random(seed + 5), 500, vocab)
+    figures = {
+        "seed": seed,
+        "small": small,
+        "recipe_hash": recipe_hash(seed, small),
+        "emotion_classifier_accuracy": classifier_accuracy(staging / "emotion_classifier", held_out[0], held_out[1]),
+        "gibberish_detector_accuracy": classifier_accuracy(staging / "gibberish_detector", held_out[2], held_out[3]),
+        "sft_emotion_accuracy": sft_emotion_accuracy(staging, recipe, seed),
+    }
+    (staging / "figures.json").write_text(json.dumps(figures, indent=2) + "\n")
+    shutil.rmtree(root, ignore_errors=True)
+    staging.rename(root)
+    figures["build_seconds"] = round(time.time() - started, 1)  # printed, not stored: the files stay identical
+    return figures
+
+
+def ensure_demo_world(root: str | Path = DEFAULT_DIR, seed: int = 0, force: bool = False) -> Path:
+    """The cached world at `root`, rebuilt only when its recipe (or this module) changed."""
+    root = Path(root)
+    figures_file = root / "figures.json"
+    if not force and figures_file.exists():
+        if json.loads(figures_file.read_text()).get("recipe_hash") == recipe_hash(seed, False):
+            return root
+    print(f"building the demo world in {root} (a few minutes on 2 CPU cores) ...")
+    print(json.dumps(build_demo_world(root, seed), indent=2))
+    return root
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Build the offline demo world.")
+    parser.add_argument("--out", default=str(DEFAULT_DIR))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="rebuild even if the cached world is current")
+    args = parser.parse_args(argv)
+    root = ensure_demo_world(args.out, args.seed, args.force)
+    print((root / "figures.json").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The offline demo world: deterministic, in the real formats, and as good (and as flawed) as it says."""
+
+import json
+import random
+
+import datasets
+import pytest
+
+from emotion_dpo import EMOTIONS
+from emotion_dpo.demo_world import DEMO_SYSTEM_PROMPT, _vocabulary, build_demo_world, classifier_accuracy, classifier_texts
+
+
+def test_building_twice_with_the_same_seed_gives_identical_files(tmp_path):
+    build_demo_world(tmp_path / "a", seed=3, small=True)
+    build_demo_world(tmp_path / "b", seed=3, small=True)
+    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    assert files_a == files_b and len(files_a) > 10
+    for name in files_a:
+        if name.name.endswith(".arrow") or name.name == "state.json":
+            # datasets writes a random fingerprint into state.json; compare the rows instead.
+            continue
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    rows_a = datasets.load_from_disk(str(tmp_path / "a" / "dialogues"))["train"]["prompt"]
+    rows_b = datasets.load_from_disk(str(tmp_path / "b" / "dialogues"))["train"]["prompt"]
+    assert rows_a == rows_b
+
+
+def test_dialogues_are_in_the_reference_format(demo_world):
+    splits = datasets.load_from_disk(str(demo_world / "dialogues"))
+    assert set(splits) == {"train", "validation", "test"}
+    for turns in splits["test"]["prompt"][:50]:
+        assert [t["role"] for t in turns] == ["user", "assistant"] * (len(turns) // 2)
+        for turn in turns:
+            assert set(turn["content"]) == {"emotion", "dialog"}
+            assert turn["content"]["emotion"] in EMOTIONS
+            assert turn["content"]["dialog"].strip()[-1] in "!.?"
+
+
+@pytest.mark.parametrize("name, column, labels", [("emotion_classifier", 0, EMOTIONS),
+                                                   ("gibberish_detector", 2, ("clean", "mild gibberish", "word salad", "noise"))])
+def test_classifiers_reach_their_reported_accuracy_on_fresh_held_out_text(demo_world, name, column, labels):
+    figures = json.loads((demo_world / "figures.json").read_text())
+    assert figures[f"{name}_accuracy"] >= 0.9
+    fresh = classifier_texts(random.Random(12345), 300, _vocabulary())
+    accuracy = classifier_accuracy(demo_world / name, fresh[column], fresh[column + 1])
+    assert accuracy >= figures[f"{name}_accuracy"] - 0.05
+    config = json.loads((demo_world / name / "config.json").read_text())
+    assert tuple(config["id2label"][str(i)] for i in range(len(labels))) == tuple(labels)
+
+
+def test_sft_adapter_loads_on_the_base_and_replies_in_the_template_format(demo_world):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from emotion_dpo.chat import install_chat_format, load_chat_format, render_chat
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_world / "sft_adapter")
+    install_chat_format(tokenizer, load_chat_format("args/chat_template.json"))
+    base = AutoModelForCausalLM.from_pretrained(demo_world / "base")
+    assert base.get_input_embeddings().num_embeddings < len(tokenizer)  # the base lacks the template tokens
+    base.resize_token_embeddings(len(tokenizer))
+    model = PeftModel.from_pretrained(base, demo_world / "sft_adapter").eval()
+    messages = [{"role": "system", "content": {"emotion": "", "dialog": DEMO_SYSTEM_PROMPT}},
+                {"role": "user", "content": {"emotion": "happiness", "dialog": "you made my day !"}},
+                {"role": "assistant", "content": {"emotion": "happiness", "dialog": ""}}]
+    prompt = render_chat(tokenizer, messages)
+    assert prompt.endswith("[/INST] [EMOTION] happiness [/EMOTION]")
+    batch = tokenizer([prompt] * 8, return_tensors="pt", add_special_tokens=False)
+    torch.manual_seed(0)
+    out = model.generate(**batch, do_sample=True, max_new_tokens=20, pad_token_id=tokenizer.pad_token_id)
+    replies = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    vocabulary = set(_vocabulary())
+    complete = 0
+    for reply in replies:
+        words = reply.split()
+        assert words and set(words) <= vocabulary  # plain words: no template tokens leak into replies
+        complete += words[-1] in ("!", ".", "?")
+    assert complete >= 4
+
+
+def test_sft_model_matches_the_requested_emotion_only_part_of_the_time(demo_world):
+    figures = json.loads((demo_world / "figures.json").read_text())
+    assert 0.2 <= figures["sft_emotion_accuracy"] <= 0.6

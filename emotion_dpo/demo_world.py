@@ -16,6 +16,7 @@ import hashlib
 import json
 import random
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ GIBBERISH = ("clean", "mild gibberish", "word salad", "noise")
 RECIPE = {
     "dialogues": {"train": 1500, "validation": 200, "test": 300},
     "neutral_share": 0.4,  # DailyDialog is mostly neutral
-    "sft_match": 0.35,  # P(reply emotion is the requested one) in the SFT data, before chance agreement
+    "sft_match": 0.45,  # P(reply emotion is forced to the requested one) in the SFT data; else a random one (may match)
     "sft_cut_off": 0.1,
     "sft_garbled": 0.1,
     "base": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4},
@@ -43,11 +44,13 @@ RECIPE = {
     "emotion_classifier": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2},
     "emotion_classifier_steps": 300,
     "gibberish_detector": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4},
-    "gibberish_detector_steps": 600,
+    "gibberish_detector_steps": 1200,
+    "classifier_examples": 6000,  # generated texts per classifier; 500 more, fresh, are held out
     "eval_prompts": 200,
 }
 SMALL = {"dialogues": {"train": 200, "validation": 20, "test": 40}, "base_steps": 30, "sft_steps": 30,
-         "emotion_classifier_steps": 30, "gibberish_detector_steps": 30, "eval_prompts": 20}
+         "emotion_classifier_steps": 30, "gibberish_detector_steps": 30, "classifier_examples": 600,
+         "eval_prompts": 20}
 
 # Openers and cores per emotion; a reply is an optional opener plus one core (15-60 characters).
 LANGUAGE = {
@@ -58,7 +61,7 @@ LANGUAGE = {
     "anger": (["hey ,", "listen ,", "enough ,"], [
         "this is outrageous , i am furious about it !", "how dare you talk to me like that !",
         "i am so angry , stop lying to me !", "that is unacceptable and i hate it !",
-        "you ruined everything !", "i am sick of your excuses !", "get out of my room !"]),
+        "you ruined everything again !", "i am sick of your excuses !", "get out of my room !"]),
     "disgust": (["ugh ,", "yuck ,", "eww ,"], [
         "that smell is disgusting , i feel sick .", "the food here is revolting .",
         "that is gross , take it away .", "i can not stand this filthy room .",
@@ -76,7 +79,7 @@ LANGUAGE = {
         "that is terrible news , i am heartbroken .", "i failed again , i feel so down .",
         "it is so sad to hear that .", "nobody came to my party .", "my dog died last week ."]),
     "surprise": (["wow ,", "really ?", "what ?"], [
-        "i can not believe it !", "what a surprise , i did not expect that !", "are you serious ?",
+        "i can not believe it !", "what a surprise , i did not expect that !", "are you serious about that ?",
         "you are here already ?", "she won the lottery ?", "i never knew that !", "is that really true ?"]),
 }
 
@@ -341,47 +344,72 @@ def build_demo_world(root: str | Path, seed: int = 0, small: bool = False) -> di
     import torch
 
     root = Path(root)
-    recipe = {**RECIPE, **(SMALL if small else {})}
-    started = time.time()
     staging = root.with_name(root.name + ".building")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    torch.set_num_threads(2)  # the same thread count gives the same floating-point sums: identical files
+    threads = torch.get_num_threads()
+    # One thread: the same float sums on any machine (identical files), and tiny matrices run faster so.
+    torch.set_num_threads(1)
+    try:
+        figures = _build(staging, seed, small)
+    finally:
+        torch.set_num_threads(threads)
+    (staging / "figures.json").write_text(json.dumps(figures, indent=2) + "\n")
+    shutil.rmtree(root, ignore_errors=True)
+    staging.rename(root)  # an interrupted build leaves only the .building folder, never a half world
+    return figures
+
+
+def _build(staging: Path, seed: int, small: bool) -> dict:
+    import numpy as np
+    import torch
+
+    recipe = {**RECIPE, **(SMALL if small else {})}
+    started = time.time()
+    np.random.seed(seed)  # nothing here draws from numpy on purpose; seeded so a library that does stays repeatable
+    torch.manual_seed(seed)
     rng = random.Random(seed)
     vocab = _vocabulary()
     dialogues = make_dialogues(rng, recipe)
     dialogues.save_to_disk(str(staging / "dialogues"))
     base, tokenizer = make_base(staging, vocab, dialogues, recipe, seed)
     make_sft_adapter(staging, base, tokenizer, dialogues, recipe, seed, vocab)
-    n = 4000 if not small else 600
-    e_texts, e_labels, g_texts, g_labels = classifier_texts(random.Random(seed + 2), n, vocab)
+    e_texts, e_labels, g_texts, g_labels = classifier_texts(random.Random(seed + 2), recipe["classifier_examples"], vocab)
     make_classifier(staging / "emotion_classifier", vocab, EMOTIONS, e_texts, e_labels, recipe, seed + 3)
     make_classifier(staging / "gibberish_detector", vocab, GIBBERISH, g_texts, g_labels, recipe, seed + 4)
     held_out = classifier_texts(random.Random(seed + 5), 500, vocab)
-    figures = {
+    return {
         "seed": seed,
         "small": small,
         "recipe_hash": recipe_hash(seed, small),
         "emotion_classifier_accuracy": classifier_accuracy(staging / "emotion_classifier", held_out[0], held_out[1]),
         "gibberish_detector_accuracy": classifier_accuracy(staging / "gibberish_detector", held_out[2], held_out[3]),
         "sft_emotion_accuracy": sft_emotion_accuracy(staging, recipe, seed),
+        "build_seconds": round(time.time() - started, 1),  # the one field that differs between identical builds
     }
-    (staging / "figures.json").write_text(json.dumps(figures, indent=2) + "\n")
-    shutil.rmtree(root, ignore_errors=True)
-    staging.rename(root)
-    figures["build_seconds"] = round(time.time() - started, 1)  # printed, not stored: the files stay identical
-    return figures
 
 
 def ensure_demo_world(root: str | Path = DEFAULT_DIR, seed: int = 0, force: bool = False) -> Path:
     """The cached world at `root`, rebuilt only when its recipe (or this module) changed."""
+    import fcntl
+
     root = Path(root)
-    figures_file = root / "figures.json"
-    if not force and figures_file.exists():
-        if json.loads(figures_file.read_text()).get("recipe_hash") == recipe_hash(seed, False):
-            return root
-    print(f"building the demo world in {root} (a few minutes on 2 CPU cores) ...")
-    print(json.dumps(build_demo_world(root, seed), indent=2))
+    root.parent.mkdir(parents=True, exist_ok=True)
+
+    def current() -> bool:
+        figures_file = root / "figures.json"
+        return figures_file.exists() and json.loads(figures_file.read_text()).get("recipe_hash") == recipe_hash(seed, False)
+
+    if not force and current():
+        return root
+    # Two test sessions may ask at once: the second waits for the first build and then reuses it.
+    # The lock lives in the temp folder, keyed by the world's path, so the repository gets no stray file.
+    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"demo_world-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if force or not current():
+            print(f"building the demo world in {root} (about 2 minutes on 2 CPU cores) ...", flush=True)
+            build_demo_world(root, seed)
     return root
 
 

@@ -237,3 +237,18 @@ def test_a_torn_last_line_is_not_a_settled_prompt(tmp_path):
     journal.append({"index": 1})
     journal.close()
     assert [r["index"] for r in read_journal(path)] == [0, 1]
+
+
+# ---------------------------------------------------------------- the 4-bit loaders
+
+@pytest.mark.parametrize("use_unsloth", [False, True])
+def test_the_4bit_generator_paths_run_end_to_end(demo_world, tmp_path, use_unsloth):
+    """bitsandbytes NF4, and unsloth's FastLanguageModel (which runs on the CPU too), both 4-bit."""
+    out = tmp_path / "four_bit"
+    extra = ["load_in_4bit=true", f"use_unsloth={'true' if use_unsloth else 'false'}"]
+    result = subprocess.run(run_script(demo_world, out, num_prompts=6, extra=extra), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("Unsloth" in result.stdout + result.stderr) == use_unsloth
+    assert len(merge_journals(journal_files(out))) == 6
+    assert (out / "dataset").exists()

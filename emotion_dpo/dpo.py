@@ -1,0 +1,220 @@
+"""fine_tune_dpo.py's stages: check the preference data, load ONE 4-bit base with the SFT adapter, let TRL add
+the frozen reference copy of that adapter, train, and save the trained adapter alone.
+
+TRL 1.x replaced the reference project's `model_adapter_name` / `ref_adapter_name` with the same idea built in:
+given a PeftModel with a pretrained adapter and `ref_model=None`, DPOTrainer adds a copy of that adapter named
+"ref" (modules_to_save copies included), keeps it frozen, and computes the reference log-probs through it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+from .config import save_config, to_dict
+from .errors import PipelineError
+
+REQUIRED = ("prompt", "chosen", "rejected")
+REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy
+FINAL_ADAPTER = "final_adapter"
+
+
+# ------------------------------------------------------------------ the preference data, before any model
+
+def read_preferences(source: str, split: str):
+    import datasets
+
+    path = Path(source)
+    try:
+        if path.is_dir():
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise PipelineError(f"{source}: no split {split!r} (has {', '.join(loaded)})")
+                loaded = loaded[split]
+            return loaded
+        if path.suffix in (".jsonl", ".json"):
+            if not path.exists():
+                raise PipelineError(f"{source}: preference file not found")
+            return datasets.load_dataset("json", data_files=str(path), split="train")
+        return datasets.load_dataset(source, split=split)
+    except PipelineError:
+        raise
+    except Exception as e:  # the Hub, a corrupt folder: which source failed and why, briefly
+        raise PipelineError(f"{source}: cannot load preference data ({type(e).__name__}: {e})") from None
+
+
+def check_preferences(dataset, source: str, template_markers=()) -> list[str]:
+    """Required columns present, every value a non-empty string; returns the extra columns (kept out of training)."""
+    missing = [c for c in REQUIRED if c not in dataset.column_names]
+    if missing:
+        raise PipelineError(
+            f"{source}: missing column {', '.join(repr(m) for m in missing)} "
+            f"(has {', '.join(dataset.column_names)}; needs prompt, chosen, rejected)"
+        )
+    if len(dataset) == 0:
+        raise PipelineError(f"{source}: no preference pairs")
+    for column in REQUIRED:
+        for row, value in enumerate(dataset[column]):
+            if not isinstance(value, str):
+                raise PipelineError(f"{source}: row {row}, column {column!r}: expected a string, got {type(value).__name__}")
+            if not value.strip():
+                raise PipelineError(f"{source}: row {row}, column {column!r}: empty")
+    if template_markers:
+        odd = sum(not all(m in p for m in template_markers) for p in dataset["prompt"])
+        if odd:
+            warnings.warn(
+                f"{source}: {odd} of {len(dataset)} prompts lack the chat template's markers "
+                f"({' '.join(template_markers)}): DPO should train on the format the SFT model saw",
+                stacklevel=2,
+            )
+    return [c for c in dataset.column_names if c not in REQUIRED]
+
+
+def with_leading_space(example: dict) -> dict:
+    """Replies were decoded without the space the model generated after the prompt's last marker."""
+    for column in ("chosen", "rejected"):
+        if not example[column][:1].isspace() and not example["prompt"][-1:].isspace():
+            example[column] = " " + example[column]
+    return example
+
+
+def load_preferences(cfg, template_markers=()):
+    """(train, eval or None): checked, extra columns dropped, split by eval_fraction with the config's seed."""
+    dataset = read_preferences(cfg.dataset, cfg.dataset_split)
+    extra = check_preferences(dataset, cfg.dataset, template_markers)
+    if extra:
+        print(f"{cfg.dataset}: {len(dataset)} pairs; columns kept out of training: {', '.join(extra)}")
+    dataset = dataset.remove_columns(extra).map(with_leading_space)
+    if cfg.eval_fraction == 0 or len(dataset) < 10:
+        return dataset, None
+    split = dataset.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
+    return split["train"], split["test"]
+
+
+# ------------------------------------------------------------------ TRL's config
+
+def build_dpo_config(cfg, has_eval: bool = True):
+    """trl.DPOConfig from the config's `dpo` section, with the precision chosen by device unless set."""
+    import torch
+    from trl import DPOConfig
+
+    settings = dict(cfg.dpo)
+    if "bf16" not in settings and "fp16" not in settings:
+        cuda = torch.cuda.is_available()
+        settings["bf16"] = cuda and torch.cuda.is_bf16_supported()
+        settings["fp16"] = cuda and not settings["bf16"]
+    if not has_eval:
+        settings["eval_strategy"] = "no"
+    settings["report_to"] = "none" if cfg.wandb.mode == "disabled" else "wandb"
+    settings.setdefault("seed", cfg.seed)
+    try:
+        return DPOConfig(output_dir=cfg.output_dir, **settings)
+    except (ValueError, TypeError) as e:
+        raise PipelineError(f"{cfg.source}: key dpo: {e}") from None
+
+
+# ------------------------------------------------------------------ the run folder
+
+def last_checkpoint(folder: Path) -> Path | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return Path(found) if folder.is_dir() and (found := get_last_checkpoint(str(folder))) else None
+
+
+def resolve_resume(cfg, resume_flag: bool):
+    """The checkpoint to resume from, or None; a finished or started run is never silently overwritten."""
+    folder = Path(cfg.output_dir)
+    wanted = cfg.resume_from_checkpoint if cfg.resume_from_checkpoint is not None else resume_flag
+    checkpoint = last_checkpoint(folder)
+    if isinstance(wanted, str):
+        if not Path(wanted).is_dir():
+            raise PipelineError(f"{cfg.source}: key resume_from_checkpoint: {wanted} is not a checkpoint folder")
+        return Path(wanted)
+    if wanted:
+        if checkpoint is None:
+            raise PipelineError(f"{folder}: --resume, but there is no checkpoint-* folder to resume from")
+        return checkpoint
+    if folder.exists() and any(folder.iterdir()):
+        raise PipelineError(
+            f"{folder}: output_dir already holds a run"
+            + (f" (last checkpoint {checkpoint.name}); pass --resume to continue it" if checkpoint else "")
+            + ", or choose another output_dir"
+        )
+    return None
+
+
+# ------------------------------------------------------------------ training
+
+def keep_trainable_in_fp32(trainer) -> None:
+    """TRL casts a quantized model's trainable weights to bf16 and counts on bf16 autocast; without mixed
+    precision (the CPU, or unsloth turning bf16 off there) the fp32 activations would meet bf16 weights."""
+    import torch
+
+    if trainer.args.bf16 or trainer.args.fp16:
+        return
+    for param in trainer.model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+def make_trainer(cfg, model, tokenizer, dpo_args, train_set, eval_set):
+    from trl import DPOTrainer
+
+    trainer = DPOTrainer(model=model, ref_model=None, args=dpo_args, train_dataset=train_set,
+                         eval_dataset=eval_set, processing_class=tokenizer)
+    if REFERENCE_ADAPTER not in trainer.model.peft_config:
+        raise PipelineError("TRL did not add the frozen reference adapter; this trl version is not supported")
+    keep_trainable_in_fp32(trainer)
+    return trainer
+
+
+def save_final_adapter(trainer, tokenizer, cfg) -> Path:
+    """The trained adapter alone (not TRL's reference copy), with the tokenizer and the resolved config."""
+    folder = Path(cfg.output_dir) / FINAL_ADAPTER
+    trainer.model.save_pretrained(str(folder), selected_adapters=["default"])
+    tokenizer.save_pretrained(str(folder))
+    save_config(cfg, folder, "training_config.json")
+    return folder
+
+
+def train(cfg, resume: bool = False) -> dict:
+    import torch
+
+    from .chat import load_chat_format
+    from .models import load_generator
+    from .tracking import start_wandb
+
+    chat = load_chat_format(cfg.chat_template)
+    checkpoint = resolve_resume(cfg, resume)
+    train_set, eval_set = load_preferences(cfg, chat.special_tokens)
+    dpo_args = build_dpo_config(cfg, has_eval=eval_set is not None)
+    folder = Path(cfg.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, folder, "config.json")
+    run = start_wandb(cfg.wandb, "fine_tune_dpo", to_dict(cfg), folder)
+
+    model, tokenizer = load_generator(cfg, trainable=True)
+    trainer = make_trainer(cfg, model, tokenizer, dpo_args, train_set, eval_set)
+    print(f"training {len(train_set)} pairs (held out: {len(eval_set) if eval_set is not None else 0}); "
+          f"one base model, adapters: {', '.join(trainer.model.peft_config)} (frozen: {REFERENCE_ADAPTER})")
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    metrics = {"train": trainer.state.log_history}
+    if eval_set is not None:
+        metrics["eval"] = trainer.evaluate()
+    if torch.cuda.is_available():
+        metrics["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    final = save_final_adapter(trainer, tokenizer, cfg)
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if eval_set is not None:
+        e = metrics["eval"]
+        print(f"held-out: loss {e['eval_loss']:.4f} (ln 2 = {math.log(2):.4f}), "
+              f"rewards/accuracies {e.get('eval_rewards/accuracies', float('nan')):.3f}, "
+              f"rewards/margins {e.get('eval_rewards/margins', float('nan')):.3f}")
+    print(f"saved the trained adapter to {final}")
+    if run is not None:
+        run.finish()
+    return metrics

@@ -1,0 +1,33 @@
+"""DPO-train the SFT response generator on a preference dataset: one 4-bit base model carrying the SFT adapter
+twice (trainable "default" and TRL's frozen reference copy "ref"), so it fits one 24 GB GPU.
+
+    python fine_tune_dpo.py --config args/dpo_arg.json
+    python fine_tune_dpo.py --config args/dpo_arg.json --resume          # continue from the last checkpoint
+    python fine_tune_dpo.py --config args/dpo_arg.json --set dpo.precompute_ref_log_probs=true   # less memory
+
+Several GPUs (TRL's own path): accelerate launch --num_processes 2 fine_tune_dpo.py --config args/dpo_arg.json
+The trained adapter lands in OUTPUT_DIR/final_adapter, ready for PeftModel.from_pretrained and evaluate.py.
+"""
+
+import argparse
+import sys
+
+from emotion_dpo.cli import add_config_arguments, run_main
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser, "args/dpo_arg.json")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    args = parser.parse_args(argv)
+
+    def stages(cfg):
+        from emotion_dpo.dpo import train
+
+        train(cfg, resume=args.resume)
+
+    run_main(args, "TrainConfig", stages)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -171,6 +171,22 @@ def make_trainer(cfg, model, tokenizer, dpo_args, train_set, eval_set):
     return trainer
 
 
+def restore_trained_adapter(trainer, checkpoint: Path) -> None:
+    """Load the checkpoint's trained adapter into "default" before resuming.
+
+    transformers' Trainer, seeing the checkpoint's ref/ sub-folder, reloads only the sub-folder adapters and
+    skips the trainable one at the top: a resumed run would silently restart from the SFT weights.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(checkpoint / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(trainer.model, weights, adapter_name="default")
+    if getattr(result, "unexpected_keys", None):
+        raise PipelineError(f"{checkpoint}: adapter weights do not fit the model ({result.unexpected_keys[:3]} ...)")
+    keep_trainable_in_fp32(trainer)
+
+
 def save_final_adapter(trainer, tokenizer, cfg) -> Path:
     """The trained adapter alone (not TRL's reference copy), with the tokenizer and the resolved config."""
     folder = Path(cfg.output_dir) / FINAL_ADAPTER
@@ -200,6 +216,8 @@ def train(cfg, resume: bool = False) -> dict:
     trainer = make_trainer(cfg, model, tokenizer, dpo_args, train_set, eval_set)
     print(f"training {len(train_set)} pairs (held out: {len(eval_set) if eval_set is not None else 0}); "
           f"one base model, adapters: {', '.join(trainer.model.peft_config)} (frozen: {REFERENCE_ADAPTER})")
+    if checkpoint:
+        restore_trained_adapter(trainer, checkpoint)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     metrics = {"train": trainer.state.log_history}

@@ -11,3 +11,25 @@ def demo_world() -> Path:
     from emotion_dpo.demo_world import DEFAULT_DIR, ensure_demo_world
 
     return ensure_demo_world(os.environ.get("DEMO_WORLD_DIR", DEFAULT_DIR))
+
+
+@pytest.fixture(scope="session")
+def demo_preferences(demo_world, tmp_path_factory) -> Path:
+    """A preference dataset generated from the demo world by generate_preferences.py itself."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("demo_preferences") / "run"
+    w = demo_world
+    sets = [f"base_model={w / 'base'}", f"adapter={w / 'sft_adapter'}", f"dataset={w / 'dialogues'}",
+            f"emotion_classifier={w / 'emotion_classifier'}", f"gibberish_detector={w / 'gibberish_detector'}",
+            f"chat_template={root / 'args/chat_template.json'}", f"output_dir={out}", "num_prompts=192",
+            "wandb.mode=disabled"]
+    args = [sys.executable, str(root / "generate_preferences.py"), "--config",
+            str(root / "args/demo/generate_preferences_arg.json")]
+    for s in sets:
+        args += ["--set", s]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out / "dataset"

@@ -1,0 +1,250 @@
+"""fine_tune_dpo: one base model, the SFT adapter trainable, TRL's frozen copy of it as the reference —
+proven on the demo world, on the CPU."""
+
+import gc
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from emotion_dpo.config import TrainConfig, load_config
+from emotion_dpo.dpo import (FINAL_ADAPTER, REFERENCE_ADAPTER, build_dpo_config, load_preferences, make_trainer,
+                             train)
+from emotion_dpo.errors import PipelineError
+from emotion_dpo.models import load_generator
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = ROOT / "args/demo/dpo_arg.json"
+LN2 = math.log(2)
+
+
+def config(demo_world, dataset, output_dir, *extra):
+    w = demo_world
+    sets = [f"base_model={w / 'base'}", f"adapter={w / 'sft_adapter'}", f"dataset={dataset}",
+            f"chat_template={ROOT / 'args/chat_template.json'}", f"output_dir={output_dir}", "wandb.mode=disabled",
+            'dpo.loss_type=["sigmoid"]', "dpo.logging_steps=1", "dpo.max_length=96", *extra]
+    return load_config(TrainConfig, DEMO_CONFIG, sets), sets
+
+
+def build_trainer(cfg):
+    train_set, eval_set = load_preferences(cfg)
+    model, tokenizer = load_generator(cfg, trainable=True)
+    return make_trainer(cfg, model, tokenizer, build_dpo_config(cfg, eval_set is not None), train_set, eval_set)
+
+
+def adapter_params(model, name):
+    return {k: v.detach().clone() for k, v in model.named_parameters() if f".{name}." in k}
+
+
+@pytest.fixture(scope="module")
+def few_steps(demo_world, demo_preferences, tmp_path_factory):
+    """A trainer before and after 4 optimizer steps of plain (sigmoid) DPO."""
+    cfg, _ = config(demo_world, demo_preferences, tmp_path_factory.mktemp("few") / "dpo", "dpo.max_steps=4",
+                    "dpo.per_device_train_batch_size=4", "eval_fraction=0.0")
+    trainer = build_trainer(cfg)
+    before = {"default": adapter_params(trainer.model, "default"), "ref": adapter_params(trainer.model, "ref")}
+    trainer.train()
+    return trainer, before
+
+
+def test_a_exactly_one_base_model_with_a_trainable_and_a_frozen_reference_adapter(few_steps):
+    trainer, _ = few_steps
+    assert trainer.ref_model is None
+    assert set(trainer.model.peft_config) == {"default", REFERENCE_ADAPTER}
+    gc.collect()
+    bases = [o for o in gc.get_objects() if type(o).__name__ == "LlamaForCausalLM"]
+    assert len(bases) == 1
+    trainable = {k for k, v in trainer.model.named_parameters() if v.requires_grad}
+    assert trainable and all(".default." in k for k in trainable)
+
+
+def test_b_the_reference_adapter_is_bitwise_unchanged_and_the_trainable_one_moved(few_steps):
+    trainer, before = few_steps
+    after_ref = adapter_params(trainer.model, "ref")
+    assert any("modules_to_save" in k for k in after_ref)  # embedding and LM head copies are covered too
+    assert set(after_ref) == set(before["ref"])
+    for name, value in after_ref.items():
+        assert torch.equal(value, before["ref"][name]), name
+    after_default = adapter_params(trainer.model, "default")
+    changed = [k for k, v in after_default.items() if not torch.equal(v, before["default"][k])]
+    assert any("lora_B" in k for k in changed) and any("modules_to_save" in k for k in changed)
+
+
+def test_c_at_step_0_the_policy_equals_the_reference(few_steps):
+    trainer, _ = few_steps
+    first = trainer.state.log_history[0]
+    assert first["loss"] == pytest.approx(LN2, abs=1e-3)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-2)
+
+
+def sequence_logp(model, tokenizer, prompt, completion):
+    """Sum of log p(completion tokens | prompt), computed here independently of TRL."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, :-1].float()
+    token_logps = logits.log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+    return float(token_logps[len(prompt_ids) - 1:].sum())
+
+
+def test_c_precomputed_reference_log_probs_match_the_sft_adapter_loaded_on_its_own(demo_world, demo_preferences,
+                                                                                   tmp_path):
+    cfg, _ = config(demo_world, demo_preferences, tmp_path / "dpo", "dpo.precompute_ref_log_probs=true",
+                    "eval_fraction=0.0")
+    trainer = build_trainer(cfg)
+    data = trainer.train_dataset
+    assert "ref_chosen_logps" in data.column_names
+    sft, tokenizer = load_generator(cfg)  # the original SFT adapter, on a base of its own
+    raw, _ = load_preferences(cfg)
+    for i in range(4):
+        eos = tokenizer.eos_token
+        expected_chosen = sequence_logp(sft, tokenizer, raw[i]["prompt"], raw[i]["chosen"] + eos)
+        expected_rejected = sequence_logp(sft, tokenizer, raw[i]["prompt"], raw[i]["rejected"] + eos)
+        assert data[i]["ref_chosen_logps"] == pytest.approx(expected_chosen, rel=1e-4, abs=1e-4)
+        assert data[i]["ref_rejected_logps"] == pytest.approx(expected_rejected, rel=1e-4, abs=1e-4)
+    trainer.args.max_steps = 2
+    trainer.train()  # precomputed reference log-probs train as well
+
+
+@pytest.fixture(scope="module")
+def saved_run(demo_world, demo_preferences, tmp_path_factory):
+    """fine_tune_dpo's train(): 4 steps with a checkpoint every 2, the final adapter saved."""
+    out = tmp_path_factory.mktemp("saved") / "dpo"
+    cfg, sets = config(demo_world, demo_preferences, out, "dpo.max_steps=4", "dpo.save_steps=2",
+                       "dpo.save_total_limit=null", "dpo.per_device_train_batch_size=4", "eval_fraction=0.0",
+                       "dpo.eval_strategy=no")
+    train(cfg)
+    return out, sets
+
+
+def test_d_the_saved_adapter_reloads_generates_and_has_no_reference_copy(saved_run, demo_world):
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = saved_run[0] / FINAL_ADAPTER
+    assert not (final / REFERENCE_ADAPTER).exists()
+    with safe_open(str(final / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and not any(".ref." in k or k.startswith("ref.") for k in keys)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    base = AutoModelForCausalLM.from_pretrained(demo_world / "base")
+    base.resize_token_embeddings(len(tokenizer))
+    model = PeftModel.from_pretrained(base, final)
+    assert list(model.peft_config) == ["default"]
+    batch = tokenizer(["<s>[INST] [EMOTION] neutral [/EMOTION] hello . [/INST] [EMOTION] happiness [/EMOTION]"],
+                      return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] > batch["input_ids"].shape[1]
+    assert json.loads((final / "training_config.json").read_text())["output_dir"] == str(saved_run[0])
+
+
+def test_e_resume_continues_at_the_right_step_with_the_same_optimizer_state(saved_run, demo_world, demo_preferences,
+                                                                           tmp_path):
+    from safetensors.torch import load_file
+
+    first, _ = saved_run
+    resumed = tmp_path / "dpo"
+    resumed.mkdir()
+    shutil.copytree(first / "checkpoint-2", resumed / "checkpoint-2")
+    cfg, _ = config(demo_world, demo_preferences, resumed, "dpo.max_steps=4", "dpo.save_steps=2",
+                    "dpo.save_total_limit=null", "dpo.per_device_train_batch_size=4", "eval_fraction=0.0",
+                    "dpo.eval_strategy=no")
+    train(cfg, resume=True)
+    state = json.loads((resumed / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4]
+    # Same data order, same optimizer state: the resumed run ends where the uninterrupted one did.
+    a = load_file(str(first / FINAL_ADAPTER / "adapter_model.safetensors"))
+    b = load_file(str(resumed / FINAL_ADAPTER / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    opt_a = torch.load(first / "checkpoint-4" / "optimizer.pt", weights_only=False)["state"]
+    opt_b = torch.load(resumed / "checkpoint-4" / "optimizer.pt", weights_only=False)["state"]
+    assert opt_a.keys() == opt_b.keys()
+    for k in opt_a:
+        assert opt_a[k]["step"] == opt_b[k]["step"]
+        torch.testing.assert_close(opt_a[k]["exp_avg"], opt_b[k]["exp_avg"], rtol=1e-5, atol=1e-7)
+
+
+def test_e_an_existing_run_is_not_overwritten_without_resume(saved_run):
+    _, sets = saved_run
+    with pytest.raises(PipelineError, match="already holds a run .*pass --resume"):
+        train(load_config(TrainConfig, DEMO_CONFIG, sets))
+
+
+# ---------------------------------------------------------------- (f) bad input, before any model loads
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr("emotion_dpo.models.load_generator", refuse)
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"prompt": "p", "chosen": "c"}], "missing column 'rejected'"),
+    ([{"prompt": "p", "chosen": "c", "rejected": "  "}], "row 0, column 'rejected': empty"),
+    ([{"prompt": "p", "chosen": "c", "rejected": "r"}, {"prompt": "p", "chosen": 3, "rejected": "r"}],
+     "row 1, column 'chosen': expected a string, got int"),
+])
+def test_f_a_bad_dataset_is_a_clear_error(demo_world, tmp_path, rows, message, no_model_loading):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg, _ = config(demo_world, data, tmp_path / "out")
+    with pytest.raises(PipelineError, match=message):
+        train(cfg)
+
+
+def test_f_a_bad_dpo_setting_is_a_clear_error(demo_world, demo_preferences, tmp_path, no_model_loading):
+    cfg, _ = config(demo_world, demo_preferences, tmp_path / "out", "dpo.eval_strategy=sometimes")
+    with pytest.raises(PipelineError, match="key dpo"):
+        train(cfg)
+
+
+def test_f_the_script_reports_a_bad_config_briefly(tmp_path):
+    bad = tmp_path / "dpo.json"
+    bad.write_text(json.dumps({"base_model": "b", "adapter": "a", "dataset": "d", "dpo": {"bta": 0.1}}))
+    result = subprocess.run([sys.executable, str(ROOT / "fine_tune_dpo.py"), "--config", str(bad)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert f"{bad}: key dpo.bta: unknown key (did you mean 'beta'?)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- (g) it learned the preferences
+
+def test_g_on_the_demo_world_training_learns_the_held_out_preferences(demo_world, demo_preferences, tmp_path):
+    cfg, _ = config(demo_world, demo_preferences, tmp_path / "dpo", "dpo.num_train_epochs=2", "eval_fraction=0.15",
+                    "dpo.eval_strategy=no")
+    metrics = train(cfg)
+    assert metrics["eval"]["eval_loss"] < LN2
+    assert metrics["eval"]["eval_rewards/accuracies"] >= 0.6
+    assert json.loads((tmp_path / "dpo" / "metrics.json").read_text())["eval"] == metrics["eval"]
+
+
+# ---------------------------------------------------------------- the 4-bit paths, each in its own process
+
+@pytest.mark.parametrize("use_unsloth", [False, True])
+def test_the_4bit_paths_train_and_keep_the_reference_frozen(demo_world, demo_preferences, tmp_path, use_unsloth):
+    """bitsandbytes NF4, and unsloth's FastLanguageModel: a few DPO steps on the CPU, the final adapter saved."""
+    _, sets = config(demo_world, demo_preferences, tmp_path / "dpo", "load_in_4bit=true",
+                     f"use_unsloth={'true' if use_unsloth else 'false'}", "dpo.max_steps=3", "eval_fraction=0.0",
+                     "dpo.per_device_train_batch_size=4")
+    args = [sys.executable, str(ROOT / "fine_tune_dpo.py"), "--config", str(DEMO_CONFIG)]
+    for s in sets:
+        args += ["--set", s]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("Unsloth" in result.stdout + result.stderr) == use_unsloth
+    assert "adapters: default, ref (frozen: ref)" in result.stdout
+    log = json.loads((tmp_path / "dpo" / "metrics.json").read_text())["train"]
+    assert log[0]["loss"] == pytest.approx(LN2, abs=1e-3)
+    assert (tmp_path / "dpo" / FINAL_ADAPTER / "adapter_model.safetensors").exists()

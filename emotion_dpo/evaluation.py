@@ -1,0 +1,219 @@
+"""evaluate.py's stages: the same held-out prompts, one sampled reply per model (SFT, DPO, optionally the bare
+base), scored with generate_preferences' classifiers and rewards, compared side by side."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from . import EMOTIONS
+from .config import save_config, to_dict
+from .errors import PipelineError
+
+METRIC_ROWS = [
+    ("emotion_accuracy", "emotion accuracy"), ("emotion_macro_f1", "emotion macro-F1"), ("clean_rate", "clean rate"),
+    ("cutoff_rate", "cut-off rate"), ("mean_length", "mean length"), ("mean_total_reward", "mean total reward"),
+    ("mean_emotion_reward", "  emotion reward"), ("mean_length_reward", "  length reward"),
+    ("mean_gibberish_reward", "  gibberish reward"),
+]
+
+
+# ------------------------------------------------------------------ metrics: pure functions of plain values
+
+def model_metrics(targets, replies, clean_confidence: float, endings, labels=EMOTIONS) -> dict:
+    """Per-model figures from scored replies (ScoredReply-like: emotion_label, gibberish_label, ...)."""
+    from sklearn.metrics import accuracy_score, f1_score, recall_score
+
+    targets = [t.lower() for t in targets]
+    predicted = [r.emotion_label.lower() for r in replies]
+    labels = [label.lower() for label in labels]
+    per_emotion = recall_score(targets, predicted, labels=labels, average=None, zero_division=0)
+    present = set(targets)
+    return {
+        "prompts": len(replies),
+        "emotion_accuracy": float(accuracy_score(targets, predicted)),
+        "emotion_macro_f1": float(f1_score(targets, predicted, labels=sorted(present), average="macro",
+                                           zero_division=0)),
+        "per_emotion_accuracy": {label: float(acc) for label, acc in zip(labels, per_emotion) if label in present},
+        "clean_rate": statistics.fmean(
+            r.gibberish_label.lower() == "clean" and r.gibberish_confidence >= clean_confidence for r in replies),
+        "cutoff_rate": statistics.fmean(r.text.strip(" ")[-1:] not in endings for r in replies),
+        "mean_length": statistics.fmean(r.length for r in replies),
+        "mean_total_reward": statistics.fmean(r.total for r in replies),
+        "mean_emotion_reward": statistics.fmean(r.emotion_reward for r in replies),
+        "mean_length_reward": statistics.fmean(r.length_reward for r in replies),
+        "mean_gibberish_reward": statistics.fmean(r.gibberish_reward for r in replies),
+    }
+
+
+def win_rate(a_totals, b_totals, samples: int = 2000, seed: int = 0) -> dict:
+    """How often model A's reply out-scores model B's on the same prompt (ties count half), with a 95 %
+    percentile-bootstrap interval over prompts."""
+    import numpy as np
+
+    a, b = np.asarray(a_totals, dtype=float), np.asarray(b_totals, dtype=float)
+    outcomes = (a > b) + 0.5 * (a == b)
+    rng = np.random.default_rng(seed)
+    resampled = outcomes[rng.integers(0, len(outcomes), size=(samples, len(outcomes)))].mean(axis=1)
+    low, high = np.percentile(resampled, [2.5, 97.5])
+    return {"win_rate": float(outcomes.mean()), "ci95": [float(low), float(high)],
+            "wins": int((a > b).sum()), "ties": int((a == b).sum()), "losses": int((a < b).sum())}
+
+
+# ------------------------------------------------------------------ checks before any model loads
+
+def check_adapter_path(value: str, key: str, source: str) -> None:
+    """A local adapter folder must exist; `owner/name` is taken as a Hub id."""
+    path = Path(value)
+    if path.exists():
+        if not (path / "adapter_config.json").exists():
+            raise PipelineError(f"{source}: key {key}: {value} has no adapter_config.json (not a PEFT adapter)")
+        return
+    looks_like_hub_id = value.count("/") == 1 and not value.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise PipelineError(f"{source}: key {key}: adapter folder {value} does not exist")
+
+
+def prepare_output_dir(cfg) -> Path:
+    folder = Path(cfg.output_dir)
+    if folder.exists() and any(folder.iterdir()):
+        raise PipelineError(f"{folder}: output_dir is not empty; evaluate.py never overwrites results, "
+                            "choose another output_dir")
+    folder.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, folder, "config.json")
+    return folder
+
+
+# ------------------------------------------------------------------ generating and scoring
+
+def sample_replies(model, tokenizer, prompts, generation_config, batch_prompts: int, seed: int) -> list[str]:
+    """One reply per prompt, batched; the same seed for every model so sampling noise is shared."""
+    from transformers import set_seed
+
+    from .generation import generate_candidates
+
+    set_seed(seed)
+    replies = []
+    for start in range(0, len(prompts), batch_prompts):
+        texts = [p.text for p in prompts[start:start + batch_prompts]]
+        replies += [group[0] for group in generate_candidates(model, tokenizer, texts, 1, generation_config)]
+    return replies
+
+
+def evaluate(cfg) -> dict:
+    from transformers import GenerationConfig
+
+    from .chat import load_chat_format
+    from .generation import Scorer
+    from .models import check_classifiers, load_generator, load_tokenizer
+    from .prompts import build_prompts, check_dialogues, load_dialogues
+    from .tracking import start_wandb
+
+    check_adapter_path(cfg.adapter, "adapter", cfg.source)
+    check_adapter_path(cfg.dpo_adapter, "dpo_adapter", cfg.source)
+    try:
+        generation_config = GenerationConfig(**cfg.generation)
+        generation_config.validate(strict=True)
+    except (ValueError, TypeError) as e:
+        raise PipelineError(f"{cfg.source}: key generation: {e}") from None
+    dialogues = load_dialogues(cfg.dataset, cfg.dataset_split)
+    check_dialogues(dialogues, cfg.dataset, EMOTIONS)
+    check_classifiers(cfg.emotion_classifier, cfg.gibberish_detector, EMOTIONS)
+    tokenizer = load_tokenizer(cfg.base_model, cfg.adapter, load_chat_format(cfg.chat_template))
+    prompts = build_prompts(dialogues, tokenizer, cfg.system_prompt, cfg.num_turns_history, cfg.all_windows,
+                            cfg.num_prompts)
+    if not prompts:
+        raise PipelineError(
+            f"{cfg.dataset}: split {cfg.dataset_split!r} has no dialogue with the "
+            f"{2 + 2 * cfg.num_turns_history} turns that num_turns_history={cfg.num_turns_history} needs"
+        )
+    folder = prepare_output_dir(cfg)
+    run = start_wandb(cfg.wandb, "evaluate", to_dict(cfg), folder)
+
+    # One base in memory carrying both adapters; the bare base is the same model with adapters disabled.
+    model, tokenizer = load_generator(cfg)
+    model.load_adapter(cfg.dpo_adapter, adapter_name="dpo")
+    scorer = Scorer(cfg, tokenizer)
+    targets = [p.target_emotion for p in prompts]
+    scored = {}
+    for name, adapter in [("SFT", "default"), ("DPO", "dpo")] + ([("base", None)] if cfg.include_base else []):
+        print(f"sampling {len(prompts)} replies from {name} ...")
+        if adapter is None:
+            with model.disable_adapter():
+                replies = sample_replies(model, tokenizer, prompts, generation_config, cfg.batch_prompts, cfg.seed)
+        else:
+            model.set_adapter(adapter)
+            replies = sample_replies(model, tokenizer, prompts, generation_config, cfg.batch_prompts, cfg.seed)
+        scored[name] = scorer.score(replies, targets)
+
+    results = {
+        "models": {name: model_metrics(targets, replies, cfg.clean_confidence, cfg.complete_endings)
+                   for name, replies in scored.items()},
+        "dpo_vs_sft": win_rate([r.total for r in scored["DPO"]], [r.total for r in scored["SFT"]],
+                               cfg.bootstrap_samples, cfg.seed),
+    }
+    write_results(folder, results, prompts, scored)
+    print(format_table(results))
+    if run is not None:
+        import wandb
+
+        rows = [[label] + [results["models"][m][key] for m in results["models"]] for key, label in METRIC_ROWS]
+        run.log({"results": wandb.Table(columns=["metric", *results["models"]], data=rows),
+                 "dpo_vs_sft_win_rate": results["dpo_vs_sft"]["win_rate"]})
+        run.finish()
+    return results
+
+
+# ------------------------------------------------------------------ reporting
+
+def format_table(results: dict) -> str:
+    models = list(results["models"])
+    lines = ["| metric | " + " | ".join(models) + " |", "| --- |" + " --- |" * len(models)]
+    for key, label in METRIC_ROWS:
+        cells = [f"{results['models'][m][key]:.3f}" for m in models]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    emotions = sorted({e for m in models for e in results["models"][m]["per_emotion_accuracy"]})
+    lines += ["", "| accuracy by requested emotion | " + " | ".join(models) + " |", "| --- |" + " --- |" * len(models)]
+    for emotion in emotions:
+        cells = [f"{results['models'][m]['per_emotion_accuracy'].get(emotion, float('nan')):.3f}" for m in models]
+        lines.append(f"| {emotion} | " + " | ".join(cells) + " |")
+    w = results["dpo_vs_sft"]
+    lines += ["", f"DPO vs SFT win rate by total reward: {w['win_rate']:.3f} "
+                  f"(95 % bootstrap interval {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f}; "
+                  f"{w['wins']} wins, {w['ties']} ties, {w['losses']} losses)"]
+    return "\n".join(lines)
+
+
+def plot_results(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ["emotion_accuracy", "emotion_macro_f1", "clean_rate", "cutoff_rate"]
+    models = list(results["models"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(models)
+    for i, m in enumerate(models):
+        ax.bar([k + i * width for k in range(len(keys))], [results["models"][m][k] for k in keys], width, label=m)
+    ax.set_xticks([k + width * (len(models) - 1) / 2 for k in range(len(keys))])
+    ax.set_xticklabels([k.replace("_", " ") for k in keys])
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title(f"{results['models'][models[0]]['prompts']} held-out prompts")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_results(folder: Path, results: dict, prompts, scored: dict) -> None:
+    (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (folder / "results.md").write_text("# SFT vs DPO\n\n" + format_table(results) + "\n")
+    with open(folder / "replies.jsonl", "w", encoding="utf-8") as f:
+        for i, prompt in enumerate(prompts):
+            row = {"index": prompt.index, "target_emotion": prompt.target_emotion, "prompt": prompt.text}
+            for name, replies in scored.items():
+                row[name] = replies[i].to_dict()
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    plot_results(results, folder / "results.png")

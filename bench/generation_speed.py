@@ -1,0 +1,98 @@
+"""Preference generation speed: the reference project's loop vs this project's batched pipeline, one run.
+
+    python bench/generation_speed.py                                  # demo world, CPU
+    python bench/generation_speed.py --synthetic 7b --prompts 64      # Llama-2-7B shape, random weights, GPU
+
+Both paths get the same prompts, models, candidate count and generation settings, one round per prompt
+(retries off), so the work is identical. Prints one JSON line: prompts per second for each and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from reference_loop import reference_round  # noqa: E402
+
+from emotion_dpo.config import GenerateConfig, load_config  # noqa: E402
+from emotion_dpo.generation import CandidateSampler, Scorer  # noqa: E402
+from emotion_dpo.models import load_generator  # noqa: E402
+from emotion_dpo.preference_run import load_inputs  # noqa: E402
+
+
+def synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run(cfg, prompts, n_prompts: int, batch_prompts: int) -> dict:
+    from transformers import GenerationConfig
+
+    model, tokenizer = load_generator(cfg)
+    scorer = Scorer(cfg, tokenizer)
+    settings = GenerationConfig(**cfg.generation)
+    sampler = CandidateSampler(model, tokenizer, scorer, cfg.n_candidates, settings, batch_prompts)
+    prompts = prompts[:n_prompts]
+
+    # warm-up: kernels, caches, the classifiers' first call
+    reference_round(model, tokenizer, prompts[0], cfg.n_candidates, settings, scorer.emotion, scorer.gibberish, cfg)
+    sampler.sample(prompts[:2])
+
+    synchronize()
+    started = time.perf_counter()
+    for prompt in prompts:
+        reference_round(model, tokenizer, prompt, cfg.n_candidates, settings, scorer.emotion, scorer.gibberish, cfg)
+    synchronize()
+    reference_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    for i in range(0, len(prompts), batch_prompts):
+        sampler.sample(prompts[i:i + batch_prompts])
+    synchronize()
+    batched_seconds = time.perf_counter() - started
+    return {
+        "prompts": len(prompts), "candidates": cfg.n_candidates,
+        "max_new_tokens": cfg.generation.get("max_new_tokens"), "batch_prompts": batch_prompts,
+        "reference_prompts_per_s": len(prompts) / reference_seconds,
+        "batched_prompts_per_s": len(prompts) / batched_seconds,
+        "ratio": reference_seconds / batched_seconds,
+        "batched_seconds_for_2048_prompts": 2048 * batched_seconds / len(prompts),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(ROOT / "args/demo/generate_preferences_arg.json"))
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--batch-prompts", type=int, default=64)
+    parser.add_argument("--synthetic", choices=["7b", "small"], help="random-weight models of this shape")
+    parser.add_argument("--world", help="folder for the synthetic world (reused if already built)")
+    parser.add_argument("--set", action="append", default=[])
+    args = parser.parse_args()
+
+    overrides = ["wandb.mode=disabled", *args.set]
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.synthetic:
+            from synthetic import build_world
+
+            world = build_world(Path(args.world or tmp), args.synthetic)
+            overrides += [f"{k}={v}" for k, v in world.items()]
+        cfg = load_config(GenerateConfig, args.config, overrides)
+        _, prompts = load_inputs(cfg)
+        result = run(cfg, prompts, args.prompts, args.batch_prompts)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

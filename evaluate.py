@@ -2,10 +2,12 @@
 
     python evaluate.py --config args/evaluate_arg.json
     python evaluate.py --config args/demo/evaluate_arg.json --set dpo_adapter=outputs/demo/dpo/final_adapter
+    python evaluate.py --config ... --set dpo_adapter=demo_world/sft_adapter   # sanity: SFT vs itself ties
+    python evaluate.py --config ... --fresh          # move earlier results in output_dir aside first
 
 One reply per held-out prompt from each model, identical sampling settings and seeds, scored with
 generate_preferences' classifiers and rewards. Writes results.md, results.json, replies.jsonl and
-results.png to output_dir.
+results.png (and the resolved config.json) to output_dir; wandb (offline by default) gets the table.
 """
 
 import argparse
@@ -17,12 +19,13 @@ from emotion_dpo.cli import add_config_arguments, run_main
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, "args/evaluate_arg.json")
+    parser.add_argument("--fresh", action="store_true", help="move earlier results in output_dir aside first")
     args = parser.parse_args(argv)
 
     def stages(cfg):
         from emotion_dpo.evaluation import evaluate
 
-        evaluate(cfg)
+        evaluate(cfg, fresh=args.fresh)
 
     run_main(args, "EvaluateConfig", stages)
 

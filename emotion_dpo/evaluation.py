@@ -4,12 +4,17 @@ base), scored with generate_preferences' classifiers and rewards, compared side 
 from __future__ import annotations
 
 import json
+import re
 import statistics
+import time
 from pathlib import Path
 
 from . import EMOTIONS
 from .config import save_config, to_dict
 from .errors import PipelineError
+
+RESULT_FILES = ("results.json", "results.md", "replies.jsonl", "results.png")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 METRIC_ROWS = [
     ("emotion_accuracy", "emotion accuracy"), ("emotion_macro_f1", "emotion macro-F1"), ("clean_rate", "clean rate"),
@@ -22,7 +27,12 @@ METRIC_ROWS = [
 # ------------------------------------------------------------------ metrics: pure functions of plain values
 
 def model_metrics(targets, replies, clean_confidence: float, endings, labels=EMOTIONS) -> dict:
-    """Per-model figures from scored replies (ScoredReply-like: emotion_label, gibberish_label, ...)."""
+    """Per-model figures from scored replies (ScoredReply-like: emotion_label, gibberish_label, ...).
+
+    Macro-F1 averages over the emotions that were requested (a class never requested has no recall to earn);
+    per-emotion accuracy is the recall of each requested emotion: how often a reply asked for it showed it.
+    A reply is cut off unless it ends in one of `endings`, as generate_preferences' chosen filter reads it.
+    """
     from sklearn.metrics import accuracy_score, f1_score, recall_score
 
     targets = [t.lower() for t in targets]
@@ -38,7 +48,7 @@ def model_metrics(targets, replies, clean_confidence: float, endings, labels=EMO
         "per_emotion_accuracy": {label: float(acc) for label, acc in zip(labels, per_emotion) if label in present},
         "clean_rate": statistics.fmean(
             r.gibberish_label.lower() == "clean" and r.gibberish_confidence >= clean_confidence for r in replies),
-        "cutoff_rate": statistics.fmean(r.text.strip(" ")[-1:] not in endings for r in replies),
+        "cutoff_rate": statistics.fmean(not r.text.rstrip().endswith(tuple(endings)) for r in replies),
         "mean_length": statistics.fmean(r.length for r in replies),
         "mean_total_reward": statistics.fmean(r.total for r in replies),
         "mean_emotion_reward": statistics.fmean(r.emotion_reward for r in replies),
@@ -64,24 +74,73 @@ def win_rate(a_totals, b_totals, samples: int = 2000, seed: int = 0) -> dict:
 # ------------------------------------------------------------------ checks before any model loads
 
 def check_adapter_path(value: str, key: str, source: str) -> None:
-    """A local adapter folder must exist; `owner/name` is taken as a Hub id."""
-    path = Path(value)
+    """A local adapter folder must exist and hold adapter_config.json; only a plausible Hub id (`owner/name`
+    whose `owner` is no local folder) is left for the Hub to answer."""
+    path = Path(value).expanduser()
     if path.exists():
-        if not (path / "adapter_config.json").exists():
-            raise PipelineError(f"{source}: key {key}: {value} has no adapter_config.json (not a PEFT adapter)")
+        if not (path / "adapter_config.json").is_file():
+            raise PipelineError(f"{source}: key {key}: {value} has no adapter_config.json (not a PEFT adapter folder)")
         return
-    looks_like_hub_id = value.count("/") == 1 and not value.startswith((".", "/", "~"))
-    if not looks_like_hub_id:
-        raise PipelineError(f"{source}: key {key}: adapter folder {value} does not exist")
+    if HUB_ID.fullmatch(value) and not Path(value.split("/")[0]).is_dir():
+        return
+    hint = " (fine_tune_dpo.py writes it: run that first, or point dpo_adapter at its final_adapter)" \
+        if key == "dpo_adapter" else ""
+    raise PipelineError(f"{source}: key {key}: adapter folder {value} does not exist{hint}")
 
 
-def prepare_output_dir(cfg) -> Path:
+def load_prompts(cfg):
+    """(tokenizer, prompts) built exactly as generate_preferences builds them (preference_run.load_inputs):
+    the same template, system prompt and history; no model weights loaded."""
+    from .chat import load_chat_format
+    from .models import check_classifiers, load_tokenizer
+    from .prompts import build_prompts, check_dialogues, load_dialogues
+
+    dialogues = load_dialogues(cfg.dataset, cfg.dataset_split)
+    check_dialogues(dialogues, cfg.dataset, EMOTIONS)
+    check_classifiers(cfg.emotion_classifier, cfg.gibberish_detector, EMOTIONS)
+    tokenizer = load_tokenizer(cfg.base_model, cfg.adapter, load_chat_format(cfg.chat_template))
+    prompts = build_prompts(dialogues, tokenizer, cfg.system_prompt, cfg.num_turns_history, cfg.all_windows,
+                            cfg.num_prompts)
+    if not prompts:
+        raise PipelineError(
+            f"{cfg.dataset}: split {cfg.dataset_split!r} has no dialogue with the "
+            f"{2 + 2 * cfg.num_turns_history} turns that num_turns_history={cfg.num_turns_history} needs"
+        )
+    return tokenizer, prompts
+
+
+def is_evaluation_folder(folder: Path) -> bool:
+    """Holds the config.json that evaluate.py saves (other stages' folders hold theirs, with other keys)."""
+    import dataclasses
+
+    from .config import EvaluateConfig
+
+    try:
+        saved = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and set(saved) == {f.name for f in dataclasses.fields(EvaluateConfig)}
+
+
+def prepare_output_dir(cfg, fresh: bool = False) -> Path:
+    """An empty folder, or one an unfinished evaluation left (its config.json, no results): never overwrite
+    results silently; `fresh` moves earlier results aside."""
     folder = Path(cfg.output_dir)
     if folder.exists() and any(folder.iterdir()):
-        raise PipelineError(f"{folder}: output_dir is not empty; evaluate.py never overwrites results, "
-                            "choose another output_dir")
-    folder.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, folder, "config.json")
+        if not is_evaluation_folder(folder):
+            raise PipelineError(f"{folder}: output_dir is not empty and holds no evaluation; choose another output_dir")
+        if any((folder / name).exists() for name in RESULT_FILES):
+            if not fresh:
+                raise PipelineError(f"{folder}: output_dir already holds results; choose another output_dir, "
+                                    "or pass --fresh to move them aside")
+            aside = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            folder.rename(aside)
+            print(f"--fresh: moved the earlier results to {aside}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, folder, "config.json")
+    except OSError as e:
+        raise PipelineError(f"{folder}: output_dir is not writable ({e.strerror})") from None
     return folder
 
 
@@ -101,15 +160,14 @@ def sample_replies(model, tokenizer, prompts, generation_config, batch_prompts: 
     return replies
 
 
-def evaluate(cfg) -> dict:
+def evaluate(cfg, fresh: bool = False) -> dict:
     from transformers import GenerationConfig
 
-    from .chat import load_chat_format
     from .generation import Scorer
-    from .models import check_classifiers, load_generator, load_tokenizer
-    from .prompts import build_prompts, check_dialogues, load_dialogues
+    from .models import load_generator
     from .tracking import start_wandb
 
+    # ---- everything checked before any model weights load
     check_adapter_path(cfg.adapter, "adapter", cfg.source)
     check_adapter_path(cfg.dpo_adapter, "dpo_adapter", cfg.source)
     try:
@@ -117,23 +175,18 @@ def evaluate(cfg) -> dict:
         generation_config.validate(strict=True)
     except (ValueError, TypeError) as e:
         raise PipelineError(f"{cfg.source}: key generation: {e}") from None
-    dialogues = load_dialogues(cfg.dataset, cfg.dataset_split)
-    check_dialogues(dialogues, cfg.dataset, EMOTIONS)
-    check_classifiers(cfg.emotion_classifier, cfg.gibberish_detector, EMOTIONS)
-    tokenizer = load_tokenizer(cfg.base_model, cfg.adapter, load_chat_format(cfg.chat_template))
-    prompts = build_prompts(dialogues, tokenizer, cfg.system_prompt, cfg.num_turns_history, cfg.all_windows,
-                            cfg.num_prompts)
-    if not prompts:
-        raise PipelineError(
-            f"{cfg.dataset}: split {cfg.dataset_split!r} has no dialogue with the "
-            f"{2 + 2 * cfg.num_turns_history} turns that num_turns_history={cfg.num_turns_history} needs"
-        )
-    folder = prepare_output_dir(cfg)
+    tokenizer, prompts = load_prompts(cfg)
+    folder = prepare_output_dir(cfg, fresh)
+    print(f"{len(prompts)} prompts from {cfg.dataset} split {cfg.dataset_split!r}")
     run = start_wandb(cfg.wandb, "evaluate", to_dict(cfg), folder)
 
-    # One base in memory carrying both adapters; the bare base is the same model with adapters disabled.
+    # ---- one base in memory carrying both adapters; the bare base is the same model with adapters disabled
     model, tokenizer = load_generator(cfg)
-    model.load_adapter(cfg.dpo_adapter, adapter_name="dpo")
+    try:
+        model.load_adapter(cfg.dpo_adapter, adapter_name="dpo")
+    except (OSError, ValueError, RuntimeError) as e:
+        raise PipelineError(f"{cfg.source}: key dpo_adapter: cannot load {cfg.dpo_adapter} ({type(e).__name__}: "
+                            f"{e})") from None
     scorer = Scorer(cfg, tokenizer)
     targets = [p.target_emotion for p in prompts]
     scored = {}
@@ -147,7 +200,12 @@ def evaluate(cfg) -> dict:
             replies = sample_replies(model, tokenizer, prompts, generation_config, cfg.batch_prompts, cfg.seed)
         scored[name] = scorer.score(replies, targets)
 
+    # ---- compare, report
     results = {
+        "setup": {"prompts": len(prompts), "dataset": cfg.dataset, "dataset_split": cfg.dataset_split,
+                  "seed": cfg.seed, "base_model": cfg.base_model,
+                  "sources": {"SFT": cfg.adapter, "DPO": cfg.dpo_adapter,
+                              **({"base": cfg.base_model} if cfg.include_base else {})}},
         "models": {name: model_metrics(targets, replies, cfg.clean_confidence, cfg.complete_endings)
                    for name, replies in scored.items()},
         "dpo_vs_sft": win_rate([r.total for r in scored["DPO"]], [r.total for r in scored["SFT"]],
@@ -155,12 +213,17 @@ def evaluate(cfg) -> dict:
     }
     write_results(folder, results, prompts, scored)
     print(format_table(results))
+    print(f"wrote results.md, results.json, replies.jsonl and results.png to {folder}")
     if run is not None:
         import wandb
 
-        rows = [[label] + [results["models"][m][key] for m in results["models"]] for key, label in METRIC_ROWS]
-        run.log({"results": wandb.Table(columns=["metric", *results["models"]], data=rows),
-                 "dpo_vs_sft_win_rate": results["dpo_vs_sft"]["win_rate"]})
+        models = list(results["models"])
+        rows = [[label.strip()] + [results["models"][m][key] for m in models] for key, label in METRIC_ROWS]
+        run.log({"results": wandb.Table(columns=["metric", *models], data=rows)})
+        run.summary.update({f"{m}/{key}": results["models"][m][key] for m in models for key, _ in METRIC_ROWS})
+        run.summary.update({"dpo_vs_sft/win_rate": results["dpo_vs_sft"]["win_rate"],
+                            "dpo_vs_sft/ci95_low": results["dpo_vs_sft"]["ci95"][0],
+                            "dpo_vs_sft/ci95_high": results["dpo_vs_sft"]["ci95"][1]})
         run.finish()
     return results
 
@@ -209,7 +272,11 @@ def plot_results(results: dict, path: Path) -> None:
 
 def write_results(folder: Path, results: dict, prompts, scored: dict) -> None:
     (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (folder / "results.md").write_text("# SFT vs DPO\n\n" + format_table(results) + "\n")
+    setup = results["setup"]
+    sources = "\n".join(f"- {name}: `{where}`" for name, where in setup["sources"].items())
+    header = (f"# SFT vs DPO\n\n{setup['prompts']} prompts from `{setup['dataset']}` split `{setup['dataset_split']}`, "
+              f"one reply each per model, sampled with seed {setup['seed']}.\n\n{sources}\n\n")
+    (folder / "results.md").write_text(header + format_table(results) + "\n")
     with open(folder / "replies.jsonl", "w", encoding="utf-8") as f:
         for i, prompt in enumerate(prompts):
             row = {"index": prompt.index, "target_emotion": prompt.target_emotion, "prompt": prompt.text}

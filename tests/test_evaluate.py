@@ -8,7 +8,7 @@ import pytest
 
 from emotion_dpo.config import EvaluateConfig, load_config
 from emotion_dpo.errors import PipelineError
-from emotion_dpo.evaluation import evaluate, model_metrics, win_rate
+from emotion_dpo.evaluation import check_adapter_path, evaluate, model_metrics, prepare_output_dir, win_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "args/demo/evaluate_arg.json"
@@ -34,11 +34,58 @@ def test_metrics_on_hand_made_replies():
     assert m["mean_total_reward"] == 10.0 and m["mean_gibberish_reward"] == 3.0
 
 
+def test_a_reply_is_cut_off_unless_it_ends_in_a_complete_ending():
+    replies = [reply("fine .", "neutral"), reply("what ?!", "neutral"), reply("and then", "neutral"),
+               reply("", "neutral"), reply("wait ...", "neutral")]
+    m = model_metrics(["neutral"] * 5, replies, clean_confidence=0.8, endings=["!", ".", "?"])
+    assert m["cutoff_rate"] == pytest.approx(2 / 5)  # "and then" and the empty reply
+
+
 def test_win_rate_counts_ties_as_half():
     w = win_rate([3, 2, 1, 5], [1, 2, 3, 4], samples=500, seed=0)
     assert w["win_rate"] == pytest.approx((1 + 0.5 + 0 + 1) / 4)
     assert (w["wins"], w["ties"], w["losses"]) == (2, 1, 1)
     assert 0 <= w["ci95"][0] <= w["win_rate"] <= w["ci95"][1] <= 1
+
+
+def test_win_rate_of_identical_totals_is_one_half_with_no_spread():
+    w = win_rate([1.0, 2.5, 7.0], [1.0, 2.5, 7.0], samples=200, seed=3)
+    assert w["win_rate"] == 0.5 and w["ci95"] == [0.5, 0.5] and w["ties"] == 3
+
+
+def test_adapter_paths_are_checked_before_anything_loads(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "not_an_adapter").mkdir(parents=True)
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    check_adapter_path("adapter", "adapter", "cfg.json")  # a local adapter folder
+    check_adapter_path("hermeschen1116/response_generator_for_emotion_chat_bot", "adapter", "cfg.json")  # Hub id
+    with pytest.raises(PipelineError, match="cfg.json: key dpo_adapter: adapter folder outputs/final_adapter does not"):
+        check_adapter_path("outputs/final_adapter", "dpo_adapter", "cfg.json")  # 'outputs' is a local folder
+    with pytest.raises(PipelineError, match="key adapter: adapter folder ./sft does not exist"):
+        check_adapter_path("./sft", "adapter", "cfg.json")
+    with pytest.raises(PipelineError, match="has no adapter_config.json"):
+        check_adapter_path("outputs/not_an_adapter", "dpo_adapter", "cfg.json")
+
+
+def test_earlier_results_are_never_overwritten_silently(tmp_path):
+    cfg = load_config(EvaluateConfig, DEMO_CONFIG, [f"output_dir={tmp_path / 'eval'}"])
+    prepare_output_dir(cfg)
+    prepare_output_dir(cfg)  # an unfinished run (config.json alone) is taken over
+    (tmp_path / "eval" / "results.json").write_text("{}")
+    with pytest.raises(PipelineError, match="already holds results; .* --fresh"):
+        prepare_output_dir(cfg)
+    prepare_output_dir(cfg, fresh=True)
+    assert not (tmp_path / "eval" / "results.json").exists()
+    assert len(list(tmp_path.glob("eval.old-*/results.json"))) == 1
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(PipelineError, match="holds no evaluation"):
+        prepare_output_dir(load_config(EvaluateConfig, DEMO_CONFIG, [f"output_dir={tmp_path / 'other'}"]))
+    (tmp_path / "dpo").mkdir()
+    (tmp_path / "dpo" / "config.json").write_text(json.dumps({"dpo": {}, "output_dir": "dpo"}))  # another stage's
+    with pytest.raises(PipelineError, match="holds no evaluation"):
+        prepare_output_dir(load_config(EvaluateConfig, DEMO_CONFIG, [f"output_dir={tmp_path / 'dpo'}"]))
 
 
 def demo_config(demo_world, output_dir, *extra):
@@ -60,18 +107,36 @@ def test_a_model_compared_with_itself_under_the_same_seed_ties(demo_world, tmp_p
     assert w["win_rate"] == 0.5
     for name in ("results.md", "results.json", "replies.jsonl", "results.png", "config.json"):
         assert (tmp_path / "eval" / name).exists(), name
+    assert "DPO vs SFT win rate by total reward: 0.500" in (tmp_path / "eval" / "results.md").read_text()
     rows = [json.loads(line) for line in (tmp_path / "eval" / "replies.jsonl").read_text().splitlines()]
     assert len(rows) == 24 and all(r["SFT"]["text"] == r["DPO"]["text"] for r in rows)
 
 
-def test_a_missing_adapter_path_is_a_clear_error(demo_world, tmp_path):
-    cfg = demo_config(demo_world, tmp_path / "eval", "dpo_adapter=outputs/no/such/final_adapter")
-    with pytest.raises(PipelineError, match="key dpo_adapter: adapter folder outputs/no/such/final_adapter does not exist"):
+@pytest.mark.parametrize("key", ["adapter", "dpo_adapter"])
+def test_a_missing_adapter_path_is_a_clear_error(demo_world, tmp_path, key):
+    cfg = demo_config(demo_world, tmp_path / "eval", f"dpo_adapter={demo_world / 'sft_adapter'}",
+                      f"{key}={tmp_path / 'no/such/final_adapter'}")
+    with pytest.raises(PipelineError, match=f"key {key}: adapter folder .*no/such/final_adapter does not exist"):
         evaluate(cfg)
-    assert not (tmp_path / "eval").exists()
+    assert not (tmp_path / "eval").exists()  # refused before any output, let alone a model
 
 
 def test_a_test_split_with_no_usable_prompts_is_a_clear_error(demo_world, tmp_path):
     cfg = demo_config(demo_world, tmp_path / "eval", f"dpo_adapter={demo_world / 'sft_adapter'}", "num_turns_history=9")
     with pytest.raises(PipelineError, match="split 'test' has no dialogue with the 20 turns"):
         evaluate(cfg)
+    assert not (tmp_path / "eval").exists()
+
+
+def test_a_test_split_of_too_short_dialogues_is_a_clear_error(demo_world, tmp_path):
+    import datasets
+
+    dialogues = datasets.load_from_disk(str(demo_world / "dialogues"))
+    short = dialogues["test"].map(lambda row: {"prompt": row["prompt"][:2]})  # one user/assistant pair each
+    datasets.DatasetDict({"train": dialogues["train"], "test": short}).save_to_disk(str(tmp_path / "dialogues"))
+    cfg = demo_config(demo_world, tmp_path / "eval", f"dpo_adapter={demo_world / 'sft_adapter'}",
+                      f"dataset={tmp_path / 'dialogues'}")
+    with pytest.raises(PipelineError, match="dialogues: split 'test' has no dialogue with the 4 turns that "
+                                            "num_turns_history=1 needs"):
+        evaluate(cfg)
+    assert not (tmp_path / "eval").exists()

@@ -3,7 +3,11 @@ twice (trainable "default" and TRL's frozen reference copy "ref"), so it fits on
 
     python fine_tune_dpo.py --config args/dpo_arg.json
     python fine_tune_dpo.py --config args/dpo_arg.json --resume          # continue from the last checkpoint
-    python fine_tune_dpo.py --config args/dpo_arg.json --set dpo.precompute_ref_log_probs=true   # less memory
+    python fine_tune_dpo.py --config args/dpo_arg.json --set dpo.precompute_ref_log_probs=true   # low memory
+
+precompute_ref_log_probs is the low-memory option: the reference log-probs are computed once, before training,
+through the frozen "ref" adapter, so training steps skip the reference forward pass (whose logits otherwise add
+to each step's peak memory) and about a third of the compute.
 
 Several GPUs (TRL's own path): accelerate launch --num_processes 2 fine_tune_dpo.py --config args/dpo_arg.json
 The trained adapter lands in OUTPUT_DIR/final_adapter, ready for PeftModel.from_pretrained and evaluate.py.

@@ -300,7 +300,7 @@ DPO_DEFAULTS = {
     "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2, "gradient_accumulation_steps": 8,
     "learning_rate": 5e-6, "lr_scheduler_type": "cosine", "warmup_steps": 10, "max_length": 512,
     "logging_steps": 10, "save_steps": 100, "save_total_limit": 3, "eval_strategy": "epoch",
-    "optim": "adamw_torch", "report_to": "none",
+    "optim": "adamw_torch",
 }
 
 
@@ -323,6 +323,8 @@ class TrainConfig(GeneratorSource):
         problems = check_section_keys(self.dpo, valid, "dpo")
         if "output_dir" in self.dpo:
             problems.append("dpo.output_dir: set the top-level output_dir instead")
+        if "report_to" in self.dpo:  # one switch for wandb: the wandb section
+            problems.append('dpo.report_to: set wandb.mode instead ("disabled" turns wandb off)')
         return problems
 
 

@@ -13,12 +13,16 @@ import math
 import warnings
 from pathlib import Path
 
-from .config import save_config, to_dict
+from .config import differing_keys, save_config, to_dict
 from .errors import PipelineError
 
 REQUIRED = ("prompt", "chosen", "rejected")
 REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy
 FINAL_ADAPTER = "final_adapter"
+CONFIG_NAME = "training_config.json"  # the resolved config, in every checkpoint and in the final adapter
+# Keys that may change when a run is resumed without a warning: they do not change what is trained.
+RESUMABLE_CHANGES = {"resume_from_checkpoint", "output_dir", "wandb", "dpo.logging_steps", "dpo.save_steps", "dpo.save_total_limit",
+                     "dpo.per_device_eval_batch_size", "dpo.eval_strategy"}
 
 
 # ------------------------------------------------------------------ the preference data, before any model
@@ -136,6 +140,7 @@ def resolve_resume(cfg, resume_flag: bool):
     if wanted:
         if checkpoint is None:
             raise PipelineError(f"{folder}: --resume, but there is no checkpoint-* folder to resume from")
+        warn_on_config_changes(cfg, checkpoint)
         return checkpoint
     if folder.exists() and any(folder.iterdir()):
         raise PipelineError(
@@ -146,7 +151,32 @@ def resolve_resume(cfg, resume_flag: bool):
     return None
 
 
+def warn_on_config_changes(cfg, checkpoint: Path) -> None:
+    """Resuming with another seed, beta, dataset or schedule is allowed (to extend a run) but never silent."""
+    saved = checkpoint / CONFIG_NAME
+    if not saved.exists():
+        return
+    changed = [k for k in differing_keys(json.loads(saved.read_text()), to_dict(cfg))
+               if not any(k.startswith(f"{key}:") or k.startswith(f"{key}.") for key in RESUMABLE_CHANGES)]
+    if changed:
+        warnings.warn(f"{checkpoint}: resuming with a config that differs from the checkpoint's:\n  "
+                      + "\n  ".join(changed), stacklevel=2)
+
+
 # ------------------------------------------------------------------ training
+
+def config_saver(cfg):
+    """A callback that puts the resolved config into every checkpoint, next to the adapter it trained."""
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    class SaveConfig(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                save_config(cfg, Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", CONFIG_NAME)
+
+    return SaveConfig()
+
 
 def keep_trainable_in_fp32(trainer) -> None:
     """TRL casts a quantized model's trainable weights to bf16 and counts on bf16 autocast; without mixed
@@ -164,7 +194,7 @@ def make_trainer(cfg, model, tokenizer, dpo_args, train_set, eval_set):
     from trl import DPOTrainer
 
     trainer = DPOTrainer(model=model, ref_model=None, args=dpo_args, train_dataset=train_set,
-                         eval_dataset=eval_set, processing_class=tokenizer)
+                         eval_dataset=eval_set, processing_class=tokenizer, callbacks=[config_saver(cfg)])
     if REFERENCE_ADAPTER not in trainer.model.peft_config:
         raise PipelineError("TRL did not add the frozen reference adapter; this trl version is not supported")
     keep_trainable_in_fp32(trainer)
@@ -182,57 +212,89 @@ def restore_trained_adapter(trainer, checkpoint: Path) -> None:
 
     weights = load_file(str(checkpoint / "adapter_model.safetensors"))
     result = set_peft_model_state_dict(trainer.model, weights, adapter_name="default")
-    if getattr(result, "unexpected_keys", None):
-        raise PipelineError(f"{checkpoint}: adapter weights do not fit the model ({result.unexpected_keys[:3]} ...)")
+    # PEFT's save_embedding_layers="auto" adds, from the second save on, copies of the wrapped embedding layers
+    # ("X.original_module.weight", "X.modules_to_save.weight" next to the "X.weight" that loads): not a misfit.
+    unexpected = [k for k in getattr(result, "unexpected_keys", None) or []
+                  if not k.endswith((".original_module.weight", ".modules_to_save.weight"))]
+    if unexpected:
+        raise PipelineError(f"{checkpoint}: adapter weights do not fit the model ({unexpected[:3]} ...)")
     keep_trainable_in_fp32(trainer)
+
+
+def embeddings_in_modules_to_save(model) -> bool:
+    from peft.utils import ModulesToSaveWrapper
+
+    layers = (model.get_input_embeddings(), model.get_output_embeddings())
+    return all(isinstance(layer, ModulesToSaveWrapper) for layer in layers)
 
 
 def save_final_adapter(trainer, tokenizer, cfg) -> Path:
     """The trained adapter alone (not TRL's reference copy), with the tokenizer and the resolved config."""
     folder = Path(cfg.output_dir) / FINAL_ADAPTER
-    trainer.model.save_pretrained(str(folder), selected_adapters=["default"])
+    # Embeddings in modules_to_save are saved as the adapter's own weights; PEFT's "auto" would add redundant copies.
+    embeddings = False if embeddings_in_modules_to_save(trainer.model) else "auto"
+    trainer.model.save_pretrained(str(folder), selected_adapters=["default"], save_embedding_layers=embeddings)
     tokenizer.save_pretrained(str(folder))
-    save_config(cfg, folder, "training_config.json")
+    save_config(cfg, folder, CONFIG_NAME)
     return folder
 
 
 def train(cfg, resume: bool = False) -> dict:
+    """Under `accelerate launch` every process trains (TRL's DDP path); only the main one writes files and wandb."""
     import torch
+    from accelerate import PartialState
 
     from .chat import load_chat_format
     from .models import load_generator
     from .tracking import start_wandb
 
+    # ---- inputs, checked before any model loads
+    state = PartialState()
     chat = load_chat_format(cfg.chat_template)
     checkpoint = resolve_resume(cfg, resume)
-    train_set, eval_set = load_preferences(cfg, chat.special_tokens)
+    with state.main_process_first():  # one process writes the datasets cache, the others read it
+        train_set, eval_set = load_preferences(cfg, chat.special_tokens)
     dpo_args = build_dpo_config(cfg, has_eval=eval_set is not None)
+    state.wait_for_everyone()  # every process has looked at output_dir before the main one writes into it
     folder = Path(cfg.output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, folder, "config.json")
-    run = start_wandb(cfg.wandb, "fine_tune_dpo", to_dict(cfg), folder)
+    run = None
+    if state.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, folder, "config.json")
+        run = start_wandb(cfg.wandb, "fine_tune_dpo", to_dict(cfg), folder)
 
+    # ---- one base model: the SFT adapter trainable as "default", TRL's frozen copy as "ref"
     model, tokenizer = load_generator(cfg, trainable=True)
     trainer = make_trainer(cfg, model, tokenizer, dpo_args, train_set, eval_set)
-    print(f"training {len(train_set)} pairs (held out: {len(eval_set) if eval_set is not None else 0}); "
-          f"one base model, adapters: {', '.join(trainer.model.peft_config)} (frozen: {REFERENCE_ADAPTER})")
+    if state.is_main_process:
+        print(f"training {len(train_set)} pairs (held out: {len(eval_set) if eval_set is not None else 0}); "
+              f"one base model, adapters: {', '.join(trainer.model.peft_config)} (frozen: {REFERENCE_ADAPTER})")
     if checkpoint:
         restore_trained_adapter(trainer, checkpoint)
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
+    # ---- training, then the held-out figures
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     metrics = {"train": trainer.state.log_history}
     if eval_set is not None:
         metrics["eval"] = trainer.evaluate()
     if torch.cuda.is_available():
         metrics["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    final = save_final_adapter(trainer, tokenizer, cfg)
-    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    if eval_set is not None:
-        e = metrics["eval"]
-        print(f"held-out: loss {e['eval_loss']:.4f} (ln 2 = {math.log(2):.4f}), "
-              f"rewards/accuracies {e.get('eval_rewards/accuracies', float('nan')):.3f}, "
-              f"rewards/margins {e.get('eval_rewards/margins', float('nan')):.3f}")
-    print(f"saved the trained adapter to {final}")
-    if run is not None:
-        run.finish()
+
+    # ---- the trained adapter alone, metrics
+    state.wait_for_everyone()
+    if state.is_main_process:
+        final = save_final_adapter(trainer, tokenizer, cfg)
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        if eval_set is not None:
+            e = metrics["eval"]
+            plain_dpo = cfg.dpo.get("loss_type", ["sigmoid"]) in ("sigmoid", ["sigmoid"])  # else ln 2 means nothing
+            print(f"held-out: loss {e['eval_loss']:.4f}" + (f" (ln 2 = {math.log(2):.4f})" if plain_dpo else "") + ", "
+                  f"rewards/accuracies {e.get('eval_rewards/accuracies', float('nan')):.3f}, "
+                  f"rewards/margins {e.get('eval_rewards/margins', float('nan')):.3f}")
+        if "peak_gpu_memory_gib" in metrics:
+            print(f"peak GPU memory: {metrics['peak_gpu_memory_gib']:.2f} GiB")
+        print(f"saved the trained adapter to {final}")
+        if run is not None:
+            run.summary.update({k: v for k, v in metrics.items() if k != "train"})
+            run.finish()
     return metrics

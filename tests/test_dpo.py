@@ -4,6 +4,7 @@ proven on the demo world, on the CPU."""
 import gc
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -49,11 +50,11 @@ def few_steps(demo_world, demo_preferences, tmp_path_factory):
     trainer = build_trainer(cfg)
     before = {"default": adapter_params(trainer.model, "default"), "ref": adapter_params(trainer.model, "ref")}
     trainer.train()
-    return trainer, before
+    return trainer, before, cfg
 
 
 def test_a_exactly_one_base_model_with_a_trainable_and_a_frozen_reference_adapter(few_steps):
-    trainer, _ = few_steps
+    trainer, _, _ = few_steps
     assert trainer.ref_model is None
     assert set(trainer.model.peft_config) == {"default", REFERENCE_ADAPTER}
     gc.collect()
@@ -64,7 +65,7 @@ def test_a_exactly_one_base_model_with_a_trainable_and_a_frozen_reference_adapte
 
 
 def test_b_the_reference_adapter_is_bitwise_unchanged_and_the_trainable_one_moved(few_steps):
-    trainer, before = few_steps
+    trainer, before, _ = few_steps
     after_ref = adapter_params(trainer.model, "ref")
     assert any("modules_to_save" in k for k in after_ref)  # embedding and LM head copies are covered too
     assert set(after_ref) == set(before["ref"])
@@ -76,7 +77,7 @@ def test_b_the_reference_adapter_is_bitwise_unchanged_and_the_trainable_one_move
 
 
 def test_c_at_step_0_the_policy_equals_the_reference(few_steps):
-    trainer, _ = few_steps
+    trainer, _, _ = few_steps
     first = trainer.state.log_history[0]
     assert first["loss"] == pytest.approx(LN2, abs=1e-3)
     assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-2)
@@ -111,13 +112,32 @@ def test_c_precomputed_reference_log_probs_match_the_sft_adapter_loaded_on_its_o
     trainer.train()  # precomputed reference log-probs train as well
 
 
+def test_c_after_training_the_reference_is_still_the_sft_adapter_and_the_policy_moved(few_steps):
+    """The log-probs TRL uses as the reference (adapter "ref", not precomputed) equal the SFT adapter's own."""
+    trainer, _, cfg = few_steps
+    raw, _ = load_preferences(cfg)
+    rows = [trainer.train_dataset[i] for i in range(3)]
+    batch = trainer.data_collator([{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in rows])
+    trainer.model.eval()
+    ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
+    sft, tokenizer = load_generator(cfg)  # the original SFT adapter, on a base of its own
+    eos = tokenizer.eos_token
+    for i in range(3):
+        assert float(ref_chosen[i]) == pytest.approx(
+            sequence_logp(sft, tokenizer, raw[i]["prompt"], raw[i]["chosen"] + eos), rel=1e-4, abs=1e-4)
+        assert float(ref_rejected[i]) == pytest.approx(
+            sequence_logp(sft, tokenizer, raw[i]["prompt"], raw[i]["rejected"] + eos), rel=1e-4, abs=1e-4)
+    policy_chosen = sequence_logp(trainer.model, tokenizer, raw[0]["prompt"], raw[0]["chosen"] + eos)
+    assert policy_chosen != pytest.approx(float(ref_chosen[0]), abs=1e-3)  # "default" is the trained adapter
+
+
 @pytest.fixture(scope="module")
 def saved_run(demo_world, demo_preferences, tmp_path_factory):
-    """fine_tune_dpo's train(): 4 steps with a checkpoint every 2, the final adapter saved."""
+    """fine_tune_dpo's train(): 6 steps with a checkpoint every 2, the final adapter saved, wandb offline."""
     out = tmp_path_factory.mktemp("saved") / "dpo"
-    cfg, sets = config(demo_world, demo_preferences, out, "dpo.max_steps=4", "dpo.save_steps=2",
+    cfg, sets = config(demo_world, demo_preferences, out, "dpo.max_steps=6", "dpo.save_steps=2",
                        "dpo.save_total_limit=null", "dpo.per_device_train_batch_size=4", "eval_fraction=0.0",
-                       "dpo.eval_strategy=no")
+                       "dpo.eval_strategy=no", "wandb.mode=offline")
     train(cfg)
     return out, sets
 
@@ -125,6 +145,7 @@ def saved_run(demo_world, demo_preferences, tmp_path_factory):
 def test_d_the_saved_adapter_reloads_generates_and_has_no_reference_copy(saved_run, demo_world):
     from peft import PeftModel
     from safetensors import safe_open
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     final = saved_run[0] / FINAL_ADAPTER
@@ -132,11 +153,17 @@ def test_d_the_saved_adapter_reloads_generates_and_has_no_reference_copy(saved_r
     with safe_open(str(final / "adapter_model.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert keys and not any(".ref." in k or k.startswith("ref.") for k in keys)
+    assert not any("original_module" in k or "modules_to_save" in k for k in keys)  # no redundant embedding copies
     tokenizer = AutoTokenizer.from_pretrained(final)
     base = AutoModelForCausalLM.from_pretrained(demo_world / "base")
     base.resize_token_embeddings(len(tokenizer))
     model = PeftModel.from_pretrained(base, final)
     assert list(model.peft_config) == ["default"]
+    trained = load_file(str(saved_run[0] / "checkpoint-6" / "adapter_model.safetensors"))
+    for name, value in model.named_parameters():  # the reloaded adapter is the trained one, embeddings included
+        key = name.replace(".modules_to_save.default", "").replace(".default", "")
+        if ".default" in name:
+            assert torch.equal(value, trained[key]), name
     batch = tokenizer(["<s>[INST] [EMOTION] neutral [/EMOTION] hello . [/INST] [EMOTION] happiness [/EMOTION]"],
                       return_tensors="pt", add_special_tokens=False)
     out = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -144,33 +171,56 @@ def test_d_the_saved_adapter_reloads_generates_and_has_no_reference_copy(saved_r
     assert json.loads((final / "training_config.json").read_text())["output_dir"] == str(saved_run[0])
 
 
+def test_the_run_folder_holds_checkpoints_metrics_and_an_offline_wandb_run(saved_run):
+    out = saved_run[0]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    first = json.loads((out / "metrics.json").read_text())["train"][0]
+    for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                 "logps/chosen", "logps/rejected"):
+        assert name in first, name
+    assert list((out / "wandb").glob("offline-run-*"))
+    for checkpoint in ("checkpoint-2", "checkpoint-4", "checkpoint-6"):  # the resolved config, in every checkpoint
+        assert json.loads((out / checkpoint / "training_config.json").read_text())["dpo"]["save_steps"] == 2
+
+
 def test_e_resume_continues_at_the_right_step_with_the_same_optimizer_state(saved_run, demo_world, demo_preferences,
-                                                                           tmp_path):
+                                                                           tmp_path, recwarn):
     from safetensors.torch import load_file
 
     first, _ = saved_run
     resumed = tmp_path / "dpo"
     resumed.mkdir()
-    shutil.copytree(first / "checkpoint-2", resumed / "checkpoint-2")
-    cfg, _ = config(demo_world, demo_preferences, resumed, "dpo.max_steps=4", "dpo.save_steps=2",
+    # checkpoint-4, not the first one: PEFT writes later checkpoints with extra embedding copies.
+    shutil.copytree(first / "checkpoint-4", resumed / "checkpoint-4")
+    cfg, _ = config(demo_world, demo_preferences, resumed, "dpo.max_steps=6", "dpo.save_steps=2",
                     "dpo.save_total_limit=null", "dpo.per_device_train_batch_size=4", "eval_fraction=0.0",
                     "dpo.eval_strategy=no")
     train(cfg, resume=True)
-    state = json.loads((resumed / "checkpoint-4" / "trainer_state.json").read_text())
-    assert state["global_step"] == 4
-    assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4]
+    assert not [w for w in recwarn if "differs from the checkpoint" in str(w.message)]
+    state = json.loads((resumed / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4, 5, 6]
     # Same data order, same optimizer state: the resumed run ends where the uninterrupted one did.
     a = load_file(str(first / FINAL_ADAPTER / "adapter_model.safetensors"))
     b = load_file(str(resumed / FINAL_ADAPTER / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
-    opt_a = torch.load(first / "checkpoint-4" / "optimizer.pt", weights_only=False)["state"]
-    opt_b = torch.load(resumed / "checkpoint-4" / "optimizer.pt", weights_only=False)["state"]
+    opt_a = torch.load(first / "checkpoint-6" / "optimizer.pt", weights_only=False)["state"]
+    opt_b = torch.load(resumed / "checkpoint-6" / "optimizer.pt", weights_only=False)["state"]
     assert opt_a.keys() == opt_b.keys()
     for k in opt_a:
         assert opt_a[k]["step"] == opt_b[k]["step"]
         torch.testing.assert_close(opt_a[k]["exp_avg"], opt_b[k]["exp_avg"], rtol=1e-5, atol=1e-7)
+
+
+def test_e_resuming_with_a_changed_setting_warns(saved_run):
+    from emotion_dpo.dpo import resolve_resume
+
+    _, sets = saved_run
+    cfg = load_config(TrainConfig, DEMO_CONFIG, [*sets, "dpo.beta=0.5"])
+    with pytest.warns(UserWarning, match=r"differs from the checkpoint's:\n  dpo.beta: 0.1 -> 0.5$"):
+        assert resolve_resume(cfg, True).name == "checkpoint-6"
 
 
 def test_e_an_existing_run_is_not_overwritten_without_resume(saved_run):
@@ -203,10 +253,42 @@ def test_f_a_bad_dataset_is_a_clear_error(demo_world, tmp_path, rows, message, n
         train(cfg)
 
 
+def test_extra_columns_are_reported_and_kept_out_of_training(demo_world, tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"
+    row = {"prompt": "<s>[INST] [EMOTION] joy [/EMOTION] hi . [/INST] [EMOTION] joy [/EMOTION]", "chosen": "yay !",
+           "rejected": "no .", "chosen_score": 3.0}
+    data.write_text(json.dumps(row) + "\n")
+    cfg, _ = config(demo_world, data, tmp_path / "out", "eval_fraction=0.0")
+    train_set, eval_set = load_preferences(cfg, ("[INST]", "[/INST]", "[EMOTION]", "[/EMOTION]"))
+    assert train_set.column_names == ["prompt", "chosen", "rejected"] and eval_set is None
+    assert "columns kept out of training: chosen_score" in capsys.readouterr().out
+
+
+def test_a_prompt_not_in_the_chat_template_format_is_warned_about():
+    from datasets import Dataset
+
+    from emotion_dpo.dpo import check_preferences
+
+    pairs = Dataset.from_list([{"prompt": "hi", "chosen": "yay", "rejected": "no"}])
+    with pytest.warns(UserWarning, match="1 of 1 prompts lack the chat template's markers"):
+        check_preferences(pairs, "pairs.jsonl", ("[INST]", "[/INST]"))
+
+
 def test_f_a_bad_dpo_setting_is_a_clear_error(demo_world, demo_preferences, tmp_path, no_model_loading):
     cfg, _ = config(demo_world, demo_preferences, tmp_path / "out", "dpo.eval_strategy=sometimes")
     with pytest.raises(PipelineError, match="key dpo"):
         train(cfg)
+
+
+@pytest.mark.parametrize("dpo, message", [
+    ({"output_dir": "x"}, "dpo.output_dir: set the top-level output_dir instead"),
+    ({"report_to": "wandb"}, "dpo.report_to: set wandb.mode instead"),
+])
+def test_f_settings_owned_by_the_top_level_config_are_refused_in_the_dpo_section(tmp_path, dpo, message):
+    bad = tmp_path / "dpo.json"
+    bad.write_text(json.dumps({"base_model": "b", "adapter": "a", "dataset": "d", "dpo": dpo}))
+    with pytest.raises(PipelineError, match=re.escape(message)):
+        load_config(TrainConfig, bad, [])
 
 
 def test_f_the_script_reports_a_bad_config_briefly(tmp_path):
@@ -234,7 +316,8 @@ def test_g_on_the_demo_world_training_learns_the_held_out_preferences(demo_world
 
 @pytest.mark.parametrize("use_unsloth", [False, True])
 def test_the_4bit_paths_train_and_keep_the_reference_frozen(demo_world, demo_preferences, tmp_path, use_unsloth):
-    """bitsandbytes NF4, and unsloth's FastLanguageModel: a few DPO steps on the CPU, the final adapter saved."""
+    """bitsandbytes NF4, and unsloth's FastLanguageModel (it runs on the CPU too; its own process, since importing
+    unsloth patches TRL's configs process-wide): a few DPO steps through the script, the final adapter saved."""
     _, sets = config(demo_world, demo_preferences, tmp_path / "dpo", "load_in_4bit=true",
                      f"use_unsloth={'true' if use_unsloth else 'false'}", "dpo.max_steps=3", "eval_fraction=0.0",
                      "dpo.per_device_train_batch_size=4")

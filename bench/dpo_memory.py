@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import sys
@@ -26,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# A model large enough that the base dominates (~60 M parameters), random weights.
+# A model large enough that the base dominates (~69 M parameters), random weights.
 CPU_SHAPE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
                  num_key_value_heads=12, vocab_size=8000)
 
@@ -135,6 +136,7 @@ def main() -> None:
                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
         "memory_measure": "torch.cuda.max_memory_allocated" if cuda else "process max RSS",
         "mean_step_seconds": sum(steady) / len(steady),
+        "load_average_1m_after": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }))
 
 

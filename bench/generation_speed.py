@@ -5,12 +5,14 @@
 
 Both paths get the same prompts, models, candidate count and generation settings, one round per prompt
 (retries off), so the work is identical. Prints one JSON line: prompts per second for each and the ratio.
+With --repeats R each path runs R times, alternated, and its fastest pass counts (the CPU here is shared).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -35,7 +37,7 @@ def synchronize():
         torch.cuda.synchronize()
 
 
-def run(cfg, prompts, n_prompts: int, batch_prompts: int) -> dict:
+def run(cfg, prompts, n_prompts: int, batch_prompts: int, repeats: int = 1) -> dict:
     from transformers import GenerationConfig
 
     model, tokenizer = load_generator(cfg)
@@ -44,22 +46,32 @@ def run(cfg, prompts, n_prompts: int, batch_prompts: int) -> dict:
     sampler = CandidateSampler(model, tokenizer, scorer, cfg.n_candidates, settings, batch_prompts)
     prompts = prompts[:n_prompts]
 
+    def reference_pass():
+        for prompt in prompts:
+            reference_round(model, tokenizer, prompt, cfg.n_candidates, settings, scorer.emotion, scorer.gibberish,
+                            cfg)
+
+    def batched_pass():
+        for i in range(0, len(prompts), batch_prompts):
+            sampler.sample(prompts[i:i + batch_prompts])
+
+    def timed(fn):
+        synchronize()
+        started = time.perf_counter()
+        fn()
+        synchronize()
+        return time.perf_counter() - started
+
     # warm-up: kernels, caches, the classifiers' first call
     reference_round(model, tokenizer, prompts[0], cfg.n_candidates, settings, scorer.emotion, scorer.gibberish, cfg)
     sampler.sample(prompts[:2])
 
-    synchronize()
-    started = time.perf_counter()
-    for prompt in prompts:
-        reference_round(model, tokenizer, prompt, cfg.n_candidates, settings, scorer.emotion, scorer.gibberish, cfg)
-    synchronize()
-    reference_seconds = time.perf_counter() - started
-
-    started = time.perf_counter()
-    for i in range(0, len(prompts), batch_prompts):
-        sampler.sample(prompts[i:i + batch_prompts])
-    synchronize()
-    batched_seconds = time.perf_counter() - started
+    load_before = os.getloadavg()[0]  # the CPU may be shared: a busy machine slows both paths unevenly
+    passes = {"reference": [], "batched": []}
+    for _ in range(repeats):  # alternated, so that a load from elsewhere falls on both; the fastest pass counts
+        passes["reference"].append(timed(reference_pass))
+        passes["batched"].append(timed(batched_pass))
+    reference_seconds, batched_seconds = min(passes["reference"]), min(passes["batched"])
     return {
         "prompts": len(prompts), "candidates": cfg.n_candidates,
         "max_new_tokens": cfg.generation.get("max_new_tokens"), "batch_prompts": batch_prompts,
@@ -67,7 +79,10 @@ def run(cfg, prompts, n_prompts: int, batch_prompts: int) -> dict:
         "batched_prompts_per_s": len(prompts) / batched_seconds,
         "ratio": reference_seconds / batched_seconds,
         "batched_seconds_for_2048_prompts": 2048 * batched_seconds / len(prompts),
+        "pass_seconds": {k: [round(t, 3) for t in v] for k, v in passes.items()},
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "threads": torch.get_num_threads(), "load_average_1m_before_after": [load_before, os.getloadavg()[0]],
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
 
@@ -79,6 +94,8 @@ def main() -> None:
     parser.add_argument("--synthetic", choices=["7b", "small"], help="random-weight models of this shape")
     parser.add_argument("--world", help="folder for the synthetic world (reused if already built)")
     parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="passes of each path, alternated; the fastest of each counts (for a shared machine)")
     args = parser.parse_args()
 
     overrides = ["wandb.mode=disabled", *args.set]
@@ -90,7 +107,7 @@ def main() -> None:
             overrides += [f"{k}={v}" for k, v in world.items()]
         cfg = load_config(GenerateConfig, args.config, overrides)
         _, prompts = load_inputs(cfg)
-        result = run(cfg, prompts, args.prompts, args.batch_prompts)
+        result = run(cfg, prompts, args.prompts, args.batch_prompts, args.repeats)
     print(json.dumps(result))
 
 

@@ -252,3 +252,18 @@ def test_the_4bit_generator_paths_run_end_to_end(demo_world, tmp_path, use_unslo
     assert ("Unsloth" in result.stdout + result.stderr) == use_unsloth
     assert len(merge_journals(journal_files(out))) == 6
     assert (out / "dataset").exists()
+
+
+def test_batched_classification_returns_what_the_pipeline_returns(demo_world):
+    from emotion_dpo.chat import load_chat_format
+    from emotion_dpo.generation import Scorer
+    from emotion_dpo.models import load_tokenizer
+
+    cfg = load_config(GenerateConfig, DEMO_CONFIG, demo_overrides(demo_world, "unused", extra=["classifier_batch_size=4"]))
+    scorer = Scorer(cfg, load_tokenizer(cfg.base_model, cfg.adapter, load_chat_format(cfg.chat_template)))
+    texts = ["i am so happy !", "ugh , that is gross .", "wow wow wow", "qx zz", "", "i am terrified of the exam ."]
+    for classifier in (scorer.emotion, scorer.gibberish):
+        expected = classifier(texts, truncation=True)
+        got = scorer.classify(classifier, texts)
+        assert [g["label"] for g in got] == [e["label"] for e in expected]
+        assert [g["score"] for g in got] == pytest.approx([e["score"] for e in expected], abs=1e-5)

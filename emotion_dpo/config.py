@@ -271,16 +271,18 @@ class SelectionConfig:
     max_retries: int = option(30, "failed rounds regenerated before a prompt is given up", low=0)
 
 
+# The reference project's sampling settings.
+REFERENCE_GENERATION = {"do_sample": True, "min_new_tokens": 5, "max_new_tokens": 20, "repetition_penalty": 1.5,
+                        "top_k": 5, "top_p": 1.0, "temperature": 2.0}
+
+
 @dataclasses.dataclass(kw_only=True)
 class GenerateConfig(GeneratorSource, PromptSource, RewardConfig, SelectionConfig):
     output_dir: str = option("outputs/preferences", "run folder: journal, dataset, statistics")
     n_candidates: int = option(6, "replies sampled per prompt per round", low=2)
     batch_prompts: int = option(16, "prompts per generate call (x n_candidates sequences)", low=1)
     generation: dict = option(
-        factory=lambda: {
-            "do_sample": True, "min_new_tokens": 5, "max_new_tokens": 20, "repetition_penalty": 1.5,
-            "top_k": 5, "top_p": 1.0, "temperature": 2.0,
-        },
+        factory=lambda: dict(REFERENCE_GENERATION),
         help="passed to transformers.GenerationConfig as it is",
     )
     push_to_hub: str | None = option(None, "Hub dataset id to push the final dataset to (null: don't)")
@@ -335,10 +337,7 @@ class EvaluateConfig(GeneratorSource, PromptSource, RewardConfig):
     output_dir: str = option("outputs/evaluation", "results.md, results.json, replies.jsonl, chart")
     batch_prompts: int = option(32, "prompts per generate call", low=1)
     generation: dict = option(
-        factory=lambda: {
-            "do_sample": True, "min_new_tokens": 5, "max_new_tokens": 20, "repetition_penalty": 1.5,
-            "top_k": 5, "top_p": 1.0, "temperature": 2.0,
-        },
+        factory=lambda: dict(REFERENCE_GENERATION),
         help="passed to transformers.GenerationConfig, identical for every model",
     )
     clean_confidence: float = option(0.8, "a reply is clean if the detector says 'clean' with this", low=0, high=1)

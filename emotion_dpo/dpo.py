@@ -28,26 +28,9 @@ RESUMABLE_CHANGES = {"resume_from_checkpoint", "output_dir", "wandb", "dpo.loggi
 # ------------------------------------------------------------------ the preference data, before any model
 
 def read_preferences(source: str, split: str):
-    import datasets
+    from .prompts import load_rows
 
-    path = Path(source)
-    try:
-        if path.is_dir():
-            loaded = datasets.load_from_disk(str(path))
-            if isinstance(loaded, datasets.DatasetDict):
-                if split not in loaded:
-                    raise PipelineError(f"{source}: no split {split!r} (has {', '.join(loaded)})")
-                loaded = loaded[split]
-            return loaded
-        if path.suffix in (".jsonl", ".json"):
-            if not path.exists():
-                raise PipelineError(f"{source}: preference file not found")
-            return datasets.load_dataset("json", data_files=str(path), split="train")
-        return datasets.load_dataset(source, split=split)
-    except PipelineError:
-        raise
-    except Exception as e:  # the Hub, a corrupt folder: which source failed and why, briefly
-        raise PipelineError(f"{source}: cannot load preference data ({type(e).__name__}: {e})") from None
+    return load_rows(source, split, "preference data")
 
 
 def check_preferences(dataset, source: str, template_markers=()) -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from pathlib import Path
 
 from .chat import ChatFormat, install_chat_format, load_chat_format
 from .errors import PipelineError

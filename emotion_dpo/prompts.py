@@ -18,8 +18,8 @@ class Prompt:
     text: str  # exactly what the model sees (chat-templated, special tokens kept)
 
 
-def load_dialogues(source: str, split: str):
-    """A `datasets.Dataset` of dialogues from a local save_to_disk folder, a JSONL file, or a Hub id."""
+def load_rows(source: str, split: str, what: str):
+    """A `datasets.Dataset` from a local save_to_disk folder (split "a+b" joins splits), a JSONL file, or a Hub id."""
     import datasets
 
     path = Path(source)
@@ -35,13 +35,17 @@ def load_dialogues(source: str, split: str):
             return loaded
         if path.suffix in (".jsonl", ".json"):
             if not path.exists():
-                raise PipelineError(f"{source}: dataset file not found")
+                raise PipelineError(f"{source}: {what} file not found")
             return datasets.load_dataset("json", data_files=str(path), split="train")
         return datasets.load_dataset(source, split=split)
     except PipelineError:
         raise
     except Exception as e:  # the Hub, a corrupt folder: say which source failed and why, briefly
-        raise PipelineError(f"{source}: cannot load dialogues ({type(e).__name__}: {e})") from None
+        raise PipelineError(f"{source}: cannot load {what} ({type(e).__name__}: {e})") from None
+
+
+def load_dialogues(source: str, split: str):
+    return load_rows(source, split, "dialogues")
 
 
 def check_dialogues(dialogues, source: str, emotions) -> None:

@@ -29,7 +29,7 @@ from reference_loop import reference_round  # noqa: E402
 from emotion_dpo.config import GenerateConfig, load_config  # noqa: E402
 from emotion_dpo.generation import CandidateSampler, Scorer  # noqa: E402
 from emotion_dpo.models import load_generator  # noqa: E402
-from emotion_dpo.preference_run import load_inputs  # noqa: E402
+from emotion_dpo.prompts import load_prompts  # noqa: E402
 
 
 def synchronize():
@@ -106,7 +106,7 @@ def main() -> None:
             world = build_world(Path(args.world or tmp), args.synthetic)
             overrides += [f"{k}={v}" for k, v in world.items()]
         cfg = load_config(GenerateConfig, args.config, overrides)
-        _, prompts = load_inputs(cfg)
+        _, prompts = load_prompts(cfg)
         result = run(cfg, prompts, args.prompts, args.batch_prompts, args.repeats)
     print(json.dumps(result))
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from emotion_dpo.config import GenerateConfig, load_config  # noqa: E402
 from emotion_dpo.generation import CandidateSampler, Scorer, generate_candidates  # noqa: E402
 from emotion_dpo.models import load_generator  # noqa: E402
-from emotion_dpo.preference_run import load_inputs  # noqa: E402
+from emotion_dpo.prompts import load_prompts  # noqa: E402
 from emotion_dpo.rewards import reply_length  # noqa: E402
 from emotion_dpo.selection import score_reply  # noqa: E402
 
@@ -106,7 +106,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = load_config(GenerateConfig, args.config, ["wandb.mode=disabled"])
-    _, prompts = load_inputs(cfg)
+    _, prompts = load_prompts(cfg)
     prompts = prompts[:args.prompts]
     texts, n = [p.text for p in prompts], cfg.n_candidates
     model, tokenizer = load_generator(cfg)

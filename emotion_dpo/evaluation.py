@@ -12,6 +12,7 @@ from pathlib import Path
 from . import EMOTIONS
 from .config import save_config, to_dict
 from .errors import PipelineError
+from .prompts import load_prompts
 
 RESULT_FILES = ("results.json", "results.md", "replies.jsonl", "results.png")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -86,27 +87,6 @@ def check_adapter_path(value: str, key: str, source: str) -> None:
     hint = " (fine_tune_dpo.py writes it: run that first, or point dpo_adapter at its final_adapter)" \
         if key == "dpo_adapter" else ""
     raise PipelineError(f"{source}: key {key}: adapter folder {value} does not exist{hint}")
-
-
-def load_prompts(cfg):
-    """(tokenizer, prompts) built exactly as generate_preferences builds them (preference_run.load_inputs):
-    the same template, system prompt and history; no model weights loaded."""
-    from .chat import load_chat_format
-    from .models import check_classifiers, load_tokenizer
-    from .prompts import build_prompts, check_dialogues, load_dialogues
-
-    dialogues = load_dialogues(cfg.dataset, cfg.dataset_split)
-    check_dialogues(dialogues, cfg.dataset, EMOTIONS)
-    check_classifiers(cfg.emotion_classifier, cfg.gibberish_detector, EMOTIONS)
-    tokenizer = load_tokenizer(cfg.base_model, cfg.adapter, load_chat_format(cfg.chat_template))
-    prompts = build_prompts(dialogues, tokenizer, cfg.system_prompt, cfg.num_turns_history, cfg.all_windows,
-                            cfg.num_prompts)
-    if not prompts:
-        raise PipelineError(
-            f"{cfg.dataset}: split {cfg.dataset_split!r} has no dialogue with the "
-            f"{2 + 2 * cfg.num_turns_history} turns that num_turns_history={cfg.num_turns_history} needs"
-        )
-    return tokenizer, prompts
 
 
 def is_evaluation_folder(folder: Path) -> bool:

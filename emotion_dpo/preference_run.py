@@ -7,11 +7,11 @@ import time
 from collections import deque
 from pathlib import Path
 
-from . import EMOTIONS
 from .config import differing_keys, save_config, to_dict
 from .errors import PipelineError
 from .journal import Journal, journal_files, journal_path, merge_journals, shard
 from .preferences import reselect, settle, write_dataset
+from .prompts import load_prompts
 from .stats import format_summary, write_report
 
 # Keys that may change between a run and its resumption: they do not change what a settled prompt is.
@@ -52,27 +52,6 @@ def prepare_output_dir(cfg, fresh: bool) -> Path:
 
 
 # ------------------------------------------------------------------ inputs, checked before any model loads
-
-def load_inputs(cfg):
-    """(tokenizer, prompts): dialogues, classifiers' labels and the template checked; no model weights loaded."""
-    from .chat import load_chat_format
-    from .models import check_classifiers, load_tokenizer
-    from .prompts import build_prompts, check_dialogues, load_dialogues
-
-    chat = load_chat_format(cfg.chat_template)
-    dialogues = load_dialogues(cfg.dataset, cfg.dataset_split)
-    check_dialogues(dialogues, cfg.dataset, EMOTIONS)
-    check_classifiers(cfg.emotion_classifier, cfg.gibberish_detector, EMOTIONS)
-    tokenizer = load_tokenizer(cfg.base_model, cfg.adapter, chat)
-    prompts = build_prompts(dialogues, tokenizer, cfg.system_prompt, cfg.num_turns_history, cfg.all_windows,
-                            cfg.num_prompts)
-    if not prompts:
-        raise PipelineError(
-            f"{cfg.dataset}: no dialogue has the {2 + 2 * cfg.num_turns_history} turns that "
-            f"num_turns_history={cfg.num_turns_history} needs"
-        )
-    return tokenizer, prompts
-
 
 def settled_records(folder: Path, prompts) -> dict[int, dict]:
     records = {r["index"]: r for r in merge_journals(journal_files(folder))}
@@ -139,7 +118,7 @@ def generate(cfg, fresh: bool = False) -> None:
         prepare_output_dir(cfg, fresh)
     state.wait_for_everyone()
     folder = Path(cfg.output_dir)
-    tokenizer, prompts = load_inputs(cfg)
+    tokenizer, prompts = load_prompts(cfg)
     settled = settled_records(folder, prompts)
     mine = shard(prompts, state.process_index, state.num_processes)
     todo = [p for p in mine if p.index not in settled]

@@ -96,3 +96,24 @@ def build_prompts(dialogues, tokenizer, system_prompt: str, num_turns_history: i
             messages, target = build_messages(turns[start:start + window], system_prompt)
             prompts.append(Prompt(len(prompts), row, target, messages, render_chat(tokenizer, messages)))
     return prompts
+
+
+def load_prompts(cfg):
+    """(tokenizer, prompts) for generate_preferences and evaluate alike: dialogues, their emotions, the
+    classifiers' labels and the template checked, prompts rendered; no model weights loaded."""
+    from . import EMOTIONS
+    from .chat import load_chat_format
+    from .models import check_classifiers, load_tokenizer
+
+    dialogues = load_dialogues(cfg.dataset, cfg.dataset_split)
+    check_dialogues(dialogues, cfg.dataset, EMOTIONS)
+    check_classifiers(cfg.emotion_classifier, cfg.gibberish_detector, EMOTIONS)
+    tokenizer = load_tokenizer(cfg.base_model, cfg.adapter, load_chat_format(cfg.chat_template))
+    prompts = build_prompts(dialogues, tokenizer, cfg.system_prompt, cfg.num_turns_history, cfg.all_windows,
+                            cfg.num_prompts)
+    if not prompts:
+        raise PipelineError(
+            f"{cfg.dataset}: split {cfg.dataset_split!r} has no dialogue with the "
+            f"{2 + 2 * cfg.num_turns_history} turns that num_turns_history={cfg.num_turns_history} needs"
+        )
+    return tokenizer, prompts

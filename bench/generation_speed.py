@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from reference_loop import reference_round  # noqa: E402
 
 from emotion_dpo.config import GenerateConfig, load_config  # noqa: E402
-from emotion_dpo.generation import CandidateSampler, Scorer  # noqa: E402
+from emotion_dpo.generation import CandidateSampler, Scorer, prefill_cache, shares_prefill  # noqa: E402
 from emotion_dpo.models import load_generator  # noqa: E402
 from emotion_dpo.prompts import load_prompts  # noqa: E402
 
@@ -45,6 +45,11 @@ def run(cfg, prompts, n_prompts: int, batch_prompts: int, repeats: int = 1) -> d
     settings = GenerationConfig(**cfg.generation)
     sampler = CandidateSampler(model, tokenizer, scorer, cfg.n_candidates, settings, batch_prompts)
     prompts = prompts[:n_prompts]
+    batch = tokenizer([p.text for p in prompts[:2]], return_tensors="pt", padding=True, add_special_tokens=False)
+    ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+    with torch.inference_mode():  # whether this model takes the batched path's shared prefill
+        shared_prefill = (shares_prefill(model, settings, cfg.n_candidates, ids.shape[1])
+                          and prefill_cache(model, ids, mask, cfg.n_candidates) is not None)
 
     def reference_pass():
         for prompt in prompts:
@@ -75,6 +80,7 @@ def run(cfg, prompts, n_prompts: int, batch_prompts: int, repeats: int = 1) -> d
     return {
         "prompts": len(prompts), "candidates": cfg.n_candidates,
         "max_new_tokens": cfg.generation.get("max_new_tokens"), "batch_prompts": batch_prompts,
+        "shared_prefill": shared_prefill,
         "reference_prompts_per_s": len(prompts) / reference_seconds,
         "batched_prompts_per_s": len(prompts) / batched_seconds,
         "ratio": reference_seconds / batched_seconds,

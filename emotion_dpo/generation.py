@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Sequence
 
 from .errors import PipelineError
@@ -17,18 +18,59 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
+def shares_prefill(model, generation_config, n_candidates: int, prompt_length: int) -> bool:
+    """Whether the prompts' prefill can run once and its KV cache be repeated for the N candidates: a model that
+    takes transformers' default dynamic cache, no other cache asked for, and something to share."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return (n_candidates > 1 and prompt_length > 1 and generation_config.cache_implementation is None
+            and causal_lm._supports_default_dynamic_cache()
+            and "position_ids" in inspect.signature(causal_lm.forward).parameters)
+
+
+def prefill_cache(model, input_ids, attention_mask, n_candidates: int):
+    """The KV cache of all prompt tokens but the last (which `generate` feeds itself), computed once per prompt
+    and repeated N times: `num_return_sequences` repeats each prompt N times *before* the prefill, so the prompt
+    would be run N times to sample N short replies. Positions are those `generate` gives (left padding).
+    None when the model did not hand back a full transformers cache (then the caller generates plainly)."""
+    from transformers import Cache, DynamicCache
+
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    keep = {"logits_to_keep": 1} if causal_lm._supports_logits_to_keep() else {}  # no logits over the whole prompt
+    output = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                   position_ids=positions[:, :-1], past_key_values=DynamicCache(config=causal_lm.config),
+                   use_cache=True, **keep)
+    cache = output.past_key_values  # the one returned: patched forwards (unsloth) may build their own
+    if not isinstance(cache, Cache) or cache.get_seq_length() != input_ids.shape[1] - 1:
+        return None
+    cache.batch_repeat_interleave(n_candidates)
+    return cache
+
+
 def generate_candidates(model, tokenizer, prompt_texts: Sequence[str], n_candidates: int, generation_config):
-    """n_candidates sampled replies for each prompt, from one left-padded `generate` call."""
+    """n_candidates sampled replies for each prompt, from one left-padded `generate` call.
+
+    The rows are laid out as `num_return_sequences` lays them out (each prompt N times in a row), so from the
+    same seed the shared prefill samples the same replies as the plain call."""
     import torch
 
     batch = tokenizer(list(prompt_texts), return_tensors="pt", padding=True, add_special_tokens=False)
     batch = batch.to(model.device)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     settings = copy.deepcopy(generation_config)
-    settings.update(num_return_sequences=n_candidates, pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id, use_cache=True)
+    settings.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True)
     with torch.inference_mode():
-        output = model.generate(**batch, generation_config=settings)
-    replies = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        cache = prefill_cache(model, ids, mask, n_candidates) if shares_prefill(
+            model, settings, n_candidates, ids.shape[1]) else None
+        if cache is not None:
+            settings.update(num_return_sequences=1)
+            output = model.generate(input_ids=ids.repeat_interleave(n_candidates, 0),
+                                    attention_mask=mask.repeat_interleave(n_candidates, 0),
+                                    past_key_values=cache, generation_config=settings)
+        else:
+            settings.update(num_return_sequences=n_candidates)
+            output = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
+    replies = tokenizer.batch_decode(output[:, ids.shape[1]:], skip_special_tokens=True)
     replies = [reply.strip() for reply in replies]
     return [replies[i:i + n_candidates] for i in range(0, len(replies), n_candidates)]
 

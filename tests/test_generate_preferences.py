@@ -267,3 +267,46 @@ def test_batched_classification_returns_what_the_pipeline_returns(demo_world):
         got = scorer.classify(classifier, texts)
         assert [g["label"] for g in got] == [e["label"] for e in expected]
         assert [g["score"] for g in got] == pytest.approx([e["score"] for e in expected], abs=1e-5)
+
+
+# ---------------------------------------------------------------- the shared prefill
+
+SAME_REPLIES_SCRIPT = """
+import json, sys
+import torch
+from transformers import GenerationConfig
+from emotion_dpo import generation
+from emotion_dpo.config import GenerateConfig, load_config
+from emotion_dpo.models import load_generator
+from emotion_dpo.prompts import load_prompts
+
+cfg = load_config(GenerateConfig, sys.argv[1], sys.argv[2:])
+model, tokenizer = load_generator(cfg)
+texts = [p.text for p in load_prompts(cfg)[1][:8]]
+settings = GenerationConfig(**cfg.generation)
+ids = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+shared = generation.prefill_cache(model, ids["input_ids"], ids["attention_mask"], 6) is not None
+torch.manual_seed(7)
+with_prefill = generation.generate_candidates(model, tokenizer, texts, 6, settings)
+generation.prefill_cache = lambda *args: None  # the plain call: num_return_sequences repeats each prompt
+torch.manual_seed(7)
+plain = generation.generate_candidates(model, tokenizer, texts, 6, settings)
+print(json.dumps({"shared": shared, "with_prefill": with_prefill, "plain": plain}))
+"""
+
+
+@pytest.mark.parametrize("loading", ["full precision", "bitsandbytes 4-bit", "unsloth 4-bit"])
+def test_the_shared_prefill_samples_the_replies_the_plain_generate_call_samples(demo_world, tmp_path, loading):
+    """Each prompt is prefilled once and its KV cache repeated for the N candidates; from the same seed the
+    replies are those `generate(num_return_sequences=N)` samples. Own process: importing unsloth patches."""
+    extra = {"full precision": [], "bitsandbytes 4-bit": ["load_in_4bit=true", "use_unsloth=false"],
+             "unsloth 4-bit": ["load_in_4bit=true", "use_unsloth=true"]}[loading]
+    result = subprocess.run([sys.executable, "-c", SAME_REPLIES_SCRIPT, str(DEMO_CONFIG),
+                             *demo_overrides(demo_world, tmp_path, extra=extra)],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert got["shared"], "the model should have handed back a full cache to share"
+    assert len(got["plain"]) == 8 and all(len(group) == 6 for group in got["plain"])
+    assert got["with_prefill"] == got["plain"]
+    assert len({reply for group in got["plain"] for reply in group}) > 8  # sampled, not one reply repeated

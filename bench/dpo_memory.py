@@ -78,6 +78,35 @@ def load(base: Path, adapter: Path, four_bit: bool, trainable: bool):
     return load_generator(source, trainable=trainable)
 
 
+def held_tensors(models, optimizer) -> dict:
+    """GiB held by the models' weights, their gradients and the optimizer state, by kind, each storage once
+    (exact, any device; activations and allocator slack are what the peak adds on top). Kinds: the 4-bit base
+    weights (packed bytes only), the base's embeddings and LM head, the rest of the base, the adapters' LoRA matrices and their embedding / LM-head
+    copies (PEFT modules_to_save), each split into trainable and frozen."""
+    seen, held = set(), {}
+
+    def add(kind, tensor):
+        key = (tensor.device, tensor.untyped_storage().data_ptr())
+        if key not in seen:
+            seen.add(key)
+            held[kind] = held.get(kind, 0) + tensor.untyped_storage().nbytes() / 2**30
+
+    for model in models:
+        for name, param in model.named_parameters(remove_duplicate=False):
+            part = ("modules_to_save copies" if "modules_to_save" in name else "LoRA" if "lora_" in name
+                    else "base, embeddings / LM head" if "original_module" in name or "embed" in name
+                    or "lm_head" in name
+                    else "base, 4-bit" if type(param).__name__ == "Params4bit" else "base, full precision")
+            add(f"weights: {part}, {'trainable' if param.requires_grad else 'frozen'}", param)
+            if param.grad is not None:
+                add(f"gradients: {part}", param.grad)
+    for state in optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value) and value.dim() > 0:
+                add("optimizer state", value)
+    return {kind: round(gib, 4) for kind, gib in sorted(held.items())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--design", choices=["adapter", "separate"], required=True)
@@ -126,6 +155,14 @@ def main() -> None:
                 step_times.append(time.perf_counter() - self.started)
 
         trainer.add_callback(Clock())
+        accounts = {}
+
+        class Accountant(TrainerCallback):
+            def on_pre_optimizer_step(self, *a, **k):  # gradients present, optimizer state from earlier steps
+                accounts.update(held_tensors([trainer.model] + ([ref_model] if ref_model is not None else []),
+                                             trainer.optimizer))
+
+        trainer.add_callback(Accountant())
         trainer.train()
     steady = step_times[1:] or step_times  # the first step pays for allocation and kernel selection
     print(json.dumps({
@@ -136,6 +173,7 @@ def main() -> None:
                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
         "memory_measure": "torch.cuda.max_memory_allocated" if cuda else "process max RSS",
         "mean_step_seconds": sum(steady) / len(steady),
+        "held_gib_before_last_optimizer_step": accounts, "held_gib_total": round(sum(accounts.values()), 4),
         "load_average_1m_after": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }))
 

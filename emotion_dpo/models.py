@@ -96,6 +96,7 @@ def load_base(source, tokenizer, unsloth: bool):
 
 def load_generator(source, trainable: bool = False):
     """(model, tokenizer): base + SFT adapter (as adapter "default"), ready to generate or to train."""
+    import torch
     from peft import PeftModel
 
     chat = load_chat_format(source.chat_template)
@@ -110,6 +111,9 @@ def load_generator(source, trainable: bool = False):
         model.eval()
         if unsloth:
             _import_unsloth().for_inference(model)
+    # unsloth's own CUDA decode path has not been checked with a prefilled cache yet (it has on the CPU, where
+    # unsloth runs transformers' code): generation there keeps to the plain num_return_sequences call.
+    model.unsloth_cuda_decode = unsloth and torch.cuda.is_available()
     return model, tokenizer
 
 

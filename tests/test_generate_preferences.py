@@ -310,3 +310,21 @@ def test_the_shared_prefill_samples_the_replies_the_plain_generate_call_samples(
     assert len(got["plain"]) == 8 and all(len(group) == 6 for group in got["plain"])
     assert got["with_prefill"] == got["plain"]
     assert len({reply for group in got["plain"] for reply in group}) > 8  # sampled, not one reply repeated
+
+
+def test_the_shared_prefill_is_skipped_where_it_would_not_pay_or_is_unchecked(demo_world, tmp_path):
+    from transformers import GenerationConfig
+
+    from emotion_dpo.generation import shares_prefill
+    from emotion_dpo.models import load_generator
+
+    cfg = load_config(GenerateConfig, DEMO_CONFIG, demo_overrides(demo_world, tmp_path))
+    model, _ = load_generator(cfg)
+    sampling = GenerationConfig(**cfg.generation)
+    assert shares_prefill(model, sampling, n_candidates=6, prompt_length=40)
+    assert not shares_prefill(model, sampling, n_candidates=1, prompt_length=40)  # nothing to share
+    assert not shares_prefill(model, sampling, n_candidates=6, prompt_length=1)  # no prompt token to prefill
+    static = GenerationConfig(**cfg.generation, cache_implementation="static")
+    assert not shares_prefill(model, static, n_candidates=6, prompt_length=40)  # the user asked for another cache
+    model.unsloth_cuda_decode = True  # unsloth's CUDA decode path: not checked with a prefilled cache yet
+    assert not shares_prefill(model, sampling, n_candidates=6, prompt_length=40)

@@ -4,6 +4,7 @@
     python bench/dpo_memory.py --design adapter  --world /tmp/dpo-cpu       # one design per process
     python bench/dpo_memory.py --design separate --world /tmp/dpo-cpu
     python bench/dpo_memory.py --design adapter  --world /tmp/synth-7b --max-length 512   # GPU, 7B 4-bit
+    python bench/dpo_memory.py --design adapter  --world /tmp/dpo-cpu --frozen-copies   # train_modules_to_save false
 
 "adapter": one base carrying the SFT adapter; TRL adds the frozen copy "ref" (what fine_tune_dpo.py does).
 "separate": the same policy, plus a second base with the SFT adapter as ref_model. Prints one JSON line with
@@ -92,14 +93,16 @@ def held_tensors(models, optimizer) -> dict:
             held[kind] = held.get(kind, 0) + tensor.untyped_storage().nbytes() / 2**30
 
     for model in models:
-        for name, param in model.named_parameters(remove_duplicate=False):
+        # buffers too: frozen modules_to_save copies are buffers (emotion_dpo.dpo.freeze_modules_to_save)
+        tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+        for name, tensor in tensors:
             part = ("modules_to_save copies" if "modules_to_save" in name else "LoRA" if "lora_" in name
                     else "base, embeddings / LM head" if "original_module" in name or "embed" in name
                     or "lm_head" in name
-                    else "base, 4-bit" if type(param).__name__ == "Params4bit" else "base, full precision")
-            add(f"weights: {part}, {'trainable' if param.requires_grad else 'frozen'}", param)
-            if param.grad is not None:
-                add(f"gradients: {part}", param.grad)
+                    else "base, 4-bit" if type(tensor).__name__ == "Params4bit" else "base, full precision")
+            add(f"weights: {part}, {'trainable' if tensor.requires_grad else 'frozen'}", tensor)
+            if tensor.grad is not None:
+                add(f"gradients: {part}", tensor.grad)
     for state in optimizer.state.values():
         for value in state.values():
             if torch.is_tensor(value) and value.dim() > 0:
@@ -113,6 +116,9 @@ def main() -> None:
     parser.add_argument("--world", required=True,
                         help="folder with base/ and adapter/ (bench/synthetic.py, or built here by --build-cpu-world)")
     parser.add_argument("--build-cpu-world", action="store_true", help="only build the CPU-sized world in --world")
+    parser.add_argument("--frozen-copies", action="store_true",
+                        help="train_modules_to_save false: the SFT adapter's embedding / LM-head copies frozen "
+                             "(in the adapter design shared with the reference)")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
@@ -120,7 +126,7 @@ def main() -> None:
 
     from trl import DPOConfig
 
-    from emotion_dpo.dpo import keep_trainable_in_fp32
+    from emotion_dpo.dpo import freeze_modules_to_save, keep_trainable_in_fp32
 
     if args.build_cpu_world:  # in its own process, so the build does not count in the measured peak
         cpu_world(Path(args.world))
@@ -138,6 +144,8 @@ def main() -> None:
 
         trainer = DPOTrainer(model=model, ref_model=ref_model, args=dpo_args, processing_class=tokenizer,
                              train_dataset=pairs(args.batch * args.steps, args.max_length // 2))
+        if args.frozen_copies:
+            freeze_modules_to_save(trainer.model)
         keep_trainable_in_fp32(trainer)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -166,7 +174,7 @@ def main() -> None:
         trainer.train()
     steady = step_times[1:] or step_times  # the first step pays for allocation and kernel selection
     print(json.dumps({
-        "design": args.design, "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "design": args.design, "train_modules_to_save": not args.frozen_copies, "device": torch.cuda.get_device_name() if cuda else "cpu",
         "adapters": list(model.peft_config), "separate_reference_model": ref_model is not None,
         "max_length": args.max_length, "batch": args.batch, "steps": args.steps,
         "peak_memory_gib": (torch.cuda.max_memory_allocated() if cuda

@@ -23,8 +23,12 @@ python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; f
 echo "world built in $(( $(date +%s) - start )) s" | tee -a "$OUT/machine.txt"
 python3 bench/generation_speed.py --synthetic "$SHAPE" --world "$WORLD" --prompts "$PROMPTS" --batch-prompts 64 \
   --config args/generate_preferences_arg.json 2>"$OUT/generation.err" | grep '^{"' | tee -a "$OUT/results.jsonl" || true
-for design in adapter separate; do
-  python3 bench/dpo_memory.py --design $design --world "$WORLD" --max-length "$LEN" --batch 2 --steps "$STEPS" \
-    2>"$OUT/dpo-$design.err" | grep '^{"' | tee -a "$OUT/results.jsonl" || echo "{\"design\": \"$design\", \"failed\": true}" | tee -a "$OUT/results.jsonl"
+for copies in trained frozen; do  # the SFT adapter's modules_to_save trained (the reference's way) or frozen
+  flag=$([ $copies = frozen ] && echo --frozen-copies || true)
+  for design in adapter separate; do
+    python3 bench/dpo_memory.py --design $design $flag --world "$WORLD" --max-length "$LEN" --batch 2 --steps "$STEPS" \
+      2>"$OUT/dpo-$design-$copies.err" | grep '^{"' | tee -a "$OUT/results.jsonl" \
+      || echo "{\"design\": \"$design\", \"copies\": \"$copies\", \"failed\": true}" | tee -a "$OUT/results.jsonl"
+  done
 done
 echo "total $(( $(date +%s) - start )) s" | tee -a "$OUT/machine.txt"

@@ -11,7 +11,9 @@ python bench/generation_speed.py --prompts 64 --batch-prompts 64 --repeats 3 2>/
 python bench/profile_generation.py 2>/dev/null
 world=$(mktemp -d)
 python bench/dpo_memory.py --build-cpu-world --world "$world" --design adapter 2>/dev/null
-for design in adapter separate; do
-  python bench/dpo_memory.py --design $design --world "$world" --max-length 256 --batch 2 --steps 6 2>/dev/null | grep '^{"'
+for flag in "" --frozen-copies; do  # the SFT adapter's modules_to_save trained, then frozen
+  for design in adapter separate; do
+    python bench/dpo_memory.py --design $design $flag --world "$world" --max-length 256 --batch 2 --steps 6 2>/dev/null | grep '^{"'
+  done
 done
 rm -rf "$world"

@@ -316,6 +316,10 @@ class TrainConfig(GeneratorSource):
     resume_from_checkpoint: bool | str | None = option(
         None, "true: the last checkpoint in output_dir; a path: that checkpoint"
     )
+    train_modules_to_save: bool = option(
+        True, "false: train the LoRA matrices only; the SFT adapter's modules_to_save (embedding and LM-head "
+              "copies) stay as SFT left them and the reference shares them (no gradient, optimizer state or copy)"
+    )
     dpo: dict = option(factory=lambda: dict(DPO_DEFAULTS), help="passed to trl.DPOConfig as it is")
 
     def check(self) -> list[str]:

@@ -97,6 +97,8 @@ def build_dpo_config(cfg, has_eval: bool = True):
         settings["eval_strategy"] = "no"
     settings["report_to"] = "none" if cfg.wandb.mode == "disabled" else "wandb"
     settings.setdefault("seed", cfg.seed)
+    if not cfg.train_modules_to_save:  # the frozen copies are buffers, identical on every GPU: no broadcast
+        settings.setdefault("ddp_broadcast_buffers", False)
     try:
         return DPOConfig(output_dir=cfg.output_dir, **settings)
     except (ValueError, TypeError) as e:
@@ -173,6 +175,33 @@ def keep_trainable_in_fp32(trainer) -> None:
             param.data = param.data.float()
 
 
+def freeze_modules_to_save(model) -> int:
+    """Keep the SFT adapter's modules_to_save (its embedding and LM-head copies) as SFT left them, the frozen
+    reference adapter (if any) using the very same tensors; returns how many tensors were frozen.
+
+    They become buffers: saved and loaded with the adapter as before, but no longer parameters, because PEFT's
+    set_adapter, which TRL calls around every reference pass, makes the active adapter's modules_to_save
+    trainable again. So: no gradient, no optimizer state, no second copy for the reference."""
+    from peft.utils import ModulesToSaveWrapper
+
+    frozen = 0
+    for wrapper in [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]:
+        copies = wrapper.modules_to_save
+        if "default" not in copies:
+            continue
+        # The reference's copy holds the SFT weights exactly; on a 4-bit base TRL rounded the trainable one to bf16.
+        source = copies[REFERENCE_ADAPTER] if REFERENCE_ADAPTER in copies else copies["default"]
+        for name, param in list(source.named_parameters()):
+            owner_name, _, leaf = name.rpartition(".")
+            tensor = param.detach()
+            for module in copies.values():
+                owner = module.get_submodule(owner_name)
+                delattr(owner, leaf)
+                owner.register_buffer(leaf, tensor)
+            frozen += 1
+    return frozen
+
+
 def make_trainer(cfg, model, tokenizer, dpo_args, train_set, eval_set):
     from trl import DPOTrainer
 
@@ -180,6 +209,8 @@ def make_trainer(cfg, model, tokenizer, dpo_args, train_set, eval_set):
                          eval_dataset=eval_set, processing_class=tokenizer, callbacks=[config_saver(cfg)])
     if REFERENCE_ADAPTER not in trainer.model.peft_config:
         raise PipelineError("TRL did not add the frozen reference adapter; this trl version is not supported")
+    if not cfg.train_modules_to_save:
+        freeze_modules_to_save(trainer.model)  # before train() builds the optimizer
     keep_trainable_in_fp32(trainer)
     return trainer
 
@@ -251,7 +282,8 @@ def train(cfg, resume: bool = False) -> dict:
     trainer = make_trainer(cfg, model, tokenizer, dpo_args, train_set, eval_set)
     if state.is_main_process:
         print(f"training {len(train_set)} pairs (held out: {len(eval_set) if eval_set is not None else 0}); "
-              f"one base model, adapters: {', '.join(trainer.model.peft_config)} (frozen: {REFERENCE_ADAPTER})")
+              f"one base model, adapters: {', '.join(trainer.model.peft_config)} (frozen: {REFERENCE_ADAPTER}"
+              + ("; modules_to_save frozen in both, one shared copy" if not cfg.train_modules_to_save else "") + ")")
     if checkpoint:
         restore_trained_adapter(trainer, checkpoint)
 

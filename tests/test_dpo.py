@@ -312,22 +312,102 @@ def test_g_on_the_demo_world_training_learns_the_held_out_preferences(demo_world
     assert json.loads((tmp_path / "dpo" / "metrics.json").read_text())["eval"] == metrics["eval"]
 
 
+# ---------------------------------------------------------------- train_modules_to_save: false
+
+def saved_tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "adapter_model.safetensors"))
+
+
+COPIES = ("base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight")  # as PEFT saves them
+
+
+@pytest.fixture(scope="module")
+def frozen_copies(demo_world, demo_preferences, tmp_path_factory):
+    """4 optimizer steps with the SFT adapter's embedding and LM-head copies frozen and shared with the reference."""
+    cfg, _ = config(demo_world, demo_preferences, tmp_path_factory.mktemp("frozen") / "dpo", "dpo.max_steps=4",
+                    "dpo.per_device_train_batch_size=4", "eval_fraction=0.0", "train_modules_to_save=false")
+    trainer = build_trainer(cfg)
+    lora_before = adapter_params(trainer.model, "default")
+    trainer.train()
+    return trainer, lora_before
+
+
+def test_frozen_copies_train_only_the_lora_matrices(frozen_copies):
+    trainer, lora_before = frozen_copies
+    trainable = {k: v for k, v in trainer.model.named_parameters() if v.requires_grad}
+    assert trainable and all(".lora_" in k and ".default." in k for k in trainable)
+    optimized = sum(p.numel() for group in trainer.optimizer.param_groups for p in group["params"])
+    assert optimized == sum(p.numel() for p in trainable.values())  # no optimizer state for the copies
+    assert all(not torch.equal(v, lora_before[k]) for k, v in trainable.items())  # every LoRA matrix moved
+
+
+def test_frozen_copies_stay_the_sft_weights_and_the_reference_shares_them(frozen_copies, demo_world):
+    trainer, _ = frozen_copies
+    sft = saved_tensors(demo_world / "sft_adapter")
+    embed, head = trainer.model.get_input_embeddings(), trainer.model.get_output_embeddings()
+    for wrapper, key in zip((embed, head), COPIES):
+        default, ref = wrapper.modules_to_save["default"].weight, wrapper.modules_to_save[REFERENCE_ADAPTER].weight
+        assert torch.equal(default, sft[key]), key
+        assert default.untyped_storage().data_ptr() == ref.untyped_storage().data_ptr(), key  # one tensor, not two
+        assert not isinstance(default, torch.nn.Parameter)  # PEFT's set_adapter cannot make it trainable again
+    trainer.model.set_adapter(REFERENCE_ADAPTER)  # what TRL does around every reference pass
+    trainer.model.set_adapter("default")
+    assert all(".lora_" in k for k, v in trainer.model.named_parameters() if v.requires_grad)
+
+
+def test_frozen_copies_are_saved_in_the_final_adapter_and_a_resumed_run_ends_where_one_run_does(
+        demo_world, demo_preferences, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sets = ["dpo.max_steps=4", "dpo.save_steps=2", "dpo.save_total_limit=null", "dpo.per_device_train_batch_size=4",
+            "eval_fraction=0.0", "dpo.eval_strategy=no", "train_modules_to_save=false"]
+    whole, _ = config(demo_world, demo_preferences, tmp_path / "whole", *sets)
+    train(whole)
+    final = saved_tensors(tmp_path / "whole" / FINAL_ADAPTER)
+    sft = saved_tensors(demo_world / "sft_adapter")
+    assert final.keys() == sft.keys()  # the SFT adapter's format: LoRA and both copies
+    for key in COPIES:
+        assert torch.equal(final[key], sft[key]), key
+    assert any(not torch.equal(final[k], sft[k]) for k in final if "lora_" in k)
+
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed, _ = config(demo_world, demo_preferences, tmp_path / "resumed", *sets)
+    train(resumed, resume=True)
+    again = saved_tensors(tmp_path / "resumed" / FINAL_ADAPTER)
+    for key in final:
+        torch.testing.assert_close(again[key], final[key], rtol=1e-5, atol=1e-6)
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "whole" / FINAL_ADAPTER)
+    base = AutoModelForCausalLM.from_pretrained(demo_world / "base")
+    base.resize_token_embeddings(len(tokenizer))
+    model = PeftModel.from_pretrained(base, tmp_path / "whole" / FINAL_ADAPTER)
+    assert torch.equal(model.get_input_embeddings().modules_to_save["default"].weight, sft[COPIES[0]])
+
+
 # ---------------------------------------------------------------- the 4-bit paths, each in its own process
 
-@pytest.mark.parametrize("use_unsloth", [False, True])
-def test_the_4bit_paths_train_and_keep_the_reference_frozen(demo_world, demo_preferences, tmp_path, use_unsloth):
+@pytest.mark.parametrize("use_unsloth,train_copies", [(False, True), (True, True), (False, False), (True, False)])
+def test_the_4bit_paths_train_and_keep_the_reference_frozen(demo_world, demo_preferences, tmp_path, use_unsloth,
+                                                            train_copies):
     """bitsandbytes NF4, and unsloth's FastLanguageModel (it runs on the CPU too; its own process, since importing
-    unsloth patches TRL's configs process-wide): a few DPO steps through the script, the final adapter saved."""
+    unsloth patches TRL's configs process-wide): a few DPO steps through the script, the final adapter saved;
+    with the SFT adapter's modules_to_save trained, and frozen (then they are saved exactly as SFT left them)."""
     _, sets = config(demo_world, demo_preferences, tmp_path / "dpo", "load_in_4bit=true",
                      f"use_unsloth={'true' if use_unsloth else 'false'}", "dpo.max_steps=3", "eval_fraction=0.0",
-                     "dpo.per_device_train_batch_size=4")
+                     "dpo.per_device_train_batch_size=4", f"train_modules_to_save={str(train_copies).lower()}")
     args = [sys.executable, str(ROOT / "fine_tune_dpo.py"), "--config", str(DEMO_CONFIG)]
     for s in sets:
         args += ["--set", s]
     result = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert ("Unsloth" in result.stdout + result.stderr) == use_unsloth
-    assert "adapters: default, ref (frozen: ref)" in result.stdout
+    assert "adapters: default, ref (frozen: ref" in result.stdout
     log = json.loads((tmp_path / "dpo" / "metrics.json").read_text())["train"]
     assert log[0]["loss"] == pytest.approx(LN2, abs=1e-3)
-    assert (tmp_path / "dpo" / FINAL_ADAPTER / "adapter_model.safetensors").exists()
+    final = saved_tensors(tmp_path / "dpo" / FINAL_ADAPTER)
+    sft = saved_tensors(demo_world / "sft_adapter")
+    assert all(torch.equal(final[k], sft[k]) for k in COPIES) == (not train_copies)

@@ -121,6 +121,7 @@ def resolve_resume(cfg, resume_flag: bool):
     if isinstance(wanted, str):
         if not Path(wanted).is_dir():
             raise PipelineError(f"{cfg.source}: key resume_from_checkpoint: {wanted} is not a checkpoint folder")
+        warn_on_config_changes(cfg, Path(wanted))
         return Path(wanted)
     if wanted:
         if checkpoint is None:
@@ -141,7 +142,15 @@ def warn_on_config_changes(cfg, checkpoint: Path) -> None:
     saved = checkpoint / CONFIG_NAME
     if not saved.exists():
         return
-    changed = [k for k in differing_keys(json.loads(saved.read_text()), to_dict(cfg))
+    saved_config = json.loads(saved.read_text())
+    trained_copies = saved_config.get("train_modules_to_save", True)  # checkpoints from before the key: trained
+    if trained_copies != cfg.train_modules_to_save:
+        # Frozen copies are one tensor shared with the reference: loading trained ones into it would move the reference.
+        raise PipelineError(
+            f"{checkpoint}: trained with train_modules_to_save {str(trained_copies).lower()}; "
+            f"resume it with the same setting (the config says {str(cfg.train_modules_to_save).lower()})"
+        )
+    changed = [k for k in differing_keys(saved_config, to_dict(cfg))
                if not any(k.startswith(f"{key}:") or k.startswith(f"{key}.") for key in RESUMABLE_CHANGES)]
     if changed:
         warnings.warn(f"{checkpoint}: resuming with a config that differs from the checkpoint's:\n  "

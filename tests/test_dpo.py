@@ -223,6 +223,20 @@ def test_e_resuming_with_a_changed_setting_warns(saved_run):
         assert resolve_resume(cfg, True).name == "checkpoint-6"
 
 
+def test_e_resuming_with_the_modules_to_save_frozen_instead_of_trained_is_refused(saved_run):
+    """The frozen copies are shared with the reference: loading the checkpoint's trained ones would move it."""
+    from emotion_dpo.dpo import resolve_resume
+
+    out, sets = saved_run
+    cfg = load_config(TrainConfig, DEMO_CONFIG, [*sets, "train_modules_to_save=false"])
+    with pytest.raises(PipelineError, match="trained with train_modules_to_save true; resume it with the same setting"):
+        resolve_resume(cfg, True)
+    cfg = load_config(TrainConfig, DEMO_CONFIG, [*sets, "train_modules_to_save=false",
+                                                  f"resume_from_checkpoint={out / 'checkpoint-4'}"])
+    with pytest.raises(PipelineError, match="checkpoint-4: trained with train_modules_to_save true"):
+        resolve_resume(cfg, False)
+
+
 def test_e_an_existing_run_is_not_overwritten_without_resume(saved_run):
     _, sets = saved_run
     with pytest.raises(PipelineError, match="already holds a run .*pass --resume"):

@@ -37,6 +37,25 @@ def synchronize():
         torch.cuda.synchronize()
 
 
+def check_shared_prefill(model, tokenizer, settings, n_candidates, prompts):
+    """Whether this model takes the batched path's shared prefill, and how far the next-token logits through the
+    prefilled cache are from those of one forward pass over the whole (left-padded) prompt."""
+    batch = tokenizer([p.text for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
+    ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    with torch.inference_mode():
+        if not shares_prefill(model, settings, n_candidates, ids.shape[1]):
+            return False, None
+        cache = prefill_cache(model, ids, mask, 1)
+        if cache is None:
+            return False, None
+        whole = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
+        cached = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=positions[:, -1:],
+                       past_key_values=cache).logits[:, -1].float()
+    return True, {"max_abs_diff_over_max_abs_logit": float((whole - cached).abs().max() / whole.abs().max()),
+                  "same_top_token": float((whole.argmax(-1) == cached.argmax(-1)).float().mean())}
+
+
 def run(cfg, prompts, n_prompts: int, batch_prompts: int, repeats: int = 1) -> dict:
     from transformers import GenerationConfig
 
@@ -45,11 +64,7 @@ def run(cfg, prompts, n_prompts: int, batch_prompts: int, repeats: int = 1) -> d
     settings = GenerationConfig(**cfg.generation)
     sampler = CandidateSampler(model, tokenizer, scorer, cfg.n_candidates, settings, batch_prompts)
     prompts = prompts[:n_prompts]
-    batch = tokenizer([p.text for p in prompts[:2]], return_tensors="pt", padding=True, add_special_tokens=False)
-    ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
-    with torch.inference_mode():  # whether this model takes the batched path's shared prefill
-        shared_prefill = (shares_prefill(model, settings, cfg.n_candidates, ids.shape[1])
-                          and prefill_cache(model, ids, mask, cfg.n_candidates) is not None)
+    shared_prefill, prefill_check = check_shared_prefill(model, tokenizer, settings, cfg.n_candidates, prompts[:8])
 
     def reference_pass():
         for prompt in prompts:
@@ -80,7 +95,7 @@ def run(cfg, prompts, n_prompts: int, batch_prompts: int, repeats: int = 1) -> d
     return {
         "prompts": len(prompts), "candidates": cfg.n_candidates,
         "max_new_tokens": cfg.generation.get("max_new_tokens"), "batch_prompts": batch_prompts,
-        "shared_prefill": shared_prefill,
+        "shared_prefill": shared_prefill, "shared_prefill_next_token_logits_vs_whole_prompt": prefill_check,
         "reference_prompts_per_s": len(prompts) / reference_seconds,
         "batched_prompts_per_s": len(prompts) / batched_seconds,
         "ratio": reference_seconds / batched_seconds,

@@ -22,7 +22,9 @@ def shares_prefill(model, generation_config, n_candidates: int, prompt_length: i
     """Whether the prompts' prefill can run once and its KV cache be repeated for the N candidates: a model that
     takes transformers' default dynamic cache, no other cache asked for, and something to share."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return (n_candidates > 1 and not getattr(model, "unsloth_cuda_decode", False) and prompt_length > 1 and generation_config.cache_implementation is None
+    return (n_candidates > 1 and not getattr(model, "unsloth_cuda_decode", False)
+            and prompt_length > 1 and generation_config.cache_implementation is None
+            and (generation_config.num_beams or 1) == 1  # beam search expands the inputs, not a given cache
             and causal_lm._supports_default_dynamic_cache()
             and "position_ids" in inspect.signature(causal_lm.forward).parameters)
 

@@ -326,5 +326,7 @@ def test_the_shared_prefill_is_skipped_where_it_would_not_pay_or_is_unchecked(de
     assert not shares_prefill(model, sampling, n_candidates=6, prompt_length=1)  # no prompt token to prefill
     static = GenerationConfig(**cfg.generation, cache_implementation="static")
     assert not shares_prefill(model, static, n_candidates=6, prompt_length=40)  # the user asked for another cache
+    beams = GenerationConfig(**{**cfg.generation, "do_sample": False}, num_beams=6)
+    assert not shares_prefill(model, beams, n_candidates=6, prompt_length=40)  # beam search expands the inputs
     model.unsloth_cuda_decode = True  # unsloth's CUDA decode path: not checked with a prefilled cache yet
     assert not shares_prefill(model, sampling, n_candidates=6, prompt_length=40)

@@ -38,22 +38,31 @@ def synchronize():
 
 
 def check_shared_prefill(model, tokenizer, settings, n_candidates, prompts):
-    """Whether this model takes the batched path's shared prefill, and how far the next-token logits through the
-    prefilled cache are from those of one forward pass over the whole (left-padded) prompt."""
+    """Whether this model takes the batched path's shared prefill, and, even where it does not (unsloth on CUDA
+    waits for this check), how the prefilled cache compares with the plain path: next-token logits against one
+    forward pass over the whole left-padded prompt, and greedy `generate` continuations with and without it."""
+    import copy
+
     batch = tokenizer([p.text for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
     ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    taken = shares_prefill(model, settings, n_candidates, ids.shape[1])
+    greedy = copy.deepcopy(settings)
+    greedy.update(do_sample=False, top_k=None, top_p=None, temperature=None, num_return_sequences=1,
+                  max_new_tokens=8, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     with torch.inference_mode():
-        if not shares_prefill(model, settings, n_candidates, ids.shape[1]):
-            return False, None
         cache = prefill_cache(model, ids, mask, 1)
         if cache is None:
-            return False, None
+            return taken, None
         whole = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
         cached = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=positions[:, -1:],
                        past_key_values=cache).logits[:, -1].float()
-    return True, {"max_abs_diff_over_max_abs_logit": float((whole - cached).abs().max() / whole.abs().max()),
-                  "same_top_token": float((whole.argmax(-1) == cached.argmax(-1)).float().mean())}
+        plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=greedy)
+        prefilled = model.generate(input_ids=ids, attention_mask=mask, generation_config=greedy,
+                                   past_key_values=prefill_cache(model, ids, mask, 1))
+    return taken, {"max_abs_diff_over_max_abs_logit": float((whole - cached).abs().max() / whole.abs().max()),
+                   "same_top_token": float((whole.argmax(-1) == cached.argmax(-1)).float().mean()),
+                   "same_greedy_continuation": float((plain == prefilled).all(-1).float().mean())}
 
 
 def run(cfg, prompts, n_prompts: int, batch_prompts: int, repeats: int = 1) -> dict:

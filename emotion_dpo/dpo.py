@@ -200,7 +200,7 @@ def freeze_modules_to_save(model) -> int:
             continue
         # The reference's copy holds the SFT weights exactly; on a 4-bit base TRL rounded the trainable one to bf16.
         source = copies[REFERENCE_ADAPTER] if REFERENCE_ADAPTER in copies else copies["default"]
-        for name, param in list(source.named_parameters()):
+        for name, param in list(source.named_parameters(remove_duplicate=False)):  # a tied second name too
             owner_name, _, leaf = name.rpartition(".")
             tensor = param.detach()
             for module in copies.values():
@@ -218,8 +218,9 @@ def make_trainer(cfg, model, tokenizer, dpo_args, train_set, eval_set):
                          eval_dataset=eval_set, processing_class=tokenizer, callbacks=[config_saver(cfg)])
     if REFERENCE_ADAPTER not in trainer.model.peft_config:
         raise PipelineError("TRL did not add the frozen reference adapter; this trl version is not supported")
-    if not cfg.train_modules_to_save:
-        freeze_modules_to_save(trainer.model)  # before train() builds the optimizer
+    if not cfg.train_modules_to_save and not freeze_modules_to_save(trainer.model):  # before the optimizer is built
+        warnings.warn(f"{cfg.adapter}: train_modules_to_save is false, but the adapter has no modules_to_save: "
+                      "nothing to freeze", stacklevel=2)
     keep_trainable_in_fp32(trainer)
     return trainer
 
@@ -230,11 +231,21 @@ def restore_trained_adapter(trainer, checkpoint: Path) -> None:
     transformers' Trainer, seeing the checkpoint's ref/ sub-folder, reloads only the sub-folder adapters and
     skips the trainable one at the top: a resumed run would silently restart from the SFT weights.
     """
+    import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     weights = load_file(str(checkpoint / "adapter_model.safetensors"))
+    # Frozen copies are one tensor shared with the reference: the checkpoint must hold exactly those values.
+    buffers = trainer.model.named_buffers
+    shared = {name: buffer.detach().cpu().clone() for name, buffer in buffers(remove_duplicate=False)
+              if f".modules_to_save.{REFERENCE_ADAPTER}." in name}
     result = set_peft_model_state_dict(trainer.model, weights, adapter_name="default")
+    moved = [name for name, buffer in buffers(remove_duplicate=False)
+             if name in shared and not torch.equal(buffer.detach().cpu(), shared[name])]
+    if moved:
+        raise PipelineError(f"{checkpoint}: its modules_to_save were trained, but train_modules_to_save is false "
+                            f"({moved[0]}); resume it with train_modules_to_save true")
     # PEFT's save_embedding_layers="auto" adds, from the second save on, copies of the wrapped embedding layers
     # ("X.original_module.weight", "X.modules_to_save.weight" next to the "X.weight" that loads): not a misfit.
     unexpected = [k for k in getattr(result, "unexpected_keys", None) or []

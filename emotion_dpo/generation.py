@@ -19,13 +19,20 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def shares_prefill(model, generation_config, n_candidates: int, prompt_length: int) -> bool:
-    """Whether the prompts' prefill can run once and its KV cache be repeated for the N candidates: a model that
-    takes transformers' default dynamic cache, no other cache asked for, and something to share."""
+    """Whether the prompts' prefill can run once and its KV cache be repeated for the N candidates: sampling
+    (greedy would give N copies of one reply), no beams (generate expands the inputs, not a given cache), no
+    other cache or chunked prefill asked for, a model that takes position ids, and something to share. Unset
+    settings are read from the model's own generation config, as `generate` does."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return (n_candidates > 1 and not getattr(model, "unsloth_cuda_decode", False)
-            and prompt_length > 1 and generation_config.cache_implementation is None
-            and (generation_config.num_beams or 1) == 1  # beam search expands the inputs, not a given cache
-            and causal_lm._supports_default_dynamic_cache()
+    defaults = getattr(causal_lm, "generation_config", None)
+
+    def setting(name):
+        value = getattr(generation_config, name, None)
+        return getattr(defaults, name, None) if value is None else value
+
+    return (n_candidates > 1 and prompt_length > 1 and not getattr(model, "unsloth_cuda_decode", False)
+            and setting("do_sample") is True and (setting("num_beams") or 1) == 1
+            and setting("cache_implementation") is None and setting("prefill_chunk_size") is None
             and "position_ids" in inspect.signature(causal_lm.forward).parameters)
 
 
@@ -33,15 +40,21 @@ def prefill_cache(model, input_ids, attention_mask, n_candidates: int):
     """The KV cache of all prompt tokens but the last (which `generate` feeds itself), computed once per prompt
     and repeated N times: `num_return_sequences` repeats each prompt N times *before* the prefill, so the prompt
     would be run N times to sample N short replies. Positions are those `generate` gives (left padding).
-    None when the model did not hand back a full transformers cache (then the caller generates plainly)."""
+    None when the model's cache is not plain keys and values (linear-attention and hybrid layers hold states
+    that repeating would not copy) or the model did not hand back a full cache: then the caller generates plainly."""
     from transformers import Cache, DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not causal_lm._supports_default_dynamic_cache():
+        return None
+    cache = DynamicCache(config=causal_lm.config)
+    if not all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in cache.layers):
+        return None
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     keep = {"logits_to_keep": 1} if causal_lm._supports_logits_to_keep() else {}  # no logits over the whole prompt
     output = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
-                   position_ids=positions[:, :-1], past_key_values=DynamicCache(config=causal_lm.config),
-                   use_cache=True, **keep)
+                   position_ids=positions[:, :-1], past_key_values=cache, use_cache=True, **keep)
     cache = output.past_key_values  # the one returned: patched forwards (unsloth) may build their own
     if not isinstance(cache, Cache) or cache.get_seq_length() != input_ids.shape[1] - 1:
         return None
@@ -52,8 +65,9 @@ def prefill_cache(model, input_ids, attention_mask, n_candidates: int):
 def generate_candidates(model, tokenizer, prompt_texts: Sequence[str], n_candidates: int, generation_config):
     """n_candidates sampled replies for each prompt, from one left-padded `generate` call.
 
-    The rows are laid out as `num_return_sequences` lays them out (each prompt N times in a row), so from the
-    same seed the shared prefill samples the same replies as the plain call."""
+    The rows are laid out as `num_return_sequences` lays them out (each prompt N times in a row), so the
+    shared prefill draws the same random numbers as the plain call; the logits agree to rounding (the prefill's
+    shapes differ), which on the CPU gave the very same replies from the same seed."""
     import torch
 
     batch = tokenizer(list(prompt_texts), return_tensors="pt", padding=True, add_special_tokens=False)
@@ -128,26 +142,25 @@ class CandidateSampler:
         """One scored round for each prompt (the caller passes at most `batch_prompts` of them)."""
         import torch
 
-        while True:
-            try:
-                replies = generate_candidates(
-                    self.model, self.tokenizer, [p.text for p in prompts], self.n_candidates,
-                    self.generation_config,
+        try:
+            replies = generate_candidates(
+                self.model, self.tokenizer, [p.text for p in prompts], self.n_candidates, self.generation_config,
+            )
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
+            if not is_out_of_memory(error):
+                raise
+            replies = None  # retried below, outside this block: the live exception would keep the cache alive
+        if replies is None:
+            if len(prompts) == 1:
+                raise PipelineError(
+                    f"out of GPU memory generating {self.n_candidates} replies for a single prompt; "
+                    "lower n_candidates or generation.max_new_tokens"
                 )
-                break
-            except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
-                if not is_out_of_memory(error):
-                    raise
-                if len(prompts) == 1:
-                    raise PipelineError(
-                        f"out of GPU memory generating {self.n_candidates} replies for a single prompt; "
-                        "lower n_candidates or generation.max_new_tokens"
-                    ) from None
-                torch.cuda.empty_cache()
-                self.batch_prompts = max(1, len(prompts) // 2)
-                print(f"out of memory: batch_prompts halved to {self.batch_prompts}")
-                # Sample the first half now; the caller's pool takes the rest next step.
-                return self.sample(prompts[: self.batch_prompts]) + self.sample(prompts[self.batch_prompts:])
+            torch.cuda.empty_cache()
+            half = max(1, len(prompts) // 2)  # a local: the first half's own retries may halve self.batch_prompts again
+            self.batch_prompts = min(self.batch_prompts, half)
+            print(f"out of memory: batch_prompts halved to {self.batch_prompts}")
+            return self.sample(prompts[:half]) + self.sample(prompts[half:])
         flat = [reply for group in replies for reply in group]
         targets = [p.target_emotion for p in prompts for _ in range(self.n_candidates)]
         scored = self.scorer.score(flat, targets)

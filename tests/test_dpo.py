@@ -237,6 +237,19 @@ def test_e_resuming_with_the_modules_to_save_frozen_instead_of_trained_is_refuse
         resolve_resume(cfg, False)
 
 
+def test_e_a_checkpoint_with_trained_copies_but_no_config_is_refused_when_they_should_be_frozen(
+        saved_run, demo_world, demo_preferences, tmp_path):
+    first, _ = saved_run
+    resumed = tmp_path / "dpo"
+    resumed.mkdir()
+    shutil.copytree(first / "checkpoint-4", resumed / "checkpoint-4")
+    (resumed / "checkpoint-4" / "training_config.json").unlink()  # e.g. a checkpoint from elsewhere
+    cfg, _ = config(demo_world, demo_preferences, resumed, "dpo.max_steps=6", "dpo.per_device_train_batch_size=4",
+                    "eval_fraction=0.0", "dpo.eval_strategy=no", "train_modules_to_save=false")
+    with pytest.raises(PipelineError, match="its modules_to_save were trained, but train_modules_to_save is false"):
+        train(cfg, resume=True)
+
+
 def test_e_an_existing_run_is_not_overwritten_without_resume(saved_run):
     _, sets = saved_run
     with pytest.raises(PipelineError, match="already holds a run .*pass --resume"):
@@ -420,6 +433,7 @@ def test_the_4bit_paths_train_and_keep_the_reference_frozen(demo_world, demo_pre
     assert result.returncode == 0, result.stderr[-3000:]
     assert ("Unsloth" in result.stdout + result.stderr) == use_unsloth
     assert "adapters: default, ref (frozen: ref" in result.stdout
+    assert ("modules_to_save frozen" in result.stdout) == (not train_copies)
     log = json.loads((tmp_path / "dpo" / "metrics.json").read_text())["train"]
     assert log[0]["loss"] == pytest.approx(LN2, abs=1e-3)
     final = saved_tensors(tmp_path / "dpo" / FINAL_ADAPTER)

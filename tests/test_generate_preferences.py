@@ -285,7 +285,8 @@ model, tokenizer = load_generator(cfg)
 texts = [p.text for p in load_prompts(cfg)[1][:8]]
 settings = GenerationConfig(**cfg.generation)
 ids = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-shared = generation.prefill_cache(model, ids["input_ids"], ids["attention_mask"], 6) is not None
+shared = (generation.shares_prefill(model, settings, 6, ids["input_ids"].shape[1])
+          and generation.prefill_cache(model, ids["input_ids"], ids["attention_mask"], 6) is not None)
 torch.manual_seed(7)
 with_prefill = generation.generate_candidates(model, tokenizer, texts, 6, settings)
 generation.prefill_cache = lambda *args: None  # the plain call: num_return_sequences repeats each prompt
@@ -328,5 +329,37 @@ def test_the_shared_prefill_is_skipped_where_it_would_not_pay_or_is_unchecked(de
     assert not shares_prefill(model, static, n_candidates=6, prompt_length=40)  # the user asked for another cache
     beams = GenerationConfig(**{**cfg.generation, "do_sample": False}, num_beams=6)
     assert not shares_prefill(model, beams, n_candidates=6, prompt_length=40)  # beam search expands the inputs
+    greedy = GenerationConfig(**{**cfg.generation, "do_sample": False})
+    assert not shares_prefill(model, greedy, n_candidates=6, prompt_length=40)  # would give 6 copies of one reply
+    chunked = GenerationConfig(**cfg.generation, prefill_chunk_size=16)
+    assert not shares_prefill(model, chunked, n_candidates=6, prompt_length=40)  # re-prefills from position 0
     model.unsloth_cuda_decode = True  # unsloth's CUDA decode path: not checked with a prefilled cache yet
     assert not shares_prefill(model, sampling, n_candidates=6, prompt_length=40)
+
+
+def test_out_of_memory_halves_the_batch_and_every_prompt_still_gets_its_replies(monkeypatch):
+    from emotion_dpo import generation
+
+    calls = []
+
+    def generate_or_run_out(model, tokenizer, texts, n, settings):
+        calls.append(len(texts))
+        if len(texts) > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [[f"{t} reply {i}" for i in range(n)] for t in texts]
+
+    class EchoScorer:
+        def score(self, replies, targets):
+            return list(zip(replies, targets))
+
+    monkeypatch.setattr(generation, "generate_candidates", generate_or_run_out)
+    prompts = [SimpleNamespace(text=f"p{i}", target_emotion="joy") for i in range(8)]
+    sampler = generation.CandidateSampler(None, None, EchoScorer(), 3, None, batch_prompts=8)
+    rounds = sampler.sample(prompts)
+    assert [group[0][0] for group in rounds] == [f"p{i} reply 0" for i in range(8)]  # all, in order
+    assert all(len(group) == 3 for group in rounds)
+    assert calls[:2] == [8, 4] and sampler.batch_prompts == 2
+    monkeypatch.setattr(generation, "generate_candidates",
+                        lambda *a: (_ for _ in ()).throw(RuntimeError("CUDA out of memory")))
+    with pytest.raises(PipelineError, match="out of GPU memory generating 3 replies for a single prompt"):
+        sampler.sample(prompts[:1])

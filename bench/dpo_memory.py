@@ -82,8 +82,8 @@ def load(base: Path, adapter: Path, four_bit: bool, trainable: bool):
 def held_tensors(models, optimizer) -> dict:
     """GiB held by the models' weights, their gradients and the optimizer state, by kind, each storage once
     (exact, any device; activations and allocator slack are what the peak adds on top). Kinds: the 4-bit base
-    weights (packed bytes only), the base's embeddings and LM head, the rest of the base, the adapters' LoRA matrices and their embedding / LM-head
-    copies (PEFT modules_to_save), each split into trainable and frozen."""
+    weights (packed bytes only), the base's embeddings and LM head, the rest of the base, the adapters' LoRA
+    matrices and their embedding / LM-head copies (PEFT modules_to_save), each split into trainable and frozen."""
     seen, held = set(), {}
 
     def add(kind, tensor):
@@ -174,7 +174,8 @@ def main() -> None:
         trainer.train()
     steady = step_times[1:] or step_times  # the first step pays for allocation and kernel selection
     print(json.dumps({
-        "design": args.design, "train_modules_to_save": not args.frozen_copies, "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "design": args.design, "train_modules_to_save": not args.frozen_copies,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
         "adapters": list(model.peft_config), "separate_reference_model": ref_model is not None,
         "max_length": args.max_length, "batch": args.batch, "steps": args.steps,
         "peak_memory_gib": (torch.cuda.max_memory_allocated() if cuda

@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from reference_loop import reference_round  # noqa: E402
 
 from emotion_dpo.config import GenerateConfig, load_config  # noqa: E402
-from emotion_dpo.generation import CandidateSampler, Scorer, prefill_cache, shares_prefill  # noqa: E402
+from emotion_dpo.generation import (CandidateSampler, Scorer, left_padded_positions,  # noqa: E402
+                                    prefill_cache, shares_prefill)
 from emotion_dpo.models import load_generator  # noqa: E402
 from emotion_dpo.prompts import load_prompts  # noqa: E402
 
@@ -45,7 +46,7 @@ def check_shared_prefill(model, tokenizer, settings, n_candidates, prompts):
 
     batch = tokenizer([p.text for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
     ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
-    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    positions = left_padded_positions(mask)
     taken = shares_prefill(model, settings, n_candidates, ids.shape[1])
     greedy = copy.deepcopy(settings)
     greedy.update(do_sample=False, top_k=None, top_p=None, temperature=None, num_return_sequences=1,
@@ -59,7 +60,7 @@ def check_shared_prefill(model, tokenizer, settings, n_candidates, prompts):
                        past_key_values=cache).logits[:, -1].float()
         plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=greedy)
         prefilled = model.generate(input_ids=ids, attention_mask=mask, generation_config=greedy,
-                                   past_key_values=prefill_cache(model, ids, mask, 1))
+                                   past_key_values=prefill_cache(model, ids, mask, 1))  # fresh: the first one grew
     return taken, {"max_abs_diff_over_max_abs_logit": float((whole - cached).abs().max() / whole.abs().max()),
                    "same_top_token": float((whole.argmax(-1) == cached.argmax(-1)).float().mean()),
                    "same_greedy_continuation": float((plain == prefilled).all(-1).float().mean())}

@@ -121,12 +121,12 @@ def resolve_resume(cfg, resume_flag: bool):
     if isinstance(wanted, str):
         if not Path(wanted).is_dir():
             raise PipelineError(f"{cfg.source}: key resume_from_checkpoint: {wanted} is not a checkpoint folder")
-        warn_on_config_changes(cfg, Path(wanted))
+        check_config_changes(cfg, Path(wanted))
         return Path(wanted)
     if wanted:
         if checkpoint is None:
             raise PipelineError(f"{folder}: --resume, but there is no checkpoint-* folder to resume from")
-        warn_on_config_changes(cfg, checkpoint)
+        check_config_changes(cfg, checkpoint)
         return checkpoint
     if folder.exists() and any(folder.iterdir()):
         raise PipelineError(
@@ -137,8 +137,9 @@ def resolve_resume(cfg, resume_flag: bool):
     return None
 
 
-def warn_on_config_changes(cfg, checkpoint: Path) -> None:
-    """Resuming with another seed, beta, dataset or schedule is allowed (to extend a run) but never silent."""
+def check_config_changes(cfg, checkpoint: Path) -> None:
+    """Resuming with another seed, beta, dataset or schedule is allowed (to extend a run) but never silent;
+    with train_modules_to_save changed it is refused."""
     saved = checkpoint / CONFIG_NAME
     if not saved.exists():
         return

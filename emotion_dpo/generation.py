@@ -18,12 +18,22 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
+def causal_lm_of(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def left_padded_positions(attention_mask):
+    """The position ids `generate` gives a left-padded batch (padding at 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+
+
 def shares_prefill(model, generation_config, n_candidates: int, prompt_length: int) -> bool:
     """Whether the prompts' prefill can run once and its KV cache be repeated for the N candidates: sampling
     (greedy would give N copies of one reply), no beams (generate expands the inputs, not a given cache), no
     other cache or chunked prefill asked for, a model that takes position ids, and something to share. Unset
     settings are read from the model's own generation config, as `generate` does."""
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = causal_lm_of(model)
     defaults = getattr(causal_lm, "generation_config", None)
 
     def setting(name):
@@ -45,13 +55,13 @@ def prefill_cache(model, input_ids, attention_mask, n_candidates: int):
     from transformers import Cache, DynamicCache
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = causal_lm_of(model)
     if not causal_lm._supports_default_dynamic_cache():
         return None
     cache = DynamicCache(config=causal_lm.config)
     if not all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in cache.layers):
         return None
-    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    positions = left_padded_positions(attention_mask)
     keep = {"logits_to_keep": 1} if causal_lm._supports_logits_to_keep() else {}  # no logits over the whole prompt
     output = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
                    position_ids=positions[:, :-1], past_key_values=cache, use_cache=True, **keep)

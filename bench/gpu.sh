@@ -23,7 +23,9 @@ python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; f
 echo "world built in $(( $(date +%s) - start )) s" | tee -a "$OUT/machine.txt"
 python3 bench/generation_speed.py --synthetic "$SHAPE" --world "$WORLD" --prompts "$PROMPTS" --batch-prompts 64 \
   --config args/generate_preferences_arg.json 2>"$OUT/generation.err" | grep '^{"' | tee -a "$OUT/results.jsonl" || true
-for copies in trained frozen; do  # the SFT adapter's modules_to_save trained (the reference's way) or frozen
+# the SFT adapter's modules_to_save frozen (train_modules_to_save: false) or trained (the reference's way);
+# frozen first: the trained rows were measured on earlier runs, so a run cut short loses the least
+for copies in frozen trained; do
   flag=$([ $copies = frozen ] && echo --frozen-copies || true)
   for design in adapter separate; do
     python3 bench/dpo_memory.py --design $design $flag --world "$WORLD" --max-length "$LEN" --batch 2 --steps "$STEPS" \

@@ -38,10 +38,19 @@ def synchronize():
         torch.cuda.synchronize()
 
 
+def logit_agreement(whole, cached) -> dict:
+    return {"max_abs_diff_over_max_abs_logit": float((whole - cached).abs().max() / whole.abs().max()),
+            "same_top_token": float((whole.argmax(-1) == cached.argmax(-1)).float().mean())}
+
+
 def check_shared_prefill(model, tokenizer, settings, n_candidates, prompts):
     """Whether this model takes the batched path's shared prefill, and, even where it does not (unsloth on CUDA
     waits for this check), how the prefilled cache compares with the plain path: next-token logits against one
-    forward pass over the whole left-padded prompt, and greedy `generate` continuations with and without it."""
+    forward pass over the whole left-padded prompt, and greedy `generate` continuations with and without it.
+
+    In bf16 any key/value cache changes the rounding, so the same two measures are taken for transformers' own
+    cached decoding as a control: its first decode step (cache of the whole prompt, one new token) against one
+    forward pass over prompt + token, and greedy `generate` with its cache against `use_cache=False`."""
     import copy
 
     batch = tokenizer([p.text for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
@@ -61,12 +70,23 @@ def check_shared_prefill(model, tokenizer, settings, n_candidates, prompts):
         plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=greedy)
         prefilled = model.generate(input_ids=ids, attention_mask=mask, generation_config=greedy,
                                    past_key_values=prefill_cache(model, ids, mask, 1))  # fresh: the first one grew
-    return taken, {"max_abs_diff_over_max_abs_logit": float((whole - cached).abs().max() / whole.abs().max()),
-                   "same_top_token": float((whole.argmax(-1) == cached.argmax(-1)).float().mean()),
-                   "same_greedy_continuation": float((plain == prefilled).all(-1).float().mean())}
+        # the control: transformers' own decode step and cache, no prefill of ours
+        full = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        token = full.logits[:, -1:].argmax(-1)
+        ids_1, mask_1 = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+        positions_1 = left_padded_positions(mask_1)
+        whole_1 = model(input_ids=ids_1, attention_mask=mask_1, position_ids=positions_1).logits[:, -1].float()
+        step_1 = model(input_ids=token, attention_mask=mask_1, position_ids=positions_1[:, -1:],
+                       past_key_values=full.past_key_values).logits[:, -1].float()
+        uncached = model.generate(input_ids=ids, attention_mask=mask, generation_config=greedy, use_cache=False)
+    check = {**logit_agreement(whole, cached),
+             "same_greedy_continuation": float((plain == prefilled).all(-1).float().mean())}
+    control = {**logit_agreement(whole_1, step_1),
+               "same_greedy_continuation": float((plain == uncached).all(-1).float().mean())}
+    return taken, {**check, "control_transformers_decode_step_vs_whole_forward": control}
 
 
-def run(cfg, prompts, n_prompts: int, batch_prompts: int, repeats: int = 1) -> dict:
+def run(cfg, prompts, n_prompts: int, batch_prompts: int, repeats: int = 1, check_only: bool = False) -> dict:
     from transformers import GenerationConfig
 
     model, tokenizer = load_generator(cfg)
@@ -75,6 +95,10 @@ def run(cfg, prompts, n_prompts: int, batch_prompts: int, repeats: int = 1) -> d
     sampler = CandidateSampler(model, tokenizer, scorer, cfg.n_candidates, settings, batch_prompts)
     prompts = prompts[:n_prompts]
     shared_prefill, prefill_check = check_shared_prefill(model, tokenizer, settings, cfg.n_candidates, prompts[:8])
+    if check_only:
+        return {"shared_prefill": shared_prefill, "shared_prefill_next_token_logits_vs_whole_prompt": prefill_check,
+                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
     def reference_pass():
         for prompt in prompts:
@@ -127,6 +151,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--repeats", type=int, default=1,
                         help="passes of each path, alternated; the fastest of each counts (for a shared machine)")
+    parser.add_argument("--check-only", action="store_true", help="only the shared prefill's check, no timing")
     args = parser.parse_args()
 
     overrides = ["wandb.mode=disabled", *args.set]
@@ -138,7 +163,7 @@ def main() -> None:
             overrides += [f"{k}={v}" for k, v in world.items()]
         cfg = load_config(GenerateConfig, args.config, overrides)
         _, prompts = load_prompts(cfg)
-        result = run(cfg, prompts, args.prompts, args.batch_prompts, args.repeats)
+        result = run(cfg, prompts, args.prompts, args.batch_prompts, args.repeats, args.check_only)
     print(json.dumps(result))
 
 

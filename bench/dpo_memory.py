@@ -69,13 +69,14 @@ def pairs(n: int, words: int):
          "chosen": f" {text(words // 2)} .", "rejected": f" {text(words // 2)} ."} for _ in range(n)])
 
 
-def load(base: Path, adapter: Path, four_bit: bool, trainable: bool):
+def load(base: Path, adapter: Path, four_bit: bool, trainable: bool, unsloth: bool = False):
     from types import SimpleNamespace
 
     from emotion_dpo.models import load_generator
 
-    source = SimpleNamespace(base_model=str(base), adapter=str(adapter), chat_template=str(ROOT / "args/chat_template.json"),
-                             load_in_4bit=four_bit, use_unsloth=False)
+    source = SimpleNamespace(base_model=str(base), adapter=str(adapter),
+                             chat_template=str(ROOT / "args/chat_template.json"),
+                             load_in_4bit=four_bit, use_unsloth=unsloth)
     return load_generator(source, trainable=trainable)
 
 
@@ -119,10 +120,13 @@ def main() -> None:
     parser.add_argument("--frozen-copies", action="store_true",
                         help="train_modules_to_save false: the SFT adapter's embedding / LM-head copies frozen "
                              "(in the adapter design shared with the reference)")
+    parser.add_argument("--unsloth", action="store_true", help="load the models through unsloth (use_unsloth: true)")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args()
+    if args.unsloth:
+        import unsloth  # noqa: F401  (before trl, which it patches)
 
     from trl import DPOConfig
 
@@ -134,8 +138,9 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:
         base, adapter = Path(args.world) / "base", Path(args.world) / "adapter"
-        model, tokenizer = load(base, adapter, four_bit=cuda, trainable=True)
-        ref_model = load(base, adapter, four_bit=cuda, trainable=False)[0] if args.design == "separate" else None
+        model, tokenizer = load(base, adapter, four_bit=cuda, trainable=True, unsloth=args.unsloth)
+        ref_model = (load(base, adapter, four_bit=cuda, trainable=False, unsloth=args.unsloth)[0]
+                     if args.design == "separate" else None)
         dpo_args = DPOConfig(
             output_dir=str(Path(tmp) / "out"), per_device_train_batch_size=args.batch, max_length=args.max_length,
             max_steps=args.steps, gradient_checkpointing=True, learning_rate=1e-5, logging_steps=1, save_strategy="no",
@@ -174,7 +179,7 @@ def main() -> None:
         trainer.train()
     steady = step_times[1:] or step_times  # the first step pays for allocation and kernel selection
     print(json.dumps({
-        "design": args.design, "train_modules_to_save": not args.frozen_copies,
+        "design": args.design, "unsloth": args.unsloth, "train_modules_to_save": not args.frozen_copies,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "adapters": list(model.peft_config), "separate_reference_model": ref_model is not None,
         "max_length": args.max_length, "batch": args.batch, "steps": args.steps,

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# unsloth on the GPU, offline, on the same Llama-2-7B-shaped world as gpu.sh: (a) the shared prefill's check
+# through unsloth's decode path (the models module holds the prefill back there until this passes), then the
+# batched pipeline timed without and with it; (b) DPO of the adapter design loaded through unsloth.
+# Needs .whl/ (as gpu.sh) and .whl-unsloth/unsloth-site.tar.gz (see bench/README.md).
+#   bash bench/gpu_unsloth.sh            # on the GPU machine (results under $OUT)
+#   SHAPE=small bash bench/gpu_unsloth.sh   # tiny shapes, to check it on a CPU
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHAPE=${SHAPE:-7b}
+OUT=${OUT:-/tmp/bench-out}
+mkdir -p "$OUT"
+if ! python3 -c "import trl, datasets, bitsandbytes, unsloth" 2>/dev/null; then  # the GPU image lacks them
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  tar -C /tmp/site -xzf .whl-unsloth/unsloth-site.tar.gz
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
+WORLD=/tmp/synth-$SHAPE
+if [ "$SHAPE" = 7b ]; then PROMPTS=64; LEN=512; STEPS=6; else PROMPTS=16; LEN=128; STEPS=3; fi
+start=$(date +%s)
+python3 -c "import unsloth, unsloth_zoo; print('unsloth', unsloth.__version__)" 2>"$OUT/unsloth-import.err" \
+  | tee -a "$OUT/machine.txt"
+[ -d "$WORLD" ] || python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from synthetic import build_world; build_world(Path('$WORLD'), '$SHAPE')"
+echo "world ready at $(( $(date +%s) - start )) s" | tee -a "$OUT/machine.txt"
+for force in "" --force-shared-prefill; do
+  python3 bench/generation_speed.py --synthetic "$SHAPE" --world "$WORLD" --prompts "$PROMPTS" --batch-prompts 64 \
+    --config args/generate_preferences_arg.json --set use_unsloth=true --skip-reference $force \
+    2>"$OUT/generation-unsloth${force}.err" | grep '^{"' | tee -a "$OUT/results.jsonl" || true
+  echo "at $(( $(date +%s) - start )) s" | tee -a "$OUT/machine.txt"
+done
+python3 bench/dpo_memory.py --design adapter --unsloth --world "$WORLD" --max-length "$LEN" --batch 2 --steps "$STEPS" \
+  2>"$OUT/dpo-adapter-unsloth.err" | grep '^{"' | tee -a "$OUT/results.jsonl" \
+  || echo '{"design": "adapter", "unsloth": true, "failed": true}' | tee -a "$OUT/results.jsonl"
+echo "total $(( $(date +%s) - start )) s" | tee -a "$OUT/machine.txt"

@@ -130,7 +130,7 @@ def main() -> None:
 
     from trl import DPOConfig
 
-    from emotion_dpo.dpo import freeze_modules_to_save, keep_trainable_in_fp32
+    from emotion_dpo.dpo import freeze_modules_to_save, keep_trainable_in_fp32, trl_defaults_for_unset
 
     if args.build_cpu_world:  # in its own process, so the build does not count in the measured peak
         cpu_world(Path(args.world))
@@ -141,10 +141,13 @@ def main() -> None:
         model, tokenizer = load(base, adapter, four_bit=cuda, trainable=True, unsloth=args.unsloth)
         ref_model = (load(base, adapter, four_bit=cuda, trainable=False, unsloth=args.unsloth)[0]
                      if args.design == "separate" else None)
-        dpo_args = DPOConfig(
-            output_dir=str(Path(tmp) / "out"), per_device_train_batch_size=args.batch, max_length=args.max_length,
+        settings = dict(
+            per_device_train_batch_size=args.batch, max_length=args.max_length,
             max_steps=args.steps, gradient_checkpointing=True, learning_rate=1e-5, logging_steps=1, save_strategy="no",
             report_to="none", bf16=cuda, fp16=False, eval_strategy="no", seed=0)
+        # unsloth's DPOConfig on CUDA changes defaults (gradient accumulation 2): the same training either way
+        dpo_args = DPOConfig(output_dir=str(Path(tmp) / "out"), **settings,
+                             **trl_defaults_for_unset(DPOConfig, settings))
         from trl import DPOTrainer
 
         trainer = DPOTrainer(model=model, ref_model=ref_model, args=dpo_args, processing_class=tokenizer,

@@ -8,6 +8,8 @@ given a PeftModel with a pretrained adapter and `ref_model=None`, DPOTrainer add
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import math
 import warnings
@@ -83,6 +85,29 @@ def load_preferences(cfg, template_markers=()):
 
 # ------------------------------------------------------------------ TRL's config
 
+def trl_defaults_for_unset(config_class, settings: dict) -> dict:
+    """TRL's own defaults for the keys `settings` leaves unset whose default `config_class` changes.
+
+    On a GPU, unsloth swaps in a DPOConfig whose defaults differ (seen on an H200: gradient_accumulation_steps 2;
+    in its source also weight_decay 0.001, padding_free auto, eval_accumulation_steps 2, ...), so the same JSON
+    would train differently depending on whether unsloth is installed. Passing TRL's values keeps it the same."""
+    trl_class = next((k for k in config_class.__mro__
+                      if dataclasses.is_dataclass(k) and k.__module__.startswith("trl.")), config_class)
+    if trl_class is config_class:
+        return {}
+    ours = inspect.signature(config_class.__init__).parameters
+    theirs = inspect.signature(trl_class.__init__).parameters
+    pinned = {}
+    for field in dataclasses.fields(trl_class):
+        name = field.name
+        if not field.init or name in settings or name == "output_dir" or name not in ours or name not in theirs:
+            continue
+        if ours[name].default != theirs[name].default:
+            has_default = field.default is not dataclasses.MISSING
+            pinned[name] = field.default if has_default else field.default_factory()
+    return pinned
+
+
 def build_dpo_config(cfg, has_eval: bool = True):
     """trl.DPOConfig from the config's `dpo` section, with the precision chosen by device unless set."""
     import torch
@@ -99,6 +124,7 @@ def build_dpo_config(cfg, has_eval: bool = True):
     settings.setdefault("seed", cfg.seed)
     if not cfg.train_modules_to_save:  # the frozen copies are buffers, identical on every GPU: no broadcast
         settings.setdefault("ddp_broadcast_buffers", False)
+    settings.update(trl_defaults_for_unset(DPOConfig, settings))
     try:
         return DPOConfig(output_dir=cfg.output_dir, **settings)
     except (ValueError, TypeError) as e:

@@ -1,6 +1,7 @@
 """fine_tune_dpo: one base model, the SFT adapter trainable, TRL's frozen copy of it as the reference —
 proven on the demo world, on the CPU."""
 
+import dataclasses
 import gc
 import json
 import math
@@ -12,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import trl
 
 from emotion_dpo.config import TrainConfig, load_config
 from emotion_dpo.dpo import (FINAL_ADAPTER, REFERENCE_ADAPTER, build_dpo_config, load_preferences, make_trainer,
-                             train)
+                             train, trl_defaults_for_unset)
 from emotion_dpo.errors import PipelineError
 from emotion_dpo.models import load_generator
 
@@ -316,6 +318,27 @@ def test_f_settings_owned_by_the_top_level_config_are_refused_in_the_dpo_section
     bad.write_text(json.dumps({"base_model": "b", "adapter": "a", "dataset": "d", "dpo": dpo}))
     with pytest.raises(PipelineError, match=re.escape(message)):
         load_config(TrainConfig, bad, [])
+
+
+@dataclasses.dataclass
+class UnslothStyleDPOConfig(trl.DPOConfig):
+    """What unsloth swaps in for DPOConfig on a GPU: TRL's config with some defaults changed."""
+    gradient_accumulation_steps: int = 2
+    weight_decay: float = 0.001
+
+
+def test_f_keys_the_config_leaves_unset_keep_trls_defaults_when_unsloth_changes_them(
+        demo_world, demo_preferences, tmp_path, monkeypatch):
+    assert trl_defaults_for_unset(trl.DPOConfig, {}) == {}
+    assert trl_defaults_for_unset(UnslothStyleDPOConfig, {"gradient_accumulation_steps": 8}) == {"weight_decay": 0.0}
+    monkeypatch.setattr(trl, "DPOConfig", UnslothStyleDPOConfig)
+    cfg, _ = config(demo_world, demo_preferences, tmp_path / "out", "dpo.gradient_accumulation_steps=3")
+    built = build_dpo_config(cfg)
+    assert type(built) is UnslothStyleDPOConfig
+    assert built.weight_decay == 0.0  # TRL's default, not the swapped-in 0.001
+    assert built.gradient_accumulation_steps == 3  # what the config says wins over both
+    cfg, _ = config(demo_world, demo_preferences, tmp_path / "out", "dpo.weight_decay=0.05")
+    assert build_dpo_config(cfg).weight_decay == 0.05
 
 
 def test_f_the_script_reports_a_bad_config_briefly(tmp_path):

@@ -31,8 +31,9 @@ def left_padded_positions(attention_mask):
 def shares_prefill(model, generation_config, n_candidates: int, prompt_length: int) -> bool:
     """Whether the prompts' prefill can run once and its KV cache be repeated for the N candidates: sampling
     (greedy would give N copies of one reply), no beams (generate expands the inputs, not a given cache), no
-    other cache or chunked prefill asked for, a model that takes position ids, and something to share. Unset
-    settings are read from the model's own generation config, as `generate` does."""
+    other cache or chunked prefill asked for, a model that takes position ids and is not unsloth's on CUDA (its
+    forward hands back no plain cache), and something to share. Unset settings are read from the model's own
+    generation config, as `generate` does."""
     causal_lm = causal_lm_of(model)
     defaults = getattr(causal_lm, "generation_config", None)
 

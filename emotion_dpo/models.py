@@ -111,8 +111,9 @@ def load_generator(source, trainable: bool = False):
         model.eval()
         if unsloth:
             _import_unsloth().for_inference(model)
-    # unsloth's own CUDA decode path has not been checked with a prefilled cache yet (it has on the CPU, where
-    # unsloth runs transformers' code): generation there keeps to the plain num_return_sequences call.
+    # unsloth's CUDA forward hands back no plain transformers cache to share (bench/gpu_unsloth.sh on an H200:
+    # prefill_cache declined it), so generation there goes straight to the plain num_return_sequences call
+    # instead of paying for a prefill it cannot use. On the CPU unsloth runs transformers' code and shares it.
     model.unsloth_cuda_decode = unsloth and torch.cuda.is_available()
     return model, tokenizer
 

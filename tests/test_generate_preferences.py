@@ -333,7 +333,7 @@ def test_the_shared_prefill_is_skipped_where_it_would_not_pay_or_is_unchecked(de
     assert not shares_prefill(model, greedy, n_candidates=6, prompt_length=40)  # would give 6 copies of one reply
     chunked = GenerationConfig(**cfg.generation, prefill_chunk_size=16)
     assert not shares_prefill(model, chunked, n_candidates=6, prompt_length=40)  # re-prefills from position 0
-    model.unsloth_cuda_decode = True  # unsloth's CUDA decode path: not checked with a prefilled cache yet
+    model.unsloth_cuda_decode = True  # unsloth on CUDA hands back no cache to share (bench/gpu_unsloth.sh)
     assert not shares_prefill(model, sampling, n_candidates=6, prompt_length=40)
 
 

@@ -4,23 +4,7 @@
 # adapter reference vs separate reference model. Needs the wheels in .whl/ (see bench/README.md).
 #   bash bench/gpu.sh            # on the GPU machine (results under $OUT)
 #   SHAPE=small bash bench/gpu.sh   # the same script with tiny shapes, to check it on a CPU
-set -euo pipefail
-cd "$(dirname "$0")/.."
-SHAPE=${SHAPE:-7b}
-OUT=${OUT:-/tmp/bench-out}
-mkdir -p "$OUT"
-if ! python3 -c "import trl, datasets, bitsandbytes" 2>/dev/null; then  # the GPU image lacks them
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-WORLD=/tmp/synth-$SHAPE
-if [ "$SHAPE" = 7b ]; then PROMPTS=64; LEN=512; STEPS=6; else PROMPTS=16; LEN=128; STEPS=3; fi
-(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || echo "no GPU") | tee "$OUT/machine.txt"
-python3 -c "import torch, transformers, trl, peft, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__)" | tee -a "$OUT/machine.txt"
-start=$(date +%s)
-python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from synthetic import build_world; build_world(Path('$WORLD'), '$SHAPE')"
-echo "world built in $(( $(date +%s) - start )) s" | tee -a "$OUT/machine.txt"
+source "$(dirname "$0")/gpu_setup.sh"
 python3 bench/generation_speed.py --synthetic "$SHAPE" --world "$WORLD" --prompts "$PROMPTS" --batch-prompts 64 \
   --config args/generate_preferences_arg.json 2>"$OUT/generation.err" | grep '^{"' | tee -a "$OUT/results.jsonl" || true
 # the SFT adapter's modules_to_save frozen (train_modules_to_save: false) or trained (the reference's way);

@@ -6,25 +6,11 @@
 # Needs .whl/ (as gpu.sh) and .whl-unsloth/unsloth-site.tar.gz (see bench/README.md).
 #   bash bench/gpu_unsloth.sh            # on the GPU machine (results under $OUT)
 #   SHAPE=small bash bench/gpu_unsloth.sh   # tiny shapes, to check it on a CPU
-set -euo pipefail
-cd "$(dirname "$0")/.."
-SHAPE=${SHAPE:-7b}
-OUT=${OUT:-/tmp/bench-out}
-mkdir -p "$OUT"
-if ! python3 -c "import trl, datasets, bitsandbytes, unsloth" 2>/dev/null; then  # the GPU image lacks them
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  tar -C /tmp/site -xzf .whl-unsloth/unsloth-site.tar.gz
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+WITH_UNSLOTH=1
+source "$(dirname "$0")/gpu_setup.sh"
 export HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
-WORLD=/tmp/synth-$SHAPE
-if [ "$SHAPE" = 7b ]; then PROMPTS=64; LEN=512; STEPS=6; else PROMPTS=16; LEN=128; STEPS=3; fi
-start=$(date +%s)
 python3 -c "import unsloth, unsloth_zoo; print('unsloth', unsloth.__version__)" 2>"$OUT/unsloth-import.err" \
   | tee -a "$OUT/machine.txt"
-[ -d "$WORLD" ] || python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from synthetic import build_world; build_world(Path('$WORLD'), '$SHAPE')"
-echo "world ready at $(( $(date +%s) - start )) s" | tee -a "$OUT/machine.txt"
 # DPO first (both designs): its figures are the ones still owed; generation was measured on 2026-11-26
 for design in adapter separate; do
   python3 bench/dpo_memory.py --design $design --unsloth --world "$WORLD" --max-length "$LEN" --batch 2 \

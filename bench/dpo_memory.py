@@ -136,6 +136,11 @@ def main() -> None:
         cpu_world(Path(args.world))
         return
     cuda = torch.cuda.is_available()
+
+    def peak_gib() -> float:
+        return (torch.cuda.max_memory_allocated() if cuda
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+
     with tempfile.TemporaryDirectory() as tmp:
         base, adapter = Path(args.world) / "base", Path(args.world) / "adapter"
         model, tokenizer = load(base, adapter, four_bit=cuda, trainable=True, unsloth=args.unsloth)
@@ -169,6 +174,9 @@ def main() -> None:
                 if cuda:
                     torch.cuda.synchronize()
                 step_times.append(time.perf_counter() - self.started)
+                # to stderr as each step ends, so a run cut off by a time limit still leaves its figures so far
+                print(f"\nstep {len(step_times)}: {step_times[-1]:.3f} s, peak so far {peak_gib():.3f} GiB",
+                      file=sys.stderr, flush=True)
 
         trainer.add_callback(Clock())
         accounts = {}
@@ -186,8 +194,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "adapters": list(model.peft_config), "separate_reference_model": ref_model is not None,
         "max_length": args.max_length, "batch": args.batch, "steps": args.steps,
-        "peak_memory_gib": (torch.cuda.max_memory_allocated() if cuda
-                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
+        "peak_memory_gib": peak_gib(),
         "memory_measure": "torch.cuda.max_memory_allocated" if cuda else "process max RSS",
         "mean_step_seconds": sum(steady) / len(steady),
         "held_gib_before_last_optimizer_step": accounts, "held_gib_total": round(sum(accounts.values()), 4),

@@ -11,10 +11,12 @@ source "$(dirname "$0")/gpu_setup.sh"
 export HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
 python3 -c "import unsloth, unsloth_zoo; print('unsloth', unsloth.__version__)" 2>"$OUT/unsloth-import.err" \
   | tee -a "$OUT/machine.txt"
-# DPO first (both designs): its figures are the ones still owed; generation was measured on 2026-11-26
+# DPO first (both designs): its figures are the ones still owed; generation was measured on 2026-11-26.
+# Each design gets at most DPO_LIMIT seconds, so one that hangs leaves time for the next; its stderr file keeps
+# each finished step's time and the peak so far.
 for design in adapter separate; do
-  python3 bench/dpo_memory.py --design $design --unsloth --world "$WORLD" --max-length "$LEN" --batch 2 \
-    --steps "$STEPS" 2>"$OUT/dpo-$design-unsloth.err" | grep '^{"' | tee -a "$OUT/results.jsonl" \
+  timeout "${DPO_LIMIT:-200}" python3 bench/dpo_memory.py --design $design --unsloth --world "$WORLD" \
+    --max-length "$LEN" --batch 2 --steps "$STEPS" 2>"$OUT/dpo-$design-unsloth.err" | grep '^{"' | tee -a "$OUT/results.jsonl" \
     || echo "{\"design\": \"$design\", \"unsloth\": true, \"failed\": true}" | tee -a "$OUT/results.jsonl"
   echo "at $(( $(date +%s) - start )) s" | tee -a "$OUT/machine.txt"
 done

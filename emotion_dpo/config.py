@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import json
 import types
 import typing
@@ -48,9 +49,11 @@ def _type_name(tp) -> str:
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+        return " or ".join(dict.fromkeys(_type_name(a) for a in typing.get_args(tp)))
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):  # transformers' OptimizerNames etc. are named by strings
+        return "a string"
     if origin is dict:
         return "an object"
     if tp is type(None):
@@ -208,6 +211,23 @@ def check_section_keys(section: dict, valid: typing.Iterable[str], where: str) -
     return [f"{where}.{k}: unknown key{closest(k, valid)}" for k in section if k not in valid]
 
 
+def check_section_types(section: dict, config_class, where: str) -> list[str]:
+    """Values of a section against the type hints of the dataclass that will receive it: TRL takes
+    `learning_rate: "fast"` without a word and fails steps later, deep in the optimizer."""
+    hints = typing.get_type_hints(config_class)
+    problems = []
+    for key, value in section.items():
+        tp = hints.get(key)
+        if tp is None:
+            continue  # unknown keys are check_section_keys' report
+        ok = _check_type(value, tp)
+        if not ok and typing.get_origin(tp) is list:  # HF configs take one item for a list ("loss_type": "ipo")
+            ok = _check_type(value, typing.get_args(tp)[0])
+        if not ok:
+            problems.append(f"{where}.{key}: expected {_type_name(tp)}, got {json.dumps(value)}")
+    return problems
+
+
 # ---------------------------------------------------------------- the scripts' configs
 
 UseUnsloth = Literal["auto", True, False]
@@ -306,6 +326,12 @@ DPO_DEFAULTS = {
 }
 
 
+# (key, bound, strictly above): values of the dpo section that TRL accepts but that cannot train as meant
+DPO_RANGES = [("beta", 0, True), ("learning_rate", 0, False), ("per_device_train_batch_size", 1, False),
+              ("per_device_eval_batch_size", 1, False), ("gradient_accumulation_steps", 1, False),
+              ("max_length", 1, False)]
+
+
 @dataclasses.dataclass(kw_only=True)
 class TrainConfig(GeneratorSource):
     dataset: str = option(help="preference data: Hub id, local save_to_disk folder, or JSONL "
@@ -326,7 +352,12 @@ class TrainConfig(GeneratorSource):
         import trl
 
         valid = {f.name for f in dataclasses.fields(trl.DPOConfig) if f.init}
-        problems = check_section_keys(self.dpo, valid, "dpo")
+        problems = check_section_keys(self.dpo, valid, "dpo") + check_section_types(self.dpo, trl.DPOConfig, "dpo")
+        for key, low, strict in DPO_RANGES:  # TRL checks none of these; a negative beta trains towards `rejected`
+            value = self.dpo.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                    value <= low if strict else value < low):
+                problems.append(f"dpo.{key}: expected a value {'>' if strict else '>='} {low}, got {value}")
         if "output_dir" in self.dpo:
             problems.append("dpo.output_dir: set the top-level output_dir instead")
         if "report_to" in self.dpo:  # one switch for wandb: the wandb section

@@ -90,6 +90,40 @@ def test_dpo_section_keys_are_trl_dpoconfig_fields(tmp_path):
         load_config(TrainConfig, path)
 
 
+@pytest.mark.parametrize("override, message", [
+    # TRL takes these without a word: the first fails steps later inside the optimizer, the second trains
+    # towards the rejected replies
+    ("dpo.learning_rate=fast", 'key dpo.learning_rate: expected a number, got "fast"'),
+    ("dpo.beta=-0.1", "key dpo.beta: expected a value > 0, got -0.1"),
+    ("dpo.beta=0", "key dpo.beta: expected a value > 0, got 0"),
+    ("dpo.per_device_train_batch_size=2.5", "key dpo.per_device_train_batch_size: expected an integer, got 2.5"),
+    ("dpo.gradient_accumulation_steps=0", "key dpo.gradient_accumulation_steps: expected a value >= 1, got 0"),
+    ("dpo.gradient_checkpointing=1", "key dpo.gradient_checkpointing: expected true or false, got 1"),
+    ("dpo.optim=5", "key dpo.optim: expected a string, got 5"),
+])
+def test_dpo_section_values_are_checked_against_trl_dpoconfig_types_and_ranges(tmp_path, override, message):
+    path = write(tmp_path, {"base_model": "b", "adapter": "a", "dataset": "d"})
+    with pytest.raises(PipelineError) as caught:
+        load_config(TrainConfig, path, [override])
+    assert str(caught.value) == f"{path}: {message}"
+
+
+def test_dpo_section_takes_every_value_trl_takes(tmp_path):
+    import dataclasses
+
+    import trl
+
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(trl.DPOConfig)
+                if f.init and f.name not in ("output_dir", "report_to")
+                and (f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)}
+    defaults = {k: v for k, v in defaults.items() if json.loads(json.dumps(v, default=str)) == v}  # JSON-able ones
+    assert {"beta", "learning_rate", "loss_type", "max_length"} <= set(defaults)
+    path = write(tmp_path, {"base_model": "b", "adapter": "a", "dataset": "d",
+                            "dpo": {**defaults, "loss_type": "ipo", "max_length": None, "num_train_epochs": 1}})
+    load_config(TrainConfig, path)
+
+
 @pytest.mark.parametrize("path, cls", [
     ("args/generate_preferences_arg.json", GenerateConfig), ("args/demo/generate_preferences_arg.json", GenerateConfig),
     ("args/dpo_arg.json", TrainConfig), ("args/demo/dpo_arg.json", TrainConfig),

@@ -21,6 +21,8 @@ from .errors import PipelineError
 REQUIRED = ("prompt", "chosen", "rejected")
 REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy
 FINAL_ADAPTER = "final_adapter"
+METRICS_NAME = "metrics.json"
+STARTED_ONLY = {"config.json", "wandb"}  # what train() writes before training starts
 CONFIG_NAME = "training_config.json"  # the resolved config, in every checkpoint and in the final adapter
 # Keys that may change when a run is resumed without a warning: they do not change what is trained.
 RESUMABLE_CHANGES = {"resume_from_checkpoint", "output_dir", "wandb", "dpo.logging_steps", "dpo.save_steps", "dpo.save_total_limit",
@@ -155,11 +157,14 @@ def resolve_resume(cfg, resume_flag: bool):
         check_config_changes(cfg, checkpoint)
         return checkpoint
     if folder.exists() and any(folder.iterdir()):
-        raise PipelineError(
-            f"{folder}: output_dir already holds a run"
-            + (f" (last checkpoint {checkpoint.name}); pass --resume to continue it" if checkpoint else "")
-            + ", or choose another output_dir"
-        )
+        if {entry.name for entry in folder.iterdir()} - STARTED_ONLY:
+            raise PipelineError(
+                f"{folder}: output_dir already holds a run"
+                + (f" (last checkpoint {checkpoint.name}); pass --resume to continue it" if checkpoint else "")
+                + ", or choose another output_dir"
+            )
+        # only what a start writes before training: it stopped before its first checkpoint, nothing to lose
+        print(f"{folder}: the run there stopped before its first checkpoint; starting it again")
     return None
 
 
@@ -306,11 +311,12 @@ def train(cfg, resume: bool = False) -> dict:
     from accelerate import PartialState
 
     from .chat import load_chat_format
-    from .models import load_generator
+    from .models import check_adapter_path, load_generator
     from .tracking import start_wandb
 
     # ---- inputs, checked before any model loads
     state = PartialState()
+    check_adapter_path(cfg.adapter, "adapter", cfg.source)
     chat = load_chat_format(cfg.chat_template)
     checkpoint = resolve_resume(cfg, resume)
     with state.main_process_first():  # one process writes the datasets cache, the others read it
@@ -346,7 +352,7 @@ def train(cfg, resume: bool = False) -> dict:
     state.wait_for_everyone()
     if state.is_main_process:
         final = save_final_adapter(trainer, tokenizer, cfg)
-        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (folder / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n")
         if eval_set is not None:
             e = metrics["eval"]
             plain_dpo = cfg.dpo.get("loss_type", ["sigmoid"]) in ("sigmoid", ["sigmoid"])  # else ln 2 means nothing

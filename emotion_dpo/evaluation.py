@@ -4,7 +4,6 @@ base), scored with generate_preferences' classifiers and rewards, compared side 
 from __future__ import annotations
 
 import json
-import re
 import statistics
 import time
 from pathlib import Path
@@ -15,7 +14,6 @@ from .errors import PipelineError
 from .prompts import load_prompts
 
 RESULT_FILES = ("results.json", "results.md", "replies.jsonl", "results.png")
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 METRIC_ROWS = [
     ("emotion_accuracy", "emotion accuracy"), ("emotion_macro_f1", "emotion macro-F1"), ("clean_rate", "clean rate"),
@@ -74,21 +72,6 @@ def win_rate(a_totals, b_totals, samples: int = 2000, seed: int = 0) -> dict:
 
 # ------------------------------------------------------------------ checks before any model loads
 
-def check_adapter_path(value: str, key: str, source: str) -> None:
-    """A local adapter folder must exist and hold adapter_config.json; only a plausible Hub id (`owner/name`
-    whose `owner` is no local folder) is left for the Hub to answer."""
-    path = Path(value).expanduser()
-    if path.exists():
-        if not (path / "adapter_config.json").is_file():
-            raise PipelineError(f"{source}: key {key}: {value} has no adapter_config.json (not a PEFT adapter folder)")
-        return
-    if HUB_ID.fullmatch(value) and not Path(value.split("/")[0]).is_dir():
-        return
-    hint = " (fine_tune_dpo.py writes it: run that first, or point dpo_adapter at its final_adapter)" \
-        if key == "dpo_adapter" else ""
-    raise PipelineError(f"{source}: key {key}: adapter folder {value} does not exist{hint}")
-
-
 def is_evaluation_folder(folder: Path) -> bool:
     """Holds the config.json that evaluate.py saves (other stages' folders hold theirs, with other keys)."""
     import dataclasses
@@ -144,7 +127,7 @@ def evaluate(cfg, fresh: bool = False) -> dict:
     from transformers import GenerationConfig
 
     from .generation import Scorer
-    from .models import load_generator
+    from .models import check_adapter_path, load_generator
     from .tracking import start_wandb
 
     # ---- everything checked before any model weights load

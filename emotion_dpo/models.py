@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+from pathlib import Path
 
 from .chat import ChatFormat, install_chat_format, load_chat_format
 from .errors import PipelineError
@@ -126,6 +128,24 @@ def classifier_labels(path: str) -> list[str]:
     except (OSError, ValueError) as e:
         raise PipelineError(f"{path}: cannot read the classifier's config ({e})") from None
     return [str(label) for label in config.id2label.values()]
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def check_adapter_path(value: str, key: str, source: str) -> None:
+    """A local adapter folder must exist and hold adapter_config.json; only a plausible Hub id (`owner/name`
+    whose `owner` is no local folder) is left for the Hub to answer."""
+    path = Path(value).expanduser()
+    if path.exists():
+        if not (path / "adapter_config.json").is_file():
+            raise PipelineError(f"{source}: key {key}: {value} has no adapter_config.json (not a PEFT adapter folder)")
+        return
+    if HUB_ID.fullmatch(value) and not Path(value.split("/")[0]).is_dir():
+        return
+    hint = " (fine_tune_dpo.py writes it: run that first, or point dpo_adapter at its final_adapter)" \
+        if key == "dpo_adapter" else ""
+    raise PipelineError(f"{source}: key {key}: adapter folder {value} does not exist{hint}")
 
 
 def check_classifiers(emotion_classifier: str, gibberish_detector: str, emotions) -> None:

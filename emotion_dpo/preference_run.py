@@ -33,7 +33,10 @@ def prepare_output_dir(cfg, fresh: bool) -> Path:
             )
         old, new = json.loads(saved.read_text()), to_dict(cfg)
         changed = [k for k in differing_keys(old, new) if k.split(".")[0].split(":")[0] not in RESUMABLE_CHANGES]
-        if changed and not fresh:
+        if changed and not fresh and not merge_journals(journal_files(folder)):
+            # the earlier start stopped before its first prompt settled (a bad input, a failed load): nothing to lose
+            print(f"{folder}: the run there settled no prompt; starting it again with this config")
+        elif changed and not fresh:
             raise PipelineError(
                 f"{folder}: holds a run with another config; these keys differ:\n  " + "\n  ".join(changed)
                 + "\nUse the same config to resume, another output_dir, --reselect to re-score the stored "
@@ -105,20 +108,22 @@ def generate(cfg, fresh: bool = False) -> None:
     from transformers import GenerationConfig, set_seed
 
     from .generation import CandidateSampler, Scorer
-    from .models import load_generator
+    from .models import check_adapter_path, load_generator
     from .tracking import MetricsLog, start_wandb
 
+    # ---- every input checked before output_dir is written and before any model weights load
     state = PartialState()
     try:
         generation_config = GenerationConfig(**cfg.generation)
         generation_config.validate(strict=True)
     except (ValueError, TypeError) as e:
         raise PipelineError(f"{cfg.source}: key generation: {e}") from None
+    check_adapter_path(cfg.adapter, "adapter", cfg.source)
+    tokenizer, prompts = load_prompts(cfg)  # dataset, columns, emotions, the classifiers' labels
     if state.is_main_process:
         prepare_output_dir(cfg, fresh)
     state.wait_for_everyone()
     folder = Path(cfg.output_dir)
-    tokenizer, prompts = load_prompts(cfg)
     settled = settled_records(folder, prompts)
     mine = shard(prompts, state.process_index, state.num_processes)
     todo = [p for p in mine if p.index not in settled]

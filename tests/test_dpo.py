@@ -258,7 +258,28 @@ def test_e_an_existing_run_is_not_overwritten_without_resume(saved_run):
         train(load_config(TrainConfig, DEMO_CONFIG, sets))
 
 
+def test_e_a_start_that_stopped_before_its_first_checkpoint_does_not_block_the_next(demo_world, tmp_path):
+    from emotion_dpo.dpo import resolve_resume
+
+    out = tmp_path / "dpo"
+    (out / "wandb").mkdir(parents=True)
+    (out / "config.json").write_text("{}")  # what train() writes before the model loads (and fails to)
+    cfg, _ = config(demo_world, "d.jsonl", out)
+    assert resolve_resume(cfg, False) is None
+    (out / "notes.txt").write_text("anything else: a run, or not ours")
+    with pytest.raises(PipelineError, match="already holds a run"):
+        resolve_resume(cfg, False)
+
+
 # ---------------------------------------------------------------- (f) bad input, before any model loads
+
+def test_f_an_adapter_folder_that_does_not_exist_is_refused_before_anything_is_written(
+        demo_world, demo_preferences, tmp_path, no_model_loading):
+    cfg, _ = config(demo_world, demo_preferences, tmp_path / "out", f"adapter={tmp_path / 'sft'}")
+    with pytest.raises(PipelineError, match="key adapter: adapter folder .* does not exist"):
+        train(cfg)
+    assert not (tmp_path / "out").exists()
+
 
 @pytest.fixture
 def no_model_loading(monkeypatch):

@@ -8,7 +8,8 @@ import pytest
 
 from emotion_dpo.config import EvaluateConfig, load_config
 from emotion_dpo.errors import PipelineError
-from emotion_dpo.evaluation import check_adapter_path, evaluate, model_metrics, prepare_output_dir, win_rate
+from emotion_dpo.evaluation import evaluate, model_metrics, prepare_output_dir, win_rate
+from emotion_dpo.models import check_adapter_path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "args/demo/evaluate_arg.json"

@@ -202,6 +202,28 @@ def test_a_foreign_non_empty_output_folder_is_refused(demo_world, tmp_path):
     assert (tmp_path / "out" / "thesis.tex").read_text() == "precious"
 
 
+def test_a_refused_start_leaves_no_folder_that_blocks_the_corrected_run(demo_world, tmp_path):
+    # the dataset path mistyped: refused before output_dir is written
+    check_refused(demo_world, tmp_path / "out", [f"dataset={tmp_path / 'nope.jsonl'}"], "not found")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_start_that_settled_no_prompt_does_not_block_another_config(demo_world, tmp_path):
+    from emotion_dpo.preference_run import prepare_output_dir
+
+    out = tmp_path / "out"
+    failed_start = load_config(GenerateConfig, DEMO_CONFIG, demo_overrides(demo_world, out, extra=["n_candidates=3"]))
+    prepare_output_dir(failed_start, fresh=False)  # what a start writes before its models load (and fail to)
+    corrected = load_config(GenerateConfig, DEMO_CONFIG, demo_overrides(demo_world, out))
+    prepare_output_dir(corrected, fresh=False)
+    assert json.loads((out / "config.json").read_text())["n_candidates"] == corrected.n_candidates
+
+
+def test_an_adapter_folder_that_does_not_exist_is_refused_before_anything_is_written(demo_world, tmp_path):
+    check_refused(demo_world, tmp_path / "out", [f"adapter={tmp_path / 'sft'}"], "key adapter: adapter folder")
+    assert not (tmp_path / "out").exists()
+
+
 # CI runs as root, who can write into any folder; a path under a plain file is unwritable for root too.
 def test_an_output_path_under_a_file_is_refused(demo_world, tmp_path):
     (tmp_path / "file").write_text("")

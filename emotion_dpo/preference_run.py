@@ -159,6 +159,12 @@ def finalize(cfg, folder: Path, total_prompts: int | None = None, records: list[
         if not files:
             raise PipelineError(f"{folder}: no journal to finalize (run generate_preferences.py first)")
         records = merge_journals(files)
+    limit = total_prompts if total_prompts is not None else cfg.num_prompts
+    if limit is not None and (beyond := sum(r["index"] >= limit for r in records)):
+        # num_prompts lowered since those settled: the journal keeps them, the dataset holds the first num_prompts
+        print(f"{beyond} settled prompts lie beyond the first {limit} (num_prompts): kept in the journal, "
+              "left out of the dataset")
+        records = [r for r in records if r["index"] < limit]
     counts = write_dataset(records, folder)
     summary = write_report(records, folder, total_prompts)
     print(format_summary(summary))

@@ -106,6 +106,22 @@ def test_statistics_are_reported(finished_run):
     assert (finished_run.out / "config.json").exists()
 
 
+def test_num_prompts_lowered_after_a_run_gives_a_dataset_of_the_first_num_prompts(finished_run, demo_world, tmp_path):
+    import shutil
+
+    from emotion_dpo.preference_run import finalize
+
+    copy = tmp_path / "run"
+    shutil.copytree(finished_run.out, copy)
+    cfg = load_config(GenerateConfig, DEMO_CONFIG, demo_overrides(demo_world, copy, num_prompts=8))
+    summary = finalize(cfg, copy)
+    rows = [json.loads(line) for line in (copy / "preferences.jsonl").read_text().splitlines()]
+    first_8 = [r for r in merge_journals(journal_files(copy)) if r["index"] < 8]
+    assert [r["index"] for r in rows] == [r["index"] for r in first_8 if r["status"] == "accepted"]
+    assert summary["prompts_settled"] == len(first_8) == 8
+    assert len(merge_journals(journal_files(copy))) == 16  # the journal keeps what settled
+
+
 def test_reselect_with_the_original_settings_reproduces_the_dataset(finished_run, demo_world, tmp_path):
     out = tmp_path / "same"
     result = subprocess.run(run_script(demo_world, finished_run.out, flags=["--reselect", str(out)]),

@@ -368,6 +368,8 @@ class TrainConfig(GeneratorSource):
 @dataclasses.dataclass(kw_only=True)
 class EvaluateConfig(GeneratorSource, PromptSource, RewardConfig):
     dpo_adapter: str = option(help="the DPO-trained adapter (fine_tune_dpo.py's output_dir/final_adapter)")
+    # held-out prompts: generate_preferences' default (train+validation) would score the models on what DPO saw
+    dataset_split: str = option("test", "split of held-out dialogues, never seen in SFT or DPO")
     include_base: bool = option(False, "also evaluate the base model with adapters disabled")
     output_dir: str = option("outputs/evaluation", "results.md, results.json, replies.jsonl, chart")
     batch_prompts: int = option(32, "prompts per generate call", low=1)

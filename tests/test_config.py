@@ -124,6 +124,12 @@ def test_dpo_section_takes_every_value_trl_takes(tmp_path):
     load_config(TrainConfig, path)
 
 
+def test_evaluate_uses_the_held_out_test_split_unless_told_otherwise(tmp_path):
+    path = write(tmp_path, {**MINIMAL, "dpo_adapter": "outputs/dpo/final_adapter"})
+    assert load_config(EvaluateConfig, path).dataset_split == "test"
+    assert load_config(GenerateConfig, write(tmp_path, MINIMAL, "g.json")).dataset_split == "train+validation"
+
+
 @pytest.mark.parametrize("path, cls", [
     ("args/generate_preferences_arg.json", GenerateConfig), ("args/demo/generate_preferences_arg.json", GenerateConfig),
     ("args/dpo_arg.json", TrainConfig), ("args/demo/dpo_arg.json", TrainConfig),

@@ -67,8 +67,8 @@ def _check_type(value, tp) -> bool:
     origin = typing.get_origin(tp)
     if tp is Any:
         return True
-    if origin is Literal:
-        return value in typing.get_args(tp)
+    if origin is Literal:  # by type too: 1 == True, but `"use_unsloth": 1` is no choice the key offers
+        return any(value == a and type(value) is type(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
         return any(_check_type(value, a) for a in typing.get_args(tp))
     if origin is list:

@@ -124,6 +124,13 @@ def test_dpo_section_takes_every_value_trl_takes(tmp_path):
     load_config(TrainConfig, path)
 
 
+@pytest.mark.parametrize("value", [1, 0, "true"])
+def test_a_choice_key_takes_only_its_choices_by_type_too(tmp_path, value):
+    path = write(tmp_path, {**MINIMAL, "use_unsloth": value})
+    assert error_of(path) == (f"{path}: key use_unsloth: expected one of 'auto', True, False, "
+                              f"got {json.dumps(value)}")
+
+
 def test_evaluate_uses_the_held_out_test_split_unless_told_otherwise(tmp_path):
     path = write(tmp_path, {**MINIMAL, "dpo_adapter": "outputs/dpo/final_adapter"})
     assert load_config(EvaluateConfig, path).dataset_split == "test"

@@ -124,20 +124,14 @@ def sample_replies(model, tokenizer, prompts, generation_config, batch_prompts: 
 
 
 def evaluate(cfg, fresh: bool = False) -> dict:
-    from transformers import GenerationConfig
-
-    from .generation import Scorer
+    from .generation import Scorer, checked_generation_config
     from .models import check_adapter_path, load_generator
     from .tracking import start_wandb
 
     # ---- everything checked before any model weights load
     check_adapter_path(cfg.adapter, "adapter", cfg.source)
     check_adapter_path(cfg.dpo_adapter, "dpo_adapter", cfg.source)
-    try:
-        generation_config = GenerationConfig(**cfg.generation)
-        generation_config.validate(strict=True)
-    except (ValueError, TypeError) as e:
-        raise PipelineError(f"{cfg.source}: key generation: {e}") from None
+    generation_config = checked_generation_config(cfg.generation, cfg.source)
     tokenizer, prompts = load_prompts(cfg)
     folder = prepare_output_dir(cfg, fresh)
     print(f"{len(prompts)} prompts from {cfg.dataset} split {cfg.dataset_split!r}")

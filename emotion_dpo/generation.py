@@ -12,6 +12,48 @@ from .rewards import reply_length
 from .selection import ScoredReply, score_reply
 
 
+def checked_generation_config(settings: dict, source: str):
+    """transformers.GenerationConfig from a config's `generation` section, checked before any model loads.
+
+    `validate()` leaves temperature, top_k, top_p, repetition_penalty, min_p and typical_p to the logits
+    processors that `generate` builds, after the models have loaded (a negative temperature passed it); they are
+    built here under generate's own conditions, so a bad value fails now, named."""
+    from transformers import GenerationConfig
+    from transformers.generation import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                         TopKLogitsWarper, TopPLogitsWarper, TypicalLogitsWarper)
+
+    numbers = {"temperature": float, "top_p": float, "repetition_penalty": float, "min_p": float, "typical_p": float,
+               "top_k": int}
+    settings = dict(settings)
+    for key, kind in numbers.items():
+        value = settings.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and isinstance(value, float)):
+            raise PipelineError(f"{source}: key generation.{key}: expected {'an integer' if kind is int else 'a number'}, "
+                                f"got {value!r}")
+        settings[key] = kind(value)  # "temperature": 2 in JSON is 2.0; generate's warpers take floats only
+    try:
+        config = GenerationConfig(**settings)
+        config.validate(strict=True)
+        if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
+            RepetitionPenaltyLogitsProcessor(config.repetition_penalty)
+        if config.do_sample:
+            if config.temperature is not None and config.temperature != 1.0:
+                TemperatureLogitsWarper(config.temperature)
+            if config.top_k is not None and config.top_k != 0:
+                TopKLogitsWarper(config.top_k)
+            if config.top_p is not None and config.top_p < 1.0:
+                TopPLogitsWarper(config.top_p)
+            if config.min_p is not None:
+                MinPLogitsWarper(config.min_p)
+            if config.typical_p is not None and config.typical_p < 1.0:
+                TypicalLogitsWarper(config.typical_p)
+    except (ValueError, TypeError) as e:
+        raise PipelineError(f"{source}: key generation: {e}") from None
+    return config
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     import torch
 

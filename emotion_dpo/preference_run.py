@@ -105,19 +105,15 @@ def sample_pool(cfg, prompts, sampler, journal: Journal, metrics, progress) -> N
 def generate(cfg, fresh: bool = False) -> None:
     from accelerate import PartialState
     from tqdm.auto import tqdm
-    from transformers import GenerationConfig, set_seed
+    from transformers import set_seed
 
-    from .generation import CandidateSampler, Scorer
+    from .generation import CandidateSampler, Scorer, checked_generation_config
     from .models import check_adapter_path, load_generator
     from .tracking import MetricsLog, start_wandb
 
     # ---- every input checked before output_dir is written and before any model weights load
     state = PartialState()
-    try:
-        generation_config = GenerationConfig(**cfg.generation)
-        generation_config.validate(strict=True)
-    except (ValueError, TypeError) as e:
-        raise PipelineError(f"{cfg.source}: key generation: {e}") from None
+    generation_config = checked_generation_config(cfg.generation, cfg.source)
     check_adapter_path(cfg.adapter, "adapter", cfg.source)
     tokenizer, prompts = load_prompts(cfg)  # dataset, columns, emotions, the classifiers' labels
     if state.is_main_process:

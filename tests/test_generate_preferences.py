@@ -211,6 +211,25 @@ def test_a_classifier_without_the_expected_labels_is_refused(demo_world, tmp_pat
                   "emotion classifier has no label for")
 
 
+@pytest.mark.parametrize("override, message", [
+    # GenerationConfig.validate() passes these; generate's logits processors refuse them after the models load
+    ("generation.temperature=-1.0", r"key generation: `temperature` \(=-1.0\) has to be a strictly positive float"),
+    ("generation.repetition_penalty=0", "key generation: `penalty` has to be a strictly positive float"),
+    ('generation.top_k="five"', "key generation.top_k: expected an integer, got 'five'"),
+    ('generation.top_p="x"', "key generation.top_p: expected a number, got 'x'"),
+])
+def test_a_bad_sampling_value_is_refused_before_any_model_loads(demo_world, tmp_path, override, message):
+    check_refused(demo_world, tmp_path / "out", [override], message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_whole_numbers_for_float_sampling_settings_are_taken_as_floats():
+    from emotion_dpo.generation import checked_generation_config
+
+    config = checked_generation_config({"do_sample": True, "temperature": 2, "top_p": 1, "max_new_tokens": 4}, "x")
+    assert (config.temperature, config.top_p) == (2.0, 1.0)  # generate's TemperatureLogitsWarper refuses int 2
+
+
 def test_a_foreign_non_empty_output_folder_is_refused(demo_world, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "thesis.tex").write_text("precious")

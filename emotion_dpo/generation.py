@@ -150,6 +150,7 @@ class Scorer:
     def __init__(self, rewards, tokenizer):
         self.rewards = rewards
         self.tokenizer = tokenizer
+        self.batch_size = rewards.classifier_batch_size  # halved on out-of-memory
         self.emotion = load_classifier(rewards.emotion_classifier, rewards.classifier_batch_size)
         self.gibberish = load_classifier(rewards.gibberish_detector, rewards.classifier_batch_size)
 
@@ -158,18 +159,36 @@ class Scorer:
 
     def classify(self, classifier, texts: list[str]) -> list[dict]:
         """What the text-classification pipeline returns ({label, score} per text), from one tokenizer call and
-        one softmax per batch: the pipeline tokenizes and post-processes text by text, a quarter of a CPU round."""
+        one softmax per batch: the pipeline tokenizes and post-processes text by text, a quarter of a CPU round.
+        Out of memory on a batch halves the batch size and goes on."""
         import torch
 
-        model, tokenizer, results = classifier.model, classifier.tokenizer, []
-        with torch.inference_mode():
-            for start in range(0, len(texts), self.rewards.classifier_batch_size):
-                batch = tokenizer(texts[start:start + self.rewards.classifier_batch_size], padding=True,
-                                  truncation=True, return_tensors="pt").to(model.device)
-                scores, labels = model(**batch).logits.float().softmax(-1).max(-1)
-                results += [{"label": model.config.id2label[i], "score": score}
-                            for i, score in zip(labels.tolist(), scores.tolist())]
+        results, start = [], 0
+        while start < len(texts):
+            batch = texts[start:start + self.batch_size]
+            try:
+                results += self.classify_batch(classifier, batch)
+                start += len(batch)
+                continue
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
+                if not is_out_of_memory(error):
+                    raise
+            # outside the except block: the live exception would keep the failed batch's tensors alive
+            if self.batch_size == 1:
+                raise PipelineError("out of GPU memory classifying a single reply; lower generation.max_new_tokens")
+            torch.cuda.empty_cache()
+            self.batch_size = max(1, self.batch_size // 2)
+            print(f"out of memory: classifier_batch_size halved to {self.batch_size}")
         return results
+
+    def classify_batch(self, classifier, texts: list[str]) -> list[dict]:
+        import torch
+
+        model, tokenizer = classifier.model, classifier.tokenizer
+        with torch.inference_mode():
+            batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(model.device)
+            scores, labels = model(**batch).logits.float().softmax(-1).max(-1)
+        return [{"label": model.config.id2label[i], "score": score} for i, score in zip(labels.tolist(), scores.tolist())]
 
     def score(self, replies: Sequence[str], targets: Sequence[str]) -> list[ScoredReply]:
         replies = list(replies)
@@ -183,7 +202,8 @@ class Scorer:
 
 
 class CandidateSampler:
-    """generate + score for a batch of prompts; halves the batch on out-of-memory instead of dying."""
+    """generate + score for a batch of prompts; halves the batch on out-of-memory instead of dying (the scorer
+    halves its own)."""
 
     def __init__(self, model, tokenizer, scorer: Scorer, n_candidates: int, generation_config, batch_prompts: int):
         self.model, self.tokenizer, self.scorer = model, tokenizer, scorer

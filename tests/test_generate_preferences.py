@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import datasets
 import pytest
+import torch
 
 from emotion_dpo.config import GenerateConfig, load_config
 from emotion_dpo.errors import PipelineError
@@ -420,3 +421,27 @@ def test_out_of_memory_halves_the_batch_and_every_prompt_still_gets_its_replies(
                         lambda *a: (_ for _ in ()).throw(RuntimeError("CUDA out of memory")))
     with pytest.raises(PipelineError, match="out of GPU memory generating 3 replies for a single prompt"):
         sampler.sample(prompts[:1])
+
+
+def test_out_of_memory_while_classifying_halves_the_classifier_batch_and_every_reply_is_scored(monkeypatch):
+    from emotion_dpo import generation
+
+    calls = []
+
+    def classify_or_run_out(self, classifier, texts):
+        calls.append(len(texts))
+        if len(texts) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return [{"label": classifier, "score": float(t)} for t in texts]
+
+    monkeypatch.setattr(generation.Scorer, "classify_batch", classify_or_run_out)
+    scorer = object.__new__(generation.Scorer)  # no classifiers loaded: classify_batch stands in for them
+    scorer.batch_size = 8
+    texts = [str(i) for i in range(7)]
+    assert scorer.classify("emotion", texts) == [{"label": "emotion", "score": float(i)} for i in range(7)]
+    assert calls[:3] == [7, 4, 2] and scorer.batch_size == 2
+    scorer.batch_size = 1
+    monkeypatch.setattr(generation.Scorer, "classify_batch",
+                        lambda *a: (_ for _ in ()).throw(RuntimeError("CUDA out of memory")))
+    with pytest.raises(PipelineError, match="out of GPU memory classifying a single reply"):
+        scorer.classify("emotion", texts)

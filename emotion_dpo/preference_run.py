@@ -16,6 +16,9 @@ from .stats import format_summary, write_report
 
 # Keys that may change between a run and its resumption: they do not change what a settled prompt is.
 RESUMABLE_CHANGES = {"output_dir", "batch_prompts", "classifier_batch_size", "wandb", "num_prompts", "push_to_hub"}
+# Keys --reselect applies to the stored candidates; any other change would need new generation.
+RESELECTABLE = {"reward_weights", "reward_bias", "length_unit", "length_min", "length_max", "target_score_range",
+                "min_chosen_score", "min_chosen_gibberish_confidence", "chosen_endings", "max_retries"}
 CONFIG_NAME = "config.json"
 
 
@@ -181,10 +184,39 @@ def reselect_run(cfg, out_dir: str) -> dict:
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise PipelineError(f"{out}: --reselect writes a new dataset and will not overwrite a non-empty folder")
+    try:
+        run_config = json.loads((source / CONFIG_NAME).read_text())
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"{source / CONFIG_NAME}: the run's config cannot be read ({e})") from None
+    needs_generation = [k for k in differing_keys(run_config, to_dict(cfg))
+                        if k.split(".")[0].split(":")[0] not in RESELECTABLE | RESUMABLE_CHANGES]
+    if needs_generation:
+        raise PipelineError(
+            f"{source}: --reselect re-scores the stored candidates; these keys differ from the run's and would need "
+            "new generation:\n  " + "\n  ".join(needs_generation))
+    length_of = None
+    if run_config.get("length_unit") != cfg.length_unit:  # the stored lengths are in the run's unit
+        length_of = reply_measure(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    records = [reselect(r, cfg, cfg) for r in merge_journals(files)]
+    records = [reselect(r, cfg, cfg, length_of) for r in merge_journals(files)]
     save_config(cfg, out, CONFIG_NAME)
     with open(out / "journal.rank0.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     return finalize(cfg, out, records=records)
 
+
+def reply_measure(cfg):
+    """length_of(text) in cfg.length_unit; tokens are the generator's tokenizer's, as when the run scored them."""
+    from .rewards import reply_length
+
+    count_tokens = None
+    if cfg.length_unit == "tokens":
+        from .chat import load_chat_format
+        from .models import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.base_model, cfg.adapter, load_chat_format(cfg.chat_template))
+
+        def count_tokens(text):
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return lambda text: reply_length(text, cfg.length_unit, count_tokens)

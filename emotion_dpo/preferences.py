@@ -33,14 +33,17 @@ def settle(prompt, rounds: list[list[ScoredReply]], selection, final: bool) -> d
     }
 
 
-def reselect(record: dict, rewards, selection) -> dict:
+def reselect(record: dict, rewards, selection, length_of=None) -> dict:
     """The record as if the run had used these reward and selection settings on the same candidates.
 
-    The first stored round that passes decides; a prompt whose stored rounds all fail is failed (more
-    rounds would have needed generation).
+    Only the first 1 + `selection.max_retries` stored rounds count, and the first of them that passes decides;
+    a prompt whose counted rounds all fail is failed (more rounds would have needed generation).
+    `length_of(text)`, given when the length unit changed, measures each reply again.
     """
     target = record["target_emotion"]
-    rounds = [[rescore(ScoredReply(**r), target, rewards) for r in round_] for round_ in record["rounds"]]
+    stored = record["rounds"][:1 + selection.max_retries]
+    rounds = [[rescore(ScoredReply(**(r if length_of is None else {**r, "length": length_of(r["text"])})), target,
+                       rewards) for r in round_] for round_ in stored]
     for count in range(1, len(rounds) + 1):
         if round_failure(rounds[count - 1], target, selection) is None:
             break

@@ -145,6 +145,36 @@ def test_reselect_with_other_weights_changes_the_dataset_as_predicted(finished_r
     assert [json.loads(line) for line in original] != written  # the weights did change the pairs
 
 
+def reselected(finished_run, demo_world, tmp_path, extra):
+    from emotion_dpo.preference_run import reselect_run
+
+    cfg = load_config(GenerateConfig, DEMO_CONFIG, demo_overrides(demo_world, finished_run.out, extra=extra))
+    reselect_run(cfg, str(tmp_path / "reselected"))
+    return merge_journals(journal_files(tmp_path / "reselected"))
+
+
+def test_reselect_with_fewer_retries_counts_only_the_first_rounds(finished_run, demo_world, tmp_path):
+    records = reselected(finished_run, demo_world, tmp_path, ["max_retries=0"])
+    original = {r["index"]: r for r in merge_journals(journal_files(finished_run.out))}
+    assert any(len(r["rounds"]) > 1 for r in original.values())  # the demo run did retry
+    assert all(len(r["rounds"]) == 1 for r in records)
+    assert {r["index"] for r in records if r["status"] == "accepted"} == {
+        i for i, r in original.items() if r["status"] == "accepted" and len(r["rounds"]) == 1}
+
+
+def test_reselect_with_another_length_unit_measures_the_replies_again(finished_run, demo_world, tmp_path):
+    records = reselected(finished_run, demo_world, tmp_path, ["length_unit=words"])
+    replies = [reply for r in records for round_ in r["rounds"] for reply in round_]
+    assert all(reply["length"] == len(reply["text"].split()) for reply in replies)
+    assert any(len(reply["text"]) != len(reply["text"].split()) for reply in replies)
+
+
+def test_reselect_refuses_keys_that_would_need_new_generation(finished_run, demo_world, tmp_path):
+    with pytest.raises(PipelineError, match=r"would need new generation:\n  n_candidates: 6 -> 3"):
+        reselected(finished_run, demo_world, tmp_path, ["n_candidates=3"])
+    assert not (tmp_path / "reselected").exists()
+
+
 def test_a_run_killed_with_sigkill_resumes_without_loss_or_duplicates(demo_world, tmp_path):
     out = tmp_path / "killed"
     args = run_script(demo_world, out, num_prompts=30, extra=["batch_prompts=3"])

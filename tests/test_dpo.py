@@ -483,3 +483,58 @@ def test_the_4bit_paths_train_and_keep_the_reference_frozen(demo_world, demo_pre
     final = saved_tensors(tmp_path / "dpo" / FINAL_ADAPTER)
     sft = saved_tensors(demo_world / "sft_adapter")
     assert all(torch.equal(final[k], sft[k]) for k in COPIES) == (not train_copies)
+
+
+FOUR_BIT_B_AND_D = """
+import json, sys
+from types import SimpleNamespace
+use_unsloth, config_path, sets = sys.argv[1] == "true", sys.argv[2], json.loads(sys.argv[3])
+if use_unsloth:
+    import unsloth  # before trl, which it patches
+import torch
+from emotion_dpo.config import TrainConfig, load_config
+from emotion_dpo.dpo import build_dpo_config, load_preferences, make_trainer, save_final_adapter
+from emotion_dpo.models import load_generator
+
+cfg = load_config(TrainConfig, config_path, sets)
+train_set, eval_set = load_preferences(cfg)
+model, tokenizer = load_generator(cfg, trainable=True)
+trainer = make_trainer(cfg, model, tokenizer, build_dpo_config(cfg, eval_set is not None), train_set, eval_set)
+assert "Linear4bit" in {type(m).__name__ for m in trainer.model.modules()}
+
+def lora(name):
+    return {k: v.detach().float().clone() for k, v in trainer.model.named_parameters()
+            if f".{name}." in k and "lora_" in k}
+
+ref_before, policy_before = lora("ref"), lora("default")
+trainer.train()
+ref_after, policy_after = lora("ref"), lora("default")
+assert ref_before and all(torch.equal(ref_before[k], ref_after[k]) for k in ref_before), "(b) ref moved"
+assert any(not torch.equal(policy_before[k], policy_after[k]) for k in policy_before), "(b) the policy did not move"
+final = save_final_adapter(trainer, tokenizer, cfg)
+source = SimpleNamespace(base_model=cfg.base_model, adapter=str(final), chat_template=cfg.chat_template,
+                         load_in_4bit=True, use_unsloth=use_unsloth)
+reloaded, tokenizer = load_generator(source)
+assert list(reloaded.peft_config) == ["default"]
+loaded = {k: v.detach().float() for k, v in reloaded.named_parameters() if "lora_" in k}
+assert len(loaded) == len(policy_after) and all(
+    torch.equal(loaded[k], policy_after[k]) for k in policy_after), "(d) the reloaded adapter is not the trained one"
+batch = tokenizer(["<s>[INST] [EMOTION] neutral [/EMOTION] hello . [/INST] [EMOTION] happiness [/EMOTION]"],
+                  return_tensors="pt", add_special_tokens=False)
+out = reloaded.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+assert out.shape[1] > batch["input_ids"].shape[1]
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("use_unsloth", [False, True])
+def test_b_and_d_on_the_4bit_paths_the_reference_stays_and_the_saved_adapter_reloads_and_generates(
+        demo_world, demo_preferences, tmp_path, use_unsloth):
+    """(b) and (d) through bitsandbytes NF4 and through unsloth, each in its own process."""
+    _, sets = config(demo_world, demo_preferences, tmp_path / "dpo", "load_in_4bit=true",
+                     f"use_unsloth={'true' if use_unsloth else 'false'}", "dpo.max_steps=2", "eval_fraction=0.0",
+                     "dpo.per_device_train_batch_size=4", "dpo.learning_rate=1e-3")
+    result = subprocess.run([sys.executable, "-c", FOUR_BIT_B_AND_D, str(use_unsloth).lower(), str(DEMO_CONFIG),
+                             json.dumps(sets)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")

@@ -126,14 +126,16 @@ def _build(cls, data: dict, where: str, problems: list[str]):
                 problems.append(f"{key}: expected a value <= {high}, got {value}")
                 continue
         values[name] = value
-    try:
-        obj = cls(**values)
+    missing = [name for name, field in fields.items()
+               if name not in data and field.default is _MISSING and field.default_factory is _MISSING]
+    try:  # missing required keys (already reported) get placeholders, so check() still reports the rest at once
+        obj = cls(**values, **dict.fromkeys(missing))
     except TypeError:
-        return None  # missing required keys: already reported
+        return None
     check = getattr(obj, "check", None)
     if check is not None and not any(p.startswith(where) for p in problems if where):
         problems.extend(f"{where}{p}" for p in check())
-    return obj
+    return None if missing else obj
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -131,6 +131,14 @@ def test_a_choice_key_takes_only_its_choices_by_type_too(tmp_path, value):
                               f"got {json.dumps(value)}")
 
 
+def test_a_missing_required_key_does_not_hide_the_other_problems(tmp_path):
+    path = write(tmp_path, {"base_model": "b", "dataset": "d", "dpo": {"bta": 0.1}})
+    with pytest.raises(PipelineError) as caught:
+        load_config(TrainConfig, path)
+    assert "key adapter: required key is missing" in str(caught.value)
+    assert "key dpo.bta: unknown key (did you mean 'beta'?)" in str(caught.value)
+
+
 def test_evaluate_uses_the_held_out_test_split_unless_told_otherwise(tmp_path):
     path = write(tmp_path, {**MINIMAL, "dpo_adapter": "outputs/dpo/final_adapter"})
     assert load_config(EvaluateConfig, path).dataset_split == "test"

@@ -210,7 +210,12 @@ def differing_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
 def check_section_keys(section: dict, valid: typing.Iterable[str], where: str) -> list[str]:
     """Unknown keys of a section that a library class (GenerationConfig, DPOConfig) will receive."""
     valid = set(valid)
-    return [f"{where}.{k}: unknown key{closest(k, valid)}" for k in section if k not in valid]
+    return [f"{where}.{k}: unknown key{closest(k, valid)}" for k in section if k not in valid and not k.startswith("_")]
+
+
+def without_comments(section: dict) -> dict:
+    """A section as the library receives it: "_comment" keys (allowed everywhere) left out."""
+    return {k: v for k, v in section.items() if not k.startswith("_")}
 
 
 def check_section_types(section: dict, config_class, where: str) -> list[str]:

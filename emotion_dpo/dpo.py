@@ -15,7 +15,7 @@ import math
 import warnings
 from pathlib import Path
 
-from .config import differing_keys, save_config, to_dict
+from .config import differing_keys, save_config, to_dict, without_comments
 from .errors import PipelineError
 
 REQUIRED = ("prompt", "chosen", "rejected")
@@ -115,7 +115,7 @@ def build_dpo_config(cfg, has_eval: bool = True):
     import torch
     from trl import DPOConfig
 
-    settings = dict(cfg.dpo)
+    settings = without_comments(cfg.dpo)
     if "bf16" not in settings and "fp16" not in settings:
         cuda = torch.cuda.is_available()
         settings["bf16"] = cuda and torch.cuda.is_bf16_supported()

@@ -6,6 +6,7 @@ import copy
 import inspect
 from typing import Sequence
 
+from .config import without_comments
 from .errors import PipelineError
 from .models import load_classifier
 from .rewards import reply_length
@@ -24,7 +25,7 @@ def checked_generation_config(settings: dict, source: str):
 
     numbers = {"temperature": float, "top_p": float, "repetition_penalty": float, "min_p": float, "typical_p": float,
                "top_k": int}
-    settings = dict(settings)
+    settings = without_comments(settings)
     for key, kind in numbers.items():
         value = settings.get(key)
         if value is None:

@@ -139,6 +139,18 @@ def test_a_missing_required_key_does_not_hide_the_other_problems(tmp_path):
     assert "key dpo.bta: unknown key (did you mean 'beta'?)" in str(caught.value)
 
 
+def test_comment_keys_are_allowed_in_the_sections_and_left_out_of_what_the_libraries_receive(tmp_path):
+    from emotion_dpo.dpo import build_dpo_config
+    from emotion_dpo.generation import checked_generation_config
+
+    train = write(tmp_path, {"base_model": "b", "adapter": "a", "dataset": "d", "output_dir": str(tmp_path / "out"),
+                             "wandb": {"mode": "disabled"}, "dpo": {"_comment": "why beta 0.2", "beta": 0.2}})
+    assert build_dpo_config(load_config(TrainConfig, train)).beta == 0.2
+    generate = write(tmp_path, {**MINIMAL, "generation": {"_comment": "the reference's", "max_new_tokens": 4}}, "g.json")
+    generation = load_config(GenerateConfig, generate).generation
+    assert checked_generation_config(generation, str(generate)).max_new_tokens == 4
+
+
 def test_evaluate_uses_the_held_out_test_split_unless_told_otherwise(tmp_path):
     path = write(tmp_path, {**MINIMAL, "dpo_adapter": "outputs/dpo/final_adapter"})
     assert load_config(EvaluateConfig, path).dataset_split == "test"

@@ -207,6 +207,12 @@ def differing_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def differing_keys_except(old: dict, new: dict, allowed: typing.Iterable[str]) -> list[str]:
+    """differing_keys, less those at or under an allowed key ("wandb" covers "wandb.mode"; "dpo.save_steps")."""
+    return [k for k in differing_keys(old, new)
+            if not any(k.startswith(f"{key}:") or k.startswith(f"{key}.") for key in allowed)]
+
+
 def check_section_keys(section: dict, valid: typing.Iterable[str], where: str) -> list[str]:
     """Unknown keys of a section that a library class (GenerationConfig, DPOConfig) will receive."""
     valid = set(valid)

@@ -15,7 +15,7 @@ import math
 import warnings
 from pathlib import Path
 
-from .config import differing_keys, save_config, to_dict, without_comments
+from .config import differing_keys_except, save_config, to_dict, without_comments
 from .errors import PipelineError
 
 REQUIRED = ("prompt", "chosen", "rejected")
@@ -182,8 +182,7 @@ def check_config_changes(cfg, checkpoint: Path) -> None:
             f"{checkpoint}: trained with train_modules_to_save {str(trained_copies).lower()}; "
             f"resume it with the same setting (the config says {str(cfg.train_modules_to_save).lower()})"
         )
-    changed = [k for k in differing_keys(saved_config, to_dict(cfg))
-               if not any(k.startswith(f"{key}:") or k.startswith(f"{key}.") for key in RESUMABLE_CHANGES)]
+    changed = differing_keys_except(saved_config, to_dict(cfg), RESUMABLE_CHANGES)
     if changed:
         warnings.warn(f"{checkpoint}: resuming with a config that differs from the checkpoint's:\n  "
                       + "\n  ".join(changed), stacklevel=2)

@@ -7,7 +7,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from .config import differing_keys, save_config, to_dict
+from .config import differing_keys_except, save_config, to_dict
 from .errors import PipelineError
 from .journal import Journal, journal_files, journal_path, merge_journals, shard
 from .preferences import reselect, settle, write_dataset
@@ -34,17 +34,16 @@ def prepare_output_dir(cfg, fresh: bool) -> Path:
                 f"{folder}: output_dir is not empty and holds no {CONFIG_NAME} of a generate_preferences run; "
                 "choose another output_dir"
             )
-        old, new = json.loads(saved.read_text()), to_dict(cfg)
-        changed = [k for k in differing_keys(old, new) if k.split(".")[0].split(":")[0] not in RESUMABLE_CHANGES]
-        if changed and not fresh and not merge_journals(journal_files(folder)):
+        changed = differing_keys_except(json.loads(saved.read_text()), to_dict(cfg), RESUMABLE_CHANGES)
+        if changed and not fresh:
+            if merge_journals(journal_files(folder)):
+                raise PipelineError(
+                    f"{folder}: holds a run with another config; these keys differ:\n  " + "\n  ".join(changed)
+                    + "\nUse the same config to resume, another output_dir, --reselect to re-score the stored "
+                    "candidates, or --fresh to move the old run aside and start again."
+                )
             # the earlier start stopped before its first prompt settled (a bad input, a failed load): nothing to lose
             print(f"{folder}: the run there settled no prompt; starting it again with this config")
-        elif changed and not fresh:
-            raise PipelineError(
-                f"{folder}: holds a run with another config; these keys differ:\n  " + "\n  ".join(changed)
-                + "\nUse the same config to resume, another output_dir, --reselect to re-score the stored "
-                "candidates, or --fresh to move the old run aside and start again."
-            )
         if fresh:
             aside = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
             folder.rename(aside)
@@ -188,8 +187,7 @@ def reselect_run(cfg, out_dir: str) -> dict:
         run_config = json.loads((source / CONFIG_NAME).read_text())
     except (OSError, ValueError) as e:
         raise PipelineError(f"{source / CONFIG_NAME}: the run's config cannot be read ({e})") from None
-    needs_generation = [k for k in differing_keys(run_config, to_dict(cfg))
-                        if k.split(".")[0].split(":")[0] not in RESELECTABLE | RESUMABLE_CHANGES]
+    needs_generation = differing_keys_except(run_config, to_dict(cfg), RESELECTABLE | RESUMABLE_CHANGES)
     if needs_generation:
         raise PipelineError(
             f"{source}: --reselect re-scores the stored candidates; these keys differ from the run's and would need "

@@ -145,18 +145,21 @@ def generate_candidates(model, tokenizer, prompt_texts: Sequence[str], n_candida
     return [replies[i:i + n_candidates] for i in range(0, len(replies), n_candidates)]
 
 
+def token_counter(tokenizer):
+    """reply_length's count_tokens: a reply's tokens under the generator's tokenizer, no special tokens."""
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 class Scorer:
     """Both classifiers, called on whole batches of replies; the reward parts computed from their outputs."""
 
     def __init__(self, rewards, tokenizer):
         self.rewards = rewards
         self.tokenizer = tokenizer
+        self.count_tokens = token_counter(tokenizer)
         self.batch_size = rewards.classifier_batch_size  # halved on out-of-memory
         self.emotion = load_classifier(rewards.emotion_classifier, rewards.classifier_batch_size)
         self.gibberish = load_classifier(rewards.gibberish_detector, rewards.classifier_batch_size)
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def classify(self, classifier, texts: list[str]) -> list[dict]:
         """What the text-classification pipeline returns ({label, score} per text), from one tokenizer call and

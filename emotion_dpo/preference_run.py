@@ -210,11 +210,9 @@ def reply_measure(cfg):
     count_tokens = None
     if cfg.length_unit == "tokens":
         from .chat import load_chat_format
+        from .generation import token_counter
         from .models import load_tokenizer
 
-        tokenizer = load_tokenizer(cfg.base_model, cfg.adapter, load_chat_format(cfg.chat_template))
-
-        def count_tokens(text):
-            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        count_tokens = token_counter(load_tokenizer(cfg.base_model, cfg.adapter, load_chat_format(cfg.chat_template)))
 
     return lambda text: reply_length(text, cfg.length_unit, count_tokens)

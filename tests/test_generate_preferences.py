@@ -169,6 +169,16 @@ def test_reselect_with_another_length_unit_measures_the_replies_again(finished_r
     assert any(len(reply["text"]) != len(reply["text"].split()) for reply in replies)
 
 
+def test_reselect_in_tokens_counts_them_with_the_generators_tokenizer(finished_run, demo_world, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_world / "sft_adapter")
+    records = reselected(finished_run, demo_world, tmp_path, ["length_unit=tokens"])
+    replies = [reply for r in records for round_ in r["rounds"] for reply in round_]
+    assert all(reply["length"] == len(tokenizer(reply["text"], add_special_tokens=False)["input_ids"])
+               for reply in replies)
+
+
 def test_reselect_refuses_keys_that_would_need_new_generation(finished_run, demo_world, tmp_path):
     with pytest.raises(PipelineError, match=r"would need new generation:\n  n_candidates: 6 -> 3"):
         reselected(finished_run, demo_world, tmp_path, ["n_candidates=3"])

@@ -44,14 +44,14 @@ def closest(name: str, valid: typing.Iterable[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-def _type_name(tp) -> str:
+def type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(dict.fromkeys(_type_name(a) for a in typing.get_args(tp)))
+        return " or ".join(dict.fromkeys(type_name(a) for a in typing.get_args(tp)))
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        return f"a list of {type_name(typing.get_args(tp)[0])}"
     if isinstance(tp, type) and issubclass(tp, enum.Enum):  # transformers' OptimizerNames etc. are named by strings
         return "a string"
     if origin is dict:
@@ -63,17 +63,17 @@ def _type_name(tp) -> str:
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(tp, str(tp))
 
 
-def _check_type(value, tp) -> bool:
+def check_type(value, tp) -> bool:
     origin = typing.get_origin(tp)
     if tp is Any:
         return True
     if origin is Literal:  # by type too: 1 == True, but `"use_unsloth": 1` is no choice the key offers
         return any(value == a and type(value) is type(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
-        return any(_check_type(value, a) for a in typing.get_args(tp))
+        return any(check_type(value, a) for a in typing.get_args(tp))
     if origin is list:
         (item,) = typing.get_args(tp)
-        return isinstance(value, list) and all(_check_type(v, item) for v in value)
+        return isinstance(value, list) and all(check_type(v, item) for v in value)
     if origin is dict:
         return isinstance(value, dict)
     if tp is type(None):
@@ -110,8 +110,8 @@ def _build(cls, data: dict, where: str, problems: list[str]):
                 continue
             values[name] = _build(tp, value, f"{key}.", problems)
             continue
-        if not _check_type(value, tp):
-            problems.append(f"{key}: expected {_type_name(tp)}, got {json.dumps(value)}")
+        if not check_type(value, tp):
+            problems.append(f"{key}: expected {type_name(tp)}, got {json.dumps(value)}")
             continue
         if typing.get_origin(tp) is None and tp is dict and field.default_factory is not _MISSING:
             value = {**field.default_factory(), **value}  # a section's keys override its defaults one by one
@@ -233,11 +233,11 @@ def check_section_types(section: dict, config_class, where: str) -> list[str]:
         tp = hints.get(key)
         if tp is None:
             continue  # unknown keys are check_section_keys' report
-        ok = _check_type(value, tp)
+        ok = check_type(value, tp)
         if not ok and typing.get_origin(tp) is list:  # HF configs take one item for a list ("loss_type": "ipo")
-            ok = _check_type(value, typing.get_args(tp)[0])
+            ok = check_type(value, typing.get_args(tp)[0])
         if not ok:
-            problems.append(f"{where}.{key}: expected {_type_name(tp)}, got {json.dumps(value)}")
+            problems.append(f"{where}.{key}: expected {type_name(tp)}, got {json.dumps(value)}")
     return problems
 
 

@@ -6,7 +6,7 @@ import copy
 import inspect
 from typing import Sequence
 
-from .config import without_comments
+from .config import check_type, type_name, without_comments
 from .errors import PipelineError
 from .models import load_classifier
 from .rewards import reply_length
@@ -30,9 +30,8 @@ def checked_generation_config(settings: dict, source: str):
         value = settings.get(key)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and isinstance(value, float)):
-            raise PipelineError(f"{source}: key generation.{key}: expected {'an integer' if kind is int else 'a number'}, "
-                                f"got {value!r}")
+        if not check_type(value, kind):  # the config files' own rule: no bools, no 2.5 for an integer
+            raise PipelineError(f"{source}: key generation.{key}: expected {type_name(kind)}, got {value!r}")
         settings[key] = kind(value)  # "temperature": 2 in JSON is 2.0; generate's warpers take floats only
     try:
         config = GenerationConfig(**settings)

@@ -269,6 +269,7 @@ class PromptSource:
     num_turns_history: int = option(1, "user/assistant turn pairs of history before the target pair", low=0)
     all_windows: bool = option(False, "yield every window of each dialogue, not only its last one")
     num_prompts: int | None = option(None, "use the first N prompts (null: all)", low=1)
+    skip_prompts: int = option(0, "leave out the first N prompts, e.g. those an earlier iteration used", low=0)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -400,3 +401,29 @@ class EvaluateConfig(GeneratorSource, PromptSource, RewardConfig):
         problems = RewardConfig.check(self)
         problems += check_section_keys(self.generation, GenerationConfig().to_dict(), "generation")
         return problems
+
+
+def stage_section(script_config: str) -> dict:
+    return {"config": script_config}
+
+
+@dataclasses.dataclass(kw_only=True)
+class PipelineConfig:
+    """run_pipeline.py: the three scripts' configs, each named by its JSON file plus keys that override it."""
+
+    generate: dict = option(factory=lambda: stage_section("args/generate_preferences_arg.json"),
+                            help='generate_preferences: {"config": its JSON file, any of its keys to override}')
+    dpo: dict = option(factory=lambda: stage_section("args/dpo_arg.json"),
+                       help='fine_tune_dpo: {"config": its JSON file, any of its keys to override}')
+    evaluate: dict = option(factory=lambda: stage_section("args/evaluate_arg.json"),
+                            help='evaluate: {"config": its JSON file, any of its keys to override}')
+    iterations: int = option(1, "rounds of generate -> DPO -> evaluate; round k >= 2 samples from round k-1's "
+                                "adapter", low=1)
+    fresh_prompts_per_iteration: bool = option(True, "each iteration generates from prompts the earlier ones did "
+                                                     "not use (false: the same prompts again)")
+    output_dir: str = option("outputs/pipeline", "the run folder: iter-k/{preferences,dpo,evaluation}, iterations.*")
+
+    def check(self) -> list[str]:
+        return [f"{name}.config: expected the stage's JSON config file (a string)"
+                for name in ("generate", "dpo", "evaluate")
+                if not isinstance(getattr(self, name).get("config"), str)]

@@ -7,6 +7,7 @@ import time
 from collections import deque
 from pathlib import Path
 
+from .card import push_card, write_card
 from .config import differing_keys_except, save_config, to_dict
 from .errors import PipelineError
 from .journal import Journal, journal_files, journal_path, merge_journals, shard
@@ -164,13 +165,16 @@ def finalize(cfg, folder: Path, total_prompts: int | None = None, records: list[
               "left out of the dataset")
         records = [r for r in records if r["index"] < limit]
     counts = write_dataset(records, folder)
-    summary = write_report(records, folder, total_prompts)
+    summary = write_report(records, folder, total_prompts, cfg.reward_weights)
+    write_card(cfg, folder, summary)
     print(format_summary(summary))
-    print(f"wrote {counts['accepted']} pairs to {folder / 'dataset'} and {folder / 'preferences.jsonl'}")
+    print(f"wrote {counts['accepted']} pairs to {folder / 'dataset'} (with its card, README.md) and "
+          f"{folder / 'preferences.jsonl'}")
     if cfg.push_to_hub:
         import datasets
 
         datasets.load_from_disk(str(folder / "dataset")).push_to_hub(cfg.push_to_hub)
+        push_card(folder, cfg.push_to_hub)
     return summary
 
 

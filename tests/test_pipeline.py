@@ -268,3 +268,20 @@ def test_bad_pipeline_configs_are_refused_before_anything_runs(tmp_path, overrid
     with pytest.raises(PipelineError, match=message):
         plan_of(tmp_path / "run", override)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("path", ["args/pipeline_arg.json", "args/demo/pipeline_arg.json"])
+def test_shipped_pipeline_configs_resolve_every_stage(tmp_path, path):
+    from emotion_dpo.pipeline import plan
+
+    cfg = load_config(PipelineConfig, ROOT / path, [f"output_dir={tmp_path}"])
+    assert len(plan(cfg)) == 3 * cfg.iterations
+
+
+def test_the_script_reports_a_bad_stage_key_briefly(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "run_pipeline.py"), "--config", str(DEMO_CONFIG),
+                             "--set", "evaluate.clean_confidence=2", "--set", f"output_dir={tmp_path / 'run'}"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 2
+    assert "section evaluate:" in result.stderr and "key clean_confidence: expected a value <= 1" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()

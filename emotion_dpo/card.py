@@ -102,8 +102,9 @@ def dataset_card(cfg, summary: dict):
     from .chat import load_chat_format
 
     config = to_dict(cfg)
-    setup = [("base model", cfg.base_model), ("SFT adapter (sampled from)", cfg.adapter),
-             ("dialogues", f"{cfg.dataset} ({cfg.dataset_split})"), ("emotion classifier", cfg.emotion_classifier),
+    setup = [("base model", cfg.base_model), ("adapter sampled from", cfg.adapter),
+             ("dialogues", f"{cfg.dataset} ({cfg.dataset_split})"),
+             ("prompts (num_prompts, after skip_prompts)", f"{cfg.num_prompts}, after {cfg.skip_prompts}"), ("emotion classifier", cfg.emotion_classifier),
              ("gibberish detector", cfg.gibberish_detector), ("reward weights [emotion, length, gibberish]",
                                                                cfg.reward_weights),
              ("reward bias", cfg.reward_bias), ("length unit, min, max", f"{cfg.length_unit}, {cfg.length_min}, "
@@ -116,7 +117,7 @@ def dataset_card(cfg, summary: dict):
     data = DatasetCardData(
         language="en", task_categories=["text-generation"], size_categories=size_category(summary["accepted"]),
         tags=["dpo", "preference", "trl", "emotion"], annotations_creators="machine-generated",
-        pretty_name=f"Emotion DPO preference pairs ({Path(cfg.output_dir).name})",
+        pretty_name=f"Emotion DPO preference pairs ({cfg.output_dir})",
         # machine-readable: what the pairs depend on
         emotion_dpo={"base_model": cfg.base_model, "adapter": cfg.adapter, "emotion_classifier": cfg.emotion_classifier,
                      "gibberish_detector": cfg.gibberish_detector, "reward_weights": cfg.reward_weights,

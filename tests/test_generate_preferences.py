@@ -314,25 +314,25 @@ def test_shards_partition_the_prompts():
     assert sorted(p for s in shards for p in s) == prompts
 
 
-def test_merge_of_rank_journals_has_no_loss_or_duplicates(tmp_path):
+def test_merge_of_rank_journals_has_no_loss_or_duplicates(tmp_path, settled_record):
     for rank, indices in enumerate([[0, 2, 4], [1, 3]]):
         with open(tmp_path / f"journal.rank{rank}.jsonl", "w") as f:
-            f.writelines(json.dumps({"index": i}) + "\n" for i in indices)
+            f.writelines(json.dumps(settled_record(i)) + "\n" for i in indices)
     assert [r["index"] for r in merge_journals(journal_files(tmp_path))] == [0, 1, 2, 3, 4]
     with open(tmp_path / "journal.rank1.jsonl", "a") as f:
-        f.write(json.dumps({"index": 2}) + "\n")
-    with pytest.raises(PipelineError, match="prompt 2 is settled twice"):
+        f.write(json.dumps(settled_record(2, chosen="another reply .")) + "\n")
+    with pytest.raises(PipelineError, match="prompt 2 is settled twice with different results"):
         merge_journals(journal_files(tmp_path))
 
 
-def test_a_torn_last_line_is_not_a_settled_prompt(tmp_path):
+def test_a_torn_last_line_is_not_a_settled_prompt(tmp_path, settled_record):
     from emotion_dpo.journal import Journal
 
     path = tmp_path / "journal.rank0.jsonl"
-    path.write_text(json.dumps({"index": 0}) + "\n" + '{"index": 1, "rou')
+    path.write_text(json.dumps(settled_record(0)) + "\n" + json.dumps(settled_record(1))[:40])
     assert [r["index"] for r in read_journal(path)] == [0]
     journal = Journal(path)
-    journal.append({"index": 1})
+    journal.append(settled_record(1))
     journal.close()
     assert [r["index"] for r in read_journal(path)] == [0, 1]
 

@@ -161,17 +161,19 @@ def test_a_torn_config_json_is_a_clear_error_and_fresh_or_deleting_it_gets_out(d
 
     out = tmp_path / "run"
     cfg = generate_config(demo_world, out)
-    prepare_output_dir(cfg, fresh=False).release()
     write_journal(out, [settled_record(0)])
+    save_config(cfg, out)
     (out / "config.json").write_text((out / "config.json").read_text()[:100])  # what a cut write left
     result = subprocess.run(run_script(demo_world, out), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{out / 'config.json'}: unreadable" in result.stderr and "--fresh" in result.stderr
     (out / "config.json").unlink()  # the way out the message names: resume with this config
-    prepare_output_dir(cfg, fresh=False).release()
+    lock = prepare_output_dir(cfg, fresh=False)
+    lock.release()
     assert json.loads((out / "config.json").read_text())["seed"] == cfg.seed
     (out / "config.json").write_text("{")
-    prepare_output_dir(cfg, fresh=True).release()  # --fresh never reads the torn file
+    lock = prepare_output_dir(cfg, fresh=True)  # --fresh never reads the torn file
+    lock.release()
     assert [p.name for p in out.iterdir() if p.name != ".lock"] == ["config.json"]
     assert len(list(tmp_path.glob("run.old-*/journal.rank0.jsonl"))) == 1
 

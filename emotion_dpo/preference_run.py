@@ -44,12 +44,16 @@ def prepare_output_dir(cfg, fresh: bool) -> FolderLock:
                 "choose another output_dir"
             )
         earlier = FolderLock(folder)  # before anything is read or moved: a run going on there is refused
-        if fresh:  # the old config is not read: --fresh also gets out of an unreadable one
-            aside = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-            folder.rename(aside)
-            print(f"--fresh: moved the earlier run to {aside}")
-        else:
-            check_run_config(cfg, folder)
+        try:
+            if fresh:  # the old config is not read: --fresh also gets out of an unreadable one
+                aside = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+                folder.rename(aside)
+                print(f"--fresh: moved the earlier run to {aside}")
+            else:
+                check_run_config(cfg, folder)
+        except BaseException:
+            earlier.release()
+            raise
     try:
         folder.mkdir(parents=True, exist_ok=True)
         lock = earlier if earlier is not None and not fresh else FolderLock(folder)

@@ -75,7 +75,8 @@ def realistic_pairs(tokenizer, n: int, seed: int = 0):
     from emotion_dpo.chat import render_chat
 
     rng = random.Random(seed)
-    vocabulary = [t for t in tokenizer.get_vocab() if t.isalnum() and not t.startswith("<")][:1000] or ["word"]
+    vocab = tokenizer.get_vocab()  # a hash map: its order changes from process to process, so sort by id
+    vocabulary = [t for t in sorted(vocab, key=vocab.get) if t.isalnum() and not t.startswith("<")][:1000] or ["w"]
 
     def words(k):
         return " ".join(rng.choice(vocabulary) for _ in range(k))

@@ -12,14 +12,16 @@
 # Needs .whl/ (with liger_kernel's wheel) and .whl-unsloth/ (see bench/README.md).
 #   bash bench/gpu_issue17.sh                                       # on the GPU machine
 #   PARTS="dpo-settings generation-step" bash bench/gpu_issue17.sh   # a later call: the parts still owed
-#   SHAPE=small bash bench/gpu_issue17.sh                           # tiny shapes, to check it on a CPU
+#   SHAPE=small SCALE=6 BUDGET=3600 bash bench/gpu_issue17.sh         # tiny shapes, to check it on a CPU
 WITH_UNSLOTH=1
 source "$(dirname "$0")/gpu_setup.sh"
 export HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
 BUDGET=${BUDGET:-540}
+SCALE=${SCALE:-1}  # multiplies every part's limit (a shared CPU checking the script needs several times more)
 PARTS=${PARTS:-unsloth headline dpo-settings generation-step}
-# rounds per prompt of the demo world's generate_preferences (python bench/profile_job.py, 2026-11-27)
-MEAN_ROUNDS=${MEAN_ROUNDS:-2.19}
+# rounds per prompt of the demo world's generate_preferences: 1.90 in both jobs of `python bench/profile_job.py
+# --repeats 2` (2026-11-27, 512 prompts; histogram in bench/RESULTS.md)
+MEAN_ROUNDS=${MEAN_ROUNDS:-1.90}
 if [ "$SHAPE" = 7b ]; then REF_PROMPTS=16; DPO_STEPS=3; else REF_PROMPTS=4; DPO_STEPS=2; fi
 CANDIDATES=${CANDIDATES:-batch16-accum1,batch16-no-checkpointing,batch16-liger,batch16-precompute-ref,batch8-accum2,batch2-accum8-adamw-8bit,batch2-accum8-paged-adamw-8bit,batch2-accum8-length-grouped,unsloth-batch16-accum1}
 python3 -c "import triton; print('triton', triton.__version__)" 2>/dev/null | tee -a "$OUT/machine.txt" || echo "no triton" | tee -a "$OUT/machine.txt"
@@ -30,7 +32,7 @@ left() { echo $(( BUDGET - ($(date +%s) - start) )); }
 # part NAME LIMIT COMMAND...: at most LIMIT seconds (and what is left); JSON lines to results.jsonl as they come,
 # stderr to $OUT/NAME.err with each step's line shown as it ends
 part() {
-  local name=$1 limit=$2 remaining
+  local name=$1 limit=$(( $2 * SCALE )) remaining
   shift 2
   remaining=$(left)
   if (( remaining < limit )); then limit=$remaining; fi
@@ -40,7 +42,7 @@ part() {
   fi
   echo "== $name: at most $limit s, from $(( $(date +%s) - start )) s" >&2
   timeout "$limit" "$@" 2> >(tee "$OUT/$name.err" | grep --line-buffered -E "step [0-9]+:" >&2) \
-    | grep --line-buffered '^{' | tee -a "$OUT/results.jsonl" \
+    | grep --line-buffered '^{"' | tee -a "$OUT/results.jsonl" \
     || echo "{\"part\": \"$name\", \"ended\": \"failed or cut off (limit $limit s); see $name.err\"}" \
       | tee -a "$OUT/results.jsonl"
 }
@@ -64,11 +66,11 @@ for p in $PARTS; do
           --batch 2 --steps "$STEPS"
       done
       part dpo-default 90 python3 bench/dpo_throughput.py --world "$WORLD" --candidates batch2-accum8 \
-        --steps "$DPO_STEPS" --limit 85
+        --steps "$DPO_STEPS" --limit $(( 85 * SCALE ))
       projection ;;
     dpo-settings)
       part dpo-settings 600 python3 bench/dpo_throughput.py --world "$WORLD" --candidates "$CANDIDATES" \
-        --steps "$DPO_STEPS" --limit 80
+        --steps "$DPO_STEPS" --limit $(( 80 * SCALE ))
       projection ;;
     generation-step)
       part generation-step 180 python3 bench/generation_step.py --synthetic "$SHAPE" --world "$WORLD" \

@@ -159,7 +159,8 @@ def table(jobs: list[dict]) -> str:
     for stage in STAGES:
         row(f"**{stage}** (process wall)", [f"{job[stage]['wall_s']:.1f} ({job[stage]['wall_s'] / total:.0%})"
                                             for job, total in zip(jobs, totals)])
-        row("— of which imports, loading, writing", [f"{job[stage]['wall_s'] - work(job, stage):.1f}" for job in jobs])
+        row("— process start and imports, before the stage's function", [f"{job[stage]['wall_s'] - work(job, stage):.1f}"
+                                                                           for job in jobs])
         if stage == "generate":
             row("— sampling rounds (generate + score)", [f"{job[stage]['sampling_s']:.1f}" for job in jobs])
             row("— per round of all prompts", [f"{job[stage]['seconds_per_round_of_all_prompts']:.2f} "

@@ -8,7 +8,9 @@ Inputs, each read from a measured line (the projection says which it is missing)
   times the mean rounds per prompt of a demo run's statistics.json (its retries: rounds are batched like first
   rounds, so the work is rounds x prompts);
 - DPO: `dpo_throughput.py`'s pairs/s for the default settings (batch2-accum8) and for the fastest candidate whose
-  first loss is ln 2, times 2048 pairs x 3 epochs (the held-out 5 % counted as if trained: an upper bound);
+  first loss is ln 2 and peak at most 20 GB, times 2048 pairs x 3 epochs (the held-out 5 % counted as if
+  trained: an upper bound); without those lines, `dpo_memory.py`'s adapter design with the copies trained
+  (batch 2 of pairs filling max_length: slower than real pairs, so an upper bound too);
 - evaluation: at most one 6-candidate round's time for 2048 prompts, scaled to 1000 prompts x 2 models with one
   reply each (args/evaluate_arg.json): an upper bound, since a prompt with one candidate costs less than with six.
 Model loading and start-up are left out (seconds to a minute per script).
@@ -38,9 +40,16 @@ def lines(path: Path) -> list[dict]:
 
 def project(results: list[dict], mean_rounds: float | None) -> dict:
     generation = next((r for r in reversed(results) if r.get("batched_seconds_for_2048_prompts")
-                       and r.get("use_unsloth") in ("False", "false", False)), None)
+                       and r.get("use_unsloth", "False") in ("False", "false", False)), None)
     candidates = [r for r in results if r.get("candidate") and not r.get("failed") and r.get("pairs_per_s")]
     default = next((r for r in candidates if r["candidate"] == "batch2-accum8"), None)
+    if default is None:  # dpo_memory.py's line for the default design: batch 2, pairs filling max_length (slower)
+        memory = next((r for r in results if r.get("design") == "adapter" and r.get("train_modules_to_save")
+                       and not r.get("unsloth") and r.get("mean_step_seconds")), None)
+        if memory:
+            default = {"candidate": f"dpo_memory.py adapter, batch {memory['batch']}, pairs filling max_length "
+                                    f"{memory['max_length']}", "pairs_per_s": memory["batch"] / memory["mean_step_seconds"],
+                       "device": memory.get("device")}
     same_start = [r for r in candidates if r.get("first_loss") is not None
                   and abs(r["first_loss"] - math.log(2)) < 0.01 and r.get("peak_memory_gib", 99) <= 20 / 1.073741824]
     fastest = max(same_start, key=lambda r: r["pairs_per_s"], default=None)

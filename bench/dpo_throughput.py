@@ -118,7 +118,8 @@ def measure(args) -> dict:
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
 
     base, adapter = Path(args.world) / "base", Path(args.world) / "adapter"
-    model, tokenizer = load(base, adapter, four_bit=cuda, trainable=True, unsloth=unsloth)
+    four_bit = cuda or args.four_bit
+    model, tokenizer = load(base, adapter, four_bit=four_bit, trainable=True, unsloth=unsloth)
     pairs = realistic_pairs(tokenizer, EFFECTIVE_BATCH * args.steps)
     prompt_tokens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in pairs["prompt"]]
     reply_tokens = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in list(pairs["chosen"]) + list(pairs["rejected"])]
@@ -160,7 +161,7 @@ def measure(args) -> dict:
         "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
         "first_loss_minus_ln2": losses[0] - math.log(2) if losses else None,
         "prompt_tokens_mean": sum(prompt_tokens) / len(prompt_tokens), "reply_tokens_max": max(reply_tokens),
-        "device": torch.cuda.get_device_name() if cuda else "cpu", "four_bit": cuda,
+        "device": torch.cuda.get_device_name() if cuda else "cpu", "four_bit": four_bit,
         "load_average_1m_after": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
@@ -174,6 +175,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="rounds over the candidates, alternated")
     parser.add_argument("--limit", type=float, default=0, help="seconds per candidate process (0: none)")
     parser.add_argument("--frozen-copies", action="store_true", help="train_modules_to_save false")
+    parser.add_argument("--four-bit", action="store_true", help="a 4-bit base on the CPU too (always on CUDA)")
     parser.add_argument("--candidate", help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     if args.candidate:
@@ -188,6 +190,7 @@ def main() -> None:
         for name in names:
             command = [sys.executable, __file__, "--world", args.world, "--candidate", name, "--steps", str(args.steps)]
             command += ["--frozen-copies"] if args.frozen_copies else []
+            command += ["--four-bit"] if args.four_bit else []
             started = time.time()
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=args.limit or None)

@@ -12,7 +12,9 @@ alternately --repeats times (fastest counts), each run from the same seed:
 - static-cache-compiled: the same with transformers' automatic `torch.compile` of the decode step (on the CPU
   forced through `CompileConfig`; its first call, which compiles, is timed apart);
 - merged-dequantized: generation from a copy of the model whose LoRA is merged into the base weights
-  (a 4-bit base dequantized first, exactly the values its matmuls use), in the compute dtype.
+  (a 4-bit base dequantized first, exactly the values its matmuls use), in the compute dtype;
+- merged-static-compiled: that copy with the static cache and compiled decoding (transformers compiles nothing
+  on a bitsandbytes 4-bit model, so static-cache-compiled says whether it compiled: "compiles").
 For each: seconds, the fraction of replies equal to the plain path's, and for the merged copy the largest
 next-token logit difference over the largest logit. Also: the decode profile (prefill + 1 token vs the whole
 round, so the per-step decode time) and the logits processors `generate` builds from the config, per step,
@@ -158,7 +160,8 @@ def main() -> None:
     parser.add_argument("--synthetic", choices=["7b", "small"])
     parser.add_argument("--world")
     parser.add_argument("--set", action="append", default=[])
-    parser.add_argument("--paths", default="plain,static-cache,static-cache-compiled,merged-dequantized")
+    parser.add_argument("--paths", default="plain,static-cache,static-cache-compiled,merged-dequantized,"
+                                           "merged-static-compiled")
     args = parser.parse_args()
     from transformers import GenerationConfig, set_seed
 
@@ -194,16 +197,24 @@ def main() -> None:
                "static-cache-compiled": lambda: generate_candidates(model, tokenizer, texts, n, static(True))}
     paths = args.paths.split(",")
     results = {}
-    if "merged-dequantized" in paths:
+    # transformers compiles the decode step only where the quantizer allows it (bitsandbytes 4-bit does not:
+    # then "compiled" runs uncompiled, and says so); the merged copy has no quantizer
+    from emotion_dpo.generation import causal_lm_of
+
+    quantizer = getattr(causal_lm_of(model), "hf_quantizer", None)
+    results["static-cache-compiled"] = {"compiles": quantizer is None or bool(quantizer.is_compileable)}
+    if any(p.startswith("merged") for p in paths):
         seconds, merged = timed(lambda: merged_dequantized_copy(model))
         batch = tokenizer(texts[:8], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         with torch.inference_mode():
             a = model(**batch).logits[:, -1].float()
             b = merged(**batch).logits[:, -1].float()
+        results["merged-static-compiled"] = {"compiles": True}
         results["merged-dequantized"] = {
             "build_s": seconds, "max_abs_logit_diff_over_max_abs_logit": float((a - b).abs().max() / a.abs().max()),
             "same_top_token": float((a.argmax(-1) == b.argmax(-1)).float().mean())}
         runners["merged-dequantized"] = lambda: generate_candidates(merged, tokenizer, texts, n, settings)
+        runners["merged-static-compiled"] = lambda: generate_candidates(merged, tokenizer, texts, n, static(True))
         print(json.dumps({"step": "merged copy", **results["merged-dequantized"]}), flush=True)
 
     def seeded(name):

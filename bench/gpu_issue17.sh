@@ -73,7 +73,7 @@ for p in $PARTS; do
         --steps "$DPO_STEPS" --limit $(( 80 * SCALE ))
       projection ;;
     generation-step)
-      part generation-step 180 python3 bench/generation_step.py --synthetic "$SHAPE" --world "$WORLD" \
+      part generation-step 240 python3 bench/generation_step.py --synthetic "$SHAPE" --world "$WORLD" \
         --config args/generate_preferences_arg.json --prompts "$PROMPTS" --repeats 2 ;;
     *) echo "unknown part $p (unsloth, headline, dpo-settings, generation-step)" >&2 ;;
   esac

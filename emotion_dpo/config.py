@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, TypeAdapter,
                       ValidationError, model_validator)
-from pydantic_core import PydanticCustomError
+from pydantic_core import PydanticCustomError, PydanticUndefined
 
 from .errors import PipelineError
 
@@ -111,6 +111,14 @@ def choice(*values):
             raise ValueError("not one of the choices")
         return value
     return Annotated[Literal[values], BeforeValidator(exact)]
+
+
+def option(default=PydanticUndefined, help: str = "", *, low=None, high=None, factory=None):
+    """A key in one line, as declared before the configs moved onto pydantic: a Field with its help and inclusive
+    range (`Field(..., description=..., ge=..., le=...)` is the same)."""
+    if factory is not None:
+        return Field(default_factory=factory, description=help, ge=low, le=high)
+    return Field(default, description=help, ge=low, le=high)
 
 
 class Section(BaseModel):
@@ -443,15 +451,16 @@ def _unknown_key(cls, loc: tuple) -> str:
     return f"unknown key{closest(key, sections[where[0]]() if where else cls.model_fields)}"
 
 
-def _field_path(cls, loc: tuple) -> tuple[list[str], Any]:
-    """The field names along `loc` (union branches and list indexes left out) and the last field's type."""
-    path, annotation, current = [], None, cls
+def _field_path(cls, loc: tuple):
+    """The field names along `loc` (union branches and list indexes left out) and the last one's FieldInfo."""
+    path, field, current = [], None, cls
     for part in loc:
         if not (isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields):
             break
         path.append(part)
-        annotation = current = current.model_fields[part].annotation
-    return path, annotation
+        field = current.model_fields[part]
+        current = field.annotation
+    return path, field
 
 
 def _lookup(data, path: list[str]):
@@ -471,10 +480,10 @@ def _message(cls, error: dict, data: dict) -> tuple[str, str]:
         return ".".join(map(str, loc)), error["msg"]
     if kind == "extra_forbidden":
         return ".".join(map(str, loc)), _unknown_key(cls, loc)
-    path, annotation = _field_path(cls, loc)
+    path, field = _field_path(cls, loc)
     key = ".".join(path)
     if kind == "missing":
-        return key, f"required key is missing ({_field_info(cls, path).description})"
+        return key, f"required key is missing ({field.description})"
     if kind in RANGES:
         name, sign = RANGES[kind]
         return key, f"expected a value {sign} {number(ctx[name])}, got {dumps(error['input'])}"
@@ -482,30 +491,22 @@ def _message(cls, error: dict, data: dict) -> tuple[str, str]:
         return key, f"expected a finite number, got {dumps(error['input'])}"
     if kind == "too_short":
         return key, f"expected at least {ctx['min_length']} item(s), got {dumps(error['input'])}"
-    return key, f"expected {type_name(annotation)}, got {dumps(_lookup(data, path))}"
-
-
-def _field_info(cls, path: list[str]):
-    for part in path[:-1]:
-        cls = cls.model_fields[part].annotation
-    return cls.model_fields[path[-1]]
+    return key, f"expected {type_name(field.annotation)}, got {dumps(_lookup(data, path))}"
 
 
 def problems_of(cls, error: ValidationError, data: dict) -> list[str]:
     """'dotted.key: what was expected' lines, in the order of the keys in the file (missing keys first)."""
     order = {key: i for i, key in enumerate(data)}
     lines = {}
-    # the cross-field rules run once their keys are valid; pydantic skips them when any other key fails
-    failed = {e["loc"][0] for e in error.errors() if e["loc"]}
-    valid = {k: v for k, v in {**{name: field.get_default(call_default_factory=True)
-                                  for name, field in cls.model_fields.items() if not field.is_required()},
-                               **data}.items() if k not in failed}
-    rule_errors = [_problem((key,), valid.get(key), text) for key, text in cls.rule_problems(valid)]
-    errors = [*error.errors(), *ValidationError.from_exception_data(cls.__name__, rule_errors).errors()] \
-        if rule_errors else error.errors()
-    for e in sorted(errors, key=lambda e: order.get(e["loc"][0], -1) if e["loc"] else -1):
+    for e in sorted(error.errors(), key=lambda e: order.get(e["loc"][0], -1) if e["loc"] else -1):
         key, text = _message(cls, e, data)
         lines[f"{key}: {text}"] = None  # a union's branches each report the same line once
+    # the cross-field rules on the keys that passed their own checks: pydantic runs them only when every key does
+    failed = {e["loc"][0] for e in error.errors() if e["loc"]}
+    defaults = {name: field.get_default(call_default_factory=True) for name, field in cls.model_fields.items()
+                if not field.is_required()}
+    valid = {k: v for k, v in {**defaults, **data}.items() if k not in failed}
+    lines.update(dict.fromkeys(f"{key}: {text}" for key, text in cls.rule_problems(valid)))
     return list(lines)
 
 

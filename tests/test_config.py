@@ -296,14 +296,20 @@ def test_a_whole_number_is_taken_for_a_float(tmp_path):
 
 def test_a_comment_in_generation_does_not_block_resuming_a_run(tmp_path):
     from emotion_dpo.preference_run import prepare_output_dir
+    from emotion_dpo.preferences import settle
+    from emotion_dpo.prompts import Prompt
+    from emotion_dpo.selection import ScoredReply
 
     out = tmp_path / "run"
     path = write(tmp_path, {**MINIMAL, "output_dir": str(out)})
-    prepare_output_dir(load_config(GenerateConfig, path), fresh=False)
-    (out / "journal.rank0.jsonl").write_text(json.dumps({"index": 0, "status": "failed"}) + "\n")  # a settled prompt
+    cfg = load_config(GenerateConfig, path)
+    prepare_output_dir(cfg, fresh=False).release()
+    reply = ScoredReply("fine .", "neutral", 0.9, "clean", 0.9, 6.0, 0.0, 0.0, 9.0, 3.0)
+    settled = settle(Prompt(0, 0, "happiness", [], "<s> hi"), [[reply, reply]], cfg, final=True)
+    (out / "journal.rank0.jsonl").write_text(json.dumps(settled) + "\n")  # one settled prompt: a run to keep
     commented = write(tmp_path, {**MINIMAL, "output_dir": str(out), "_comment": "top",
                                  "generation": {"_comment": "the reference's sampling"}}, "commented.json")
-    prepare_output_dir(load_config(GenerateConfig, commented), fresh=False)  # no "holds a run with another config"
+    prepare_output_dir(load_config(GenerateConfig, commented), fresh=False).release()  # no "another config"
     with pytest.raises(PipelineError, match="these keys differ:\n  n_candidates: 6 -> 3"):  # a real change still is
         prepare_output_dir(load_config(GenerateConfig, path, ["n_candidates=3"]), fresh=False)
 

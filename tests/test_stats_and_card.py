@@ -1,7 +1,6 @@
 """generate_preferences' statistics by target emotion and by reward part, on a hand-made journal with hand-computed
 values, and the dataset card written next to the data."""
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -113,7 +112,7 @@ def test_the_dataset_card_holds_the_config_and_the_statistics_written(finalized)
         assert value in text, value
     assert "0.5 x emotion + 0.2 x length + 0.3 x gibberish + 0.001" in text  # the rules paragraph
     assert "below 4.0 (target_score_range)" in text and "below 7.5 (min_chosen_score)" in text
-    assert json.loads(text.split("```json\n")[1].split("```")[0]) == dataclasses.asdict(cfg)  # the whole of it
+    assert json.loads(text.split("```json\n")[1].split("```")[0]) == cfg.model_dump(mode="json")  # the whole of it
     # the statistics written next to the data, their tables, the plots, the failure reasons
     written = json.loads((folder / "statistics.json").read_text())
     assert f"median {written['score_gap']['median']:.3f}" in text

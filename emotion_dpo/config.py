@@ -15,6 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
+from . import EMOTIONS
 from .errors import PipelineError
 
 _MISSING = dataclasses.MISSING
@@ -266,7 +267,7 @@ class PromptSource:
     dataset: str = option(help="Hub id, local save_to_disk folder, or JSONL of dialogues (column 'prompt')")
     dataset_split: str = option("train+validation", "split expression, e.g. train+validation")
     system_prompt: str = option("", "system prompt prepended to every dialogue window")
-    num_turns_history: int = option(1, "user/assistant turn pairs of history before the target pair", low=0)
+    num_turns_history: int = option(2, "user/assistant turn pairs of history before the target pair", low=0)
     all_windows: bool = option(False, "yield every window of each dialogue, not only its last one")
     num_prompts: int | None = option(None, "use the first N prompts (null: all)", low=1)
 
@@ -274,6 +275,10 @@ class PromptSource:
 @dataclasses.dataclass(kw_only=True)
 class RewardConfig:
     emotion_classifier: str = option(help="Hub id or folder of the emotion text classifier")
+    emotion_labels: list[str] = option(
+        factory=lambda: list(EMOTIONS),
+        help="the emotion classifier's outputs by position (its own id2label is not trusted, as in the reference)",
+    )
     gibberish_detector: str = option(help="Hub id or folder of the gibberish detector")
     reward_weights: list[float] = option(
         factory=lambda: [0.4, 0.25, 0.35], help="weights of [emotion, length, gibberish] rewards"
@@ -292,12 +297,16 @@ class RewardConfig:
             )
         if self.length_min <= 0 or self.length_max <= 0:
             problems.append("length_min/length_max: must be > 0 (they divide)")
+        folded = [label.lower() for label in self.emotion_labels]
+        if len(folded) < 2 or len(set(folded)) != len(folded) or not all(label.strip() for label in folded):
+            problems.append(f"emotion_labels: expected distinct non-empty names (case-insensitively), one per "
+                            f"classifier output, got {json.dumps(self.emotion_labels)}")
         return problems
 
 
 @dataclasses.dataclass(kw_only=True)
 class SelectionConfig:
-    target_score_range: float = option(5.0, "a round fails if best - worst total is below this", low=0)
+    target_score_range: float = option(4.0, "a round fails if best - worst total is below this", low=0)
     min_chosen_score: float = option(8.0, "a round fails if the best total is below this")
     min_chosen_gibberish_confidence: float = option(0.8, "chosen must be 'clean' with at least this", low=0, high=1)
     chosen_endings: list[str] = option(factory=lambda: ["!", ".", "?"], help="chosen must end in one of these")

@@ -23,10 +23,12 @@ def checked_generation_config(settings: dict, source: str):
     from transformers.generation import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                          TopKLogitsWarper, TopPLogitsWarper, TypicalLogitsWarper)
 
-    numbers = {"temperature": float, "top_p": float, "repetition_penalty": float, "min_p": float, "typical_p": float,
-               "top_k": int}
+    # do_sample too: the reference's code passed "False", a string, truthy; what generate made of it depends on the
+    # transformers version (`if do_sample` samples, `do_sample is not True` does not): only true or false is taken
+    typed = {"temperature": float, "top_p": float, "repetition_penalty": float, "min_p": float, "typical_p": float,
+             "top_k": int, "do_sample": bool}
     settings = without_comments(settings)
-    for key, kind in numbers.items():
+    for key, kind in typed.items():
         value = settings.get(key)
         if value is None:
             continue
@@ -157,7 +159,8 @@ class Scorer:
         self.tokenizer = tokenizer
         self.count_tokens = token_counter(tokenizer)
         self.batch_size = rewards.classifier_batch_size  # halved on out-of-memory
-        self.emotion = load_classifier(rewards.emotion_classifier, rewards.classifier_batch_size)
+        self.emotion = load_classifier(rewards.emotion_classifier, rewards.classifier_batch_size,
+                                       rewards.emotion_labels)
         self.gibberish = load_classifier(rewards.gibberish_detector, rewards.classifier_batch_size)
 
     def classify(self, classifier, texts: list[str]) -> list[dict]:

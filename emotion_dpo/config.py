@@ -360,6 +360,10 @@ class TrainConfig(GeneratorSource):
                                "(columns prompt, chosen, rejected)")
     dataset_split: str = option("train", "split of a Hub dataset or DatasetDict folder")
     eval_fraction: float = option(0.05, "share of pairs held out for evaluation (0: none)", low=0, high=0.5)
+    allow_unmarked_prompts: bool = option(
+        False, "true: train on prompts that lack the chat template's markers (e.g. decoded with the special tokens "
+               "stripped, as Shotaro30678/rlhf-RG-trl-style-v3), with a warning; false: refuse them"
+    )
     output_dir: str = option("outputs/dpo", "checkpoints, the final adapter, metrics")
     resume_from_checkpoint: bool | str | None = option(
         None, "true: the last checkpoint in output_dir; a path: that checkpoint"

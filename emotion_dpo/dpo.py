@@ -37,8 +37,9 @@ def read_preferences(source: str, split: str):
     return load_rows(source, split, "preference data")
 
 
-def check_preferences(dataset, source: str, template_markers=()) -> list[str]:
-    """Required columns present, every value a non-empty string; returns the extra columns (kept out of training)."""
+def check_preferences(dataset, source: str, template_markers=(), allow_unmarked: bool = False) -> list[str]:
+    """Required columns present, every value a non-empty string, every prompt in the chat template's format
+    (unless `allow_unmarked`); returns the extra columns (kept out of training)."""
     missing = [c for c in REQUIRED if c not in dataset.column_names]
     if missing:
         raise PipelineError(
@@ -54,13 +55,17 @@ def check_preferences(dataset, source: str, template_markers=()) -> list[str]:
             if not value.strip():
                 raise PipelineError(f"{source}: row {row}, column {column!r}: empty")
     if template_markers:
-        odd = sum(not all(m in p for m in template_markers) for p in dataset["prompt"])
-        if odd:
-            warnings.warn(
-                f"{source}: {odd} of {len(dataset)} prompts lack the chat template's markers "
-                f"({' '.join(template_markers)}): DPO should train on the format the SFT model saw",
-                stacklevel=2,
-            )
+        unmarked = [row for row, p in enumerate(dataset["prompt"]) if not all(m in p for m in template_markers)]
+        if unmarked:
+            # e.g. Shotaro30678/rlhf-RG-trl-style-v3: its prompts were decoded with the special tokens stripped
+            problem = (f"{source}: {len(unmarked)} of {len(dataset)} prompts lack the chat template's markers "
+                       f"({' '.join(template_markers)}; row {unmarked[0]}: {dataset[unmarked[0]]['prompt'][:60]!r}); "
+                       "DPO would train the SFT model on a context it was never trained or sampled in")
+            if not allow_unmarked:
+                raise PipelineError(
+                    f"{problem}. Build the pairs with generate_preferences.py (it stores prompts as the model saw "
+                    "them), or set allow_unmarked_prompts to true to train on them anyway")
+            warnings.warn(f"{problem} (allow_unmarked_prompts is true: training on them anyway)", stacklevel=2)
     return [c for c in dataset.column_names if c not in REQUIRED]
 
 
@@ -75,7 +80,7 @@ def with_leading_space(example: dict) -> dict:
 def load_preferences(cfg, template_markers=()):
     """(train, eval or None): checked, extra columns dropped, split by eval_fraction with the config's seed."""
     dataset = read_preferences(cfg.dataset, cfg.dataset_split)
-    extra = check_preferences(dataset, cfg.dataset, template_markers)
+    extra = check_preferences(dataset, cfg.dataset, template_markers, cfg.allow_unmarked_prompts)
     if extra:
         print(f"{cfg.dataset}: {len(dataset)} pairs; columns kept out of training: {', '.join(extra)}")
     dataset = dataset.remove_columns(extra).map(with_leading_space)

@@ -314,14 +314,33 @@ def test_extra_columns_are_reported_and_kept_out_of_training(demo_world, tmp_pat
     assert "columns kept out of training: chosen_score" in capsys.readouterr().out
 
 
-def test_a_prompt_not_in_the_chat_template_format_is_warned_about():
-    from datasets import Dataset
+MARKED = "<s>[INST] [EMOTION] neutral [/EMOTION] hi . [/INST] [EMOTION] joy [/EMOTION]"
+# The same prompt decoded with skip_special_tokens=True, as the reference built Shotaro30678/rlhf-RG-trl-style-v3
+# (data_process_dpo.py at 12285059f1013d43b0f2b619d637197b0c9dad3f: `tokenizer.decode(query, skip_special_tokens=True)`)
+STRIPPED = "  neutral  hi .   joy "
 
-    from emotion_dpo.dpo import check_preferences
 
-    pairs = Dataset.from_list([{"prompt": "hi", "chosen": "yay", "rejected": "no"}])
-    with pytest.warns(UserWarning, match="1 of 1 prompts lack the chat template's markers"):
-        check_preferences(pairs, "pairs.jsonl", ("[INST]", "[/INST]"))
+def test_f_prompts_without_the_template_markers_are_refused_by_default(demo_world, tmp_path, no_model_loading):
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": MARKED, "chosen": "yay !", "rejected": "no ."},
+            {"prompt": STRIPPED, "chosen": "yay !", "rejected": "no ."}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg, _ = config(demo_world, data, tmp_path / "out")
+    with pytest.raises(PipelineError) as refused:
+        train(cfg)
+    message = str(refused.value)
+    assert "1 of 2 prompts lack the chat template's markers" in message and "row 1" in message
+    assert "set allow_unmarked_prompts to true to train on them anyway" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_f_allow_unmarked_prompts_trains_on_them_with_a_warning(demo_world, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": STRIPPED, "chosen": "yay !", "rejected": "no ."}) + "\n")
+    cfg, _ = config(demo_world, data, tmp_path / "out", "allow_unmarked_prompts=true", "eval_fraction=0.0")
+    with pytest.warns(UserWarning, match="1 of 1 prompts lack .* training on them anyway"):
+        train_set, _ = load_preferences(cfg, ("[INST]", "[/INST]", "[EMOTION]", "[/EMOTION]"))
+    assert train_set["prompt"] == [STRIPPED]
 
 
 def test_f_a_bad_dpo_setting_is_a_clear_error(demo_world, demo_preferences, tmp_path, no_model_loading):

@@ -312,7 +312,8 @@ def adapter_tensors(model, adapter: str) -> dict:
     import itertools
 
     marker = f".{adapter}."
-    named = itertools.chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+    named = itertools.chain(model.named_parameters(remove_duplicate=False),
+                            model.named_buffers(remove_duplicate=False))
     return {name.replace(marker, "."): tensor.detach() for name, tensor in named if marker in name}
 
 
@@ -356,7 +357,8 @@ def check_reference_weights(model, resumed: bool = False, start_digests: dict | 
         raise PipelineError(f"the model has no reference adapter {REFERENCE_ADAPTER!r} (adapters: "
                             f"{', '.join(model.peft_config)}): DPO would have no reference; refusing to train")
     ref = adapter_tensors(model, REFERENCE_ADAPTER)
-    trainable = sorted(name for name, p in model.named_parameters() if f".{REFERENCE_ADAPTER}." in name and p.requires_grad)
+    trainable = sorted(name for name, p in model.named_parameters()
+                       if f".{REFERENCE_ADAPTER}." in name and p.requires_grad)
     if trainable:
         raise PipelineError(f"the reference adapter is not frozen ({trainable[0]} requires grad); refusing to train")
     if resumed and start_digests is None:
@@ -390,12 +392,14 @@ def sequence_log_probs(trainer, model, inputs, adapter: str):
     from trl.models.utils import disable_gradient_checkpointing
     from trl.trainer.utils import selective_log_softmax, use_adapter
 
-    kwargs = {k: v for k, v in inputs.items() if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
+    kwargs = {k: v for k, v in inputs.items()
+              if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     with use_adapter(unwrapped, adapter), disable_gradient_checkpointing(
             trainer.model, trainer.args.gradient_checkpointing_kwargs):
         logits = model(**kwargs, use_cache=False).logits[..., :-1, :]
-    return selective_log_softmax(logits, inputs["input_ids"][..., 1:], row_mask=inputs["completion_mask"][..., 1:]).sum(1)
+    completion = inputs["completion_mask"][..., 1:]
+    return selective_log_softmax(logits, inputs["input_ids"][..., 1:], row_mask=completion).sum(1)
 
 
 def check_first_batch(trainer, model, inputs, rounded: bool) -> dict:
@@ -426,8 +430,8 @@ def check_first_batch(trainer, model, inputs, rounded: bool) -> dict:
               "tolerance": tolerance}
     if not worst <= tolerance:
         raise PipelineError(f"on the first batch the policy and the reference disagree by up to {worst:.4g} nats of "
-                            f"log-prob (allowed: {tolerance}); they should be one adapter before training. The "
-                            "reference pass does not use the SFT adapter; refusing to train")
+                            f"log-prob (allowed: {tolerance}); before training they are one adapter, so the "
+                            "reference pass is not computing through the SFT adapter's copy; refusing to train")
     return record
 
 
@@ -440,7 +444,8 @@ def guard_reference(trainer, folder: Path, checkpoint: Path | None, main_process
     equals the recorded start adapter; the policy is trained, so its margins are not 0 and are not checked."""
     start_digests = read_start_digests(checkpoint, folder) if checkpoint else None
     record = check_reference_weights(trainer.model, checkpoint is not None, start_digests)
-    if main_process and not (folder / START_ADAPTER).exists():
+    # a fresh start replaces what an earlier start that stopped before its first checkpoint left
+    if main_process and (not checkpoint or not (folder / START_ADAPTER).exists()):
         digests = start_digests or adapter_digests(trainer.model, REFERENCE_ADAPTER)
         (folder / START_ADAPTER).write_text(json.dumps(digests, indent=1) + "\n")
     if checkpoint:
@@ -516,6 +521,10 @@ def train(cfg, resume: bool = False) -> dict:
 
     # ---- training, then the held-out figures
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if "first_batch" not in reference_check:  # e.g. max_steps 0, or a trainer that bypasses compute_loss
+        warnings.warn("the reference's first-batch check never ran: training computed no loss through compute_loss",
+                      stacklevel=2)
+        reference_check["first_batch"] = {"skipped": "training computed no loss through compute_loss"}
     metrics = {"train": trainer.state.log_history, "reference_check": reference_check}
     if eval_set is not None:
         metrics["eval"] = trainer.evaluate()

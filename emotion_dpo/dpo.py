@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .config import differing_keys_except, save_config, to_dict, without_comments
 from .errors import PipelineError
+from .files import run_folder_exists, write_text_atomic
 
 REQUIRED = ("prompt", "chosen", "rejected")
 REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy
@@ -34,8 +35,11 @@ RESUMABLE_CHANGES = {"resume_from_checkpoint", "output_dir", "wandb", "dpo.loggi
 # ------------------------------------------------------------------ the preference data, before any model
 
 def read_preferences(source: str, split: str):
-    from .prompts import load_rows
+    from .prompts import has_a_line, load_rows
 
+    path = Path(source)
+    if path.suffix in (".jsonl", ".json") and path.is_file() and not has_a_line(path):
+        raise PipelineError(f"0 pairs in {source}: the file is empty")
     return load_rows(source, split, "preference data")
 
 
@@ -49,7 +53,8 @@ def check_preferences(dataset, source: str, template_markers=(), allow_unmarked:
             f"(has {', '.join(dataset.column_names)}; needs prompt, chosen, rejected)"
         )
     if len(dataset) == 0:
-        raise PipelineError(f"{source}: no preference pairs")
+        raise PipelineError(f"0 pairs in {source}: nothing to train on (a generate_preferences run that accepted "
+                            "none: see its statistics.txt and failed.jsonl)")
     for column in REQUIRED:
         for row, value in enumerate(dataset[column]):
             if not isinstance(value, str):
@@ -79,17 +84,77 @@ def with_leading_space(example: dict) -> dict:
     return example
 
 
+def without_repeats(dataset, source: str):
+    """Pairs whose chosen equals rejected (nothing to learn) and repeated rows (a held-out copy of a training row
+    would read as learned) are dropped, with a count; none left is an error."""
+    seen, keep = set(), []
+    same = repeated = 0
+    for i, row in enumerate(zip(dataset["prompt"], dataset["chosen"], dataset["rejected"])):
+        if row[1] == row[2]:
+            same += 1
+        elif row in seen:
+            repeated += 1
+        else:
+            seen.add(row)
+            keep.append(i)
+    if same or repeated:
+        print(f"{source}: dropped {same} pairs whose chosen equals rejected and {repeated} repeated rows; "
+              f"{len(keep)} of {len(dataset)} pairs left")
+    if not keep:
+        raise PipelineError(f"0 pairs in {source} once pairs whose chosen equals rejected and repeated rows are dropped")
+    return dataset.select(keep) if len(keep) < len(dataset) else dataset
+
+
 def load_preferences(cfg, template_markers=()):
     """(train, eval or None): checked, extra columns dropped, split by eval_fraction with the config's seed."""
     dataset = read_preferences(cfg.dataset, cfg.dataset_split)
     extra = check_preferences(dataset, cfg.dataset, template_markers, cfg.allow_unmarked_prompts)
     if extra:
         print(f"{cfg.dataset}: {len(dataset)} pairs; columns kept out of training: {', '.join(extra)}")
-    dataset = dataset.remove_columns(extra).map(with_leading_space)
+    dataset = without_repeats(dataset.remove_columns(extra), cfg.dataset).map(with_leading_space)
     if cfg.eval_fraction == 0 or len(dataset) < 10:
         return dataset, None
     split = dataset.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
     return split["train"], split["test"]
+
+
+def overlong_pairs(dataset, tokenizer, max_length: int | None, truncation_mode: str) -> tuple[int, int, int]:
+    """(dropped, truncated, longest prompt) by TRL's own rules, before it applies them silently: a pair whose
+    prompt alone holds max_length tokens is dropped ("fully truncated", keep_start only); one whose
+    prompt + completion (+ EOS) exceeds max_length is cut. Tokenized as TRL's DPOTrainer tokenizes them."""
+    from trl.data_utils import common_prefix_length
+
+    if max_length is None or len(dataset) == 0:
+        return 0, 0, 0
+    eos = tokenizer.eos_token or ""
+    prompts = list(dataset["prompt"])
+    prompt_ids = tokenizer(text=prompts)["input_ids"]
+    full = {column: tokenizer(text=[p + (c if c.endswith(eos) else c + eos) for p, c in zip(prompts, dataset[column])])
+            ["input_ids"] for column in ("chosen", "rejected")}
+    dropped = truncated = 0
+    for i, ids in enumerate(prompt_ids):
+        prompt_length = min(common_prefix_length(ids, full[column][i]) for column in full)
+        if truncation_mode == "keep_start" and prompt_length >= max_length:
+            dropped += 1
+        elif max(len(full[column][i]) for column in full) > max_length:
+            truncated += 1
+    return dropped, truncated, max(len(ids) for ids in prompt_ids)
+
+
+def report_overlong(splits: dict, tokenizer, dpo_args, source: str, say=print) -> None:
+    """Say how many pairs TRL will drop or cut at dpo.max_length; a split it would empty is an error."""
+    for name, dataset in splits.items():
+        if dataset is None:
+            continue
+        dropped, truncated, longest = overlong_pairs(dataset, tokenizer, dpo_args.max_length, dpo_args.truncation_mode)
+        if dropped == len(dataset):
+            raise PipelineError(
+                f"{source}: every {name} pair's prompt has at least dpo.max_length = {dpo_args.max_length} tokens "
+                f"(the longest: {longest}), so TRL would drop all {len(dataset)}; raise dpo.max_length or shorten the "
+                "prompts")
+        if dropped or truncated:
+            say(f"{source}: {name}: {dropped} of {len(dataset)} pairs dropped (prompt alone >= dpo.max_length = "
+                f"{dpo_args.max_length} tokens), {truncated} truncated to max_length")
 
 
 # ------------------------------------------------------------------ TRL's config
@@ -142,32 +207,66 @@ def build_dpo_config(cfg, has_eval: bool = True):
 
 # ------------------------------------------------------------------ the run folder
 
-def last_checkpoint(folder: Path) -> Path | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from, or None. The Trainer writes trainer_state.json last (after the
+    adapter, optimizer, scheduler and RNG state), so a kill during a save leaves a folder without it."""
+    if not (checkpoint / "adapter_model.safetensors").is_file():
+        return "no adapter_model.safetensors"
+    for name, required in (("trainer_state.json", True), (CONFIG_NAME, False)):
+        path = checkpoint / name
+        if not path.is_file():
+            if required:
+                return f"no {name}"
+            continue
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            return f"{name} is cut short"
+    return None
 
-    return Path(found) if folder.is_dir() and (found := get_last_checkpoint(str(folder))) else None
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint-*; newer ones a kill cut short while they were saved are named and skipped."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    if not folder.is_dir():
+        return None
+    steps = {p: int(p.name.rpartition("-")[2]) for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+             if p.is_dir() and p.name.rpartition("-")[2].isdigit()}
+    for checkpoint in sorted(steps, key=steps.get, reverse=True):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint
+        print(f"{checkpoint}: skipped, incomplete ({problem}: its save was cut short)")
+    return None
 
 
 def resolve_resume(cfg, resume_flag: bool):
     """The checkpoint to resume from, or None; a finished or started run is never silently overwritten."""
     folder = Path(cfg.output_dir)
+    run_folder_exists(folder)
     wanted = cfg.resume_from_checkpoint if cfg.resume_from_checkpoint is not None else resume_flag
-    checkpoint = last_checkpoint(folder)
     if isinstance(wanted, str):
         if not Path(wanted).is_dir():
             raise PipelineError(f"{cfg.source}: key resume_from_checkpoint: {wanted} is not a checkpoint folder")
+        if problem := checkpoint_problem(Path(wanted)):
+            raise PipelineError(f"{cfg.source}: key resume_from_checkpoint: {wanted} is incomplete ({problem}); "
+                                "name an earlier checkpoint, or pass --resume for the newest complete one")
         check_config_changes(cfg, Path(wanted))
         return Path(wanted)
+    checkpoint = last_checkpoint(folder)
     if wanted:
         if checkpoint is None:
-            raise PipelineError(f"{folder}: --resume, but there is no checkpoint-* folder to resume from")
+            raise PipelineError(f"{folder}: --resume, but there is no complete checkpoint-* folder to resume from; "
+                                "remove the incomplete ones named above (or choose another output_dir) to start again")
         check_config_changes(cfg, checkpoint)
+        print(f"resuming from {checkpoint}")
         return checkpoint
     if folder.exists() and any(folder.iterdir()):
         if {entry.name for entry in folder.iterdir()} - STARTED_ONLY:
             raise PipelineError(
                 f"{folder}: output_dir already holds a run"
-                + (f" (last checkpoint {checkpoint.name}); pass --resume to continue it" if checkpoint else "")
+                + (f" (last complete checkpoint {checkpoint.name}); pass --resume to continue it" if checkpoint else "")
                 + ", or choose another output_dir"
             )
         # only what a start writes before training: it stopped before its first checkpoint, nothing to lose
@@ -447,7 +546,7 @@ def guard_reference(trainer, folder: Path, checkpoint: Path | None, main_process
     # a fresh start replaces what an earlier start that stopped before its first checkpoint left
     if main_process and (not checkpoint or not (folder / START_ADAPTER).exists()):
         digests = start_digests or adapter_digests(trainer.model, REFERENCE_ADAPTER)
-        (folder / START_ADAPTER).write_text(json.dumps(digests, indent=1) + "\n")
+        write_text_atomic(folder / START_ADAPTER, json.dumps(digests, indent=1) + "\n")
     if checkpoint:
         record["first_batch"] = {"skipped": "resumed: the policy is the trained adapter"}
         return record
@@ -489,7 +588,7 @@ def train(cfg, resume: bool = False) -> dict:
     from accelerate import PartialState
 
     from .chat import load_chat_format
-    from .models import check_adapter_path, load_generator
+    from .models import check_adapter_path, load_generator, load_tokenizer
     from .tracking import start_wandb
 
     # ---- inputs, checked before any model loads
@@ -500,6 +599,8 @@ def train(cfg, resume: bool = False) -> dict:
     with state.main_process_first():  # one process writes the datasets cache, the others read it
         train_set, eval_set = load_preferences(cfg, chat.special_tokens)
     dpo_args = build_dpo_config(cfg, has_eval=eval_set is not None)
+    report_overlong({"training": train_set, "held-out": eval_set}, load_tokenizer(cfg.base_model, cfg.adapter, chat),
+                    dpo_args, cfg.dataset, say=print if state.is_main_process else lambda _: None)
     state.wait_for_everyone()  # every process has looked at output_dir before the main one writes into it
     folder = Path(cfg.output_dir)
     run = None
@@ -512,7 +613,8 @@ def train(cfg, resume: bool = False) -> dict:
     model, tokenizer = load_generator(cfg, trainable=True)
     trainer = make_trainer(cfg, model, tokenizer, dpo_args, train_set, eval_set)
     if state.is_main_process:
-        print(f"training {len(train_set)} pairs (held out: {len(eval_set) if eval_set is not None else 0}); "
+        held_out = trainer.eval_dataset
+        print(f"training {len(trainer.train_dataset)} pairs (held out: {len(held_out) if held_out is not None else 0}); "
               f"one base model, adapters: {', '.join(trainer.model.peft_config)} (frozen: {REFERENCE_ADAPTER}"
               + ("; modules_to_save frozen in both, one shared copy" if not cfg.train_modules_to_save else "") + ")")
     if checkpoint:
@@ -535,7 +637,7 @@ def train(cfg, resume: bool = False) -> dict:
     state.wait_for_everyone()
     if state.is_main_process:
         final = save_final_adapter(trainer, tokenizer, cfg)
-        (folder / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n")
+        write_text_atomic(folder / METRICS_NAME, json.dumps(metrics, indent=2) + "\n")
         if eval_set is not None:
             e = metrics["eval"]
             plain_dpo = cfg.dpo.get("loss_type", ["sigmoid"]) in ("sigmoid", ["sigmoid"])  # else ln 2 means nothing

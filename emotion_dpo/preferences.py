@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from .selection import ScoredReply, pick_pair, rescore, round_failure
@@ -91,30 +89,32 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def write_dataset(records: list[dict], folder: str | Path) -> dict:
-    """Write dataset/ (save_to_disk), preferences.jsonl and failed.jsonl into `folder`, replacing them whole.
-
-    Each is first written under a temporary name and then renamed, so an interrupted write never leaves a
-    half dataset where a finished one was.
-    """
+    """Write dataset/ (save_to_disk), preferences.jsonl and failed.jsonl into `folder` (finalize's staging folder,
+    switched in whole afterwards). With no accepted pair the dataset is still written with its schema, so
+    `load_from_disk` reads it back as 0 rows (save_to_disk writes no data file for 0 rows unless told 1 shard)."""
     import datasets
 
     folder = Path(folder)
     rows = [preference_row(r) for r in records if r["status"] == "accepted"]
     failures = [failure_row(r) for r in records if r["status"] == "failed"]
-    staging = folder / ".staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    columns = {name: [row[name] for row in rows] for name in (rows[0] if rows else preference_row_columns())}
-    datasets.Dataset.from_dict(columns).save_to_disk(str(staging / "dataset"))
-    _write_jsonl(staging / "preferences.jsonl", rows)
-    _write_jsonl(staging / "failed.jsonl", failures)
-    for name in ("dataset", "preferences.jsonl", "failed.jsonl"):
-        target = folder / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(staging / name, target)
-    staging.rmdir()
+    if rows:
+        columns = {name: [row[name] for row in rows] for name in rows[0]}
+        datasets.Dataset.from_dict(columns).save_to_disk(str(folder / "dataset"))
+    else:
+        empty = datasets.Dataset.from_dict({name: [] for name in preference_features()}, features=preference_features())
+        empty.save_to_disk(str(folder / "dataset"), num_shards=1)
+    _write_jsonl(folder / "preferences.jsonl", rows)
+    _write_jsonl(folder / "failed.jsonl", failures)
     return {"accepted": len(rows), "failed": len(failures)}
+
+
+def preference_features():
+    """The dataset's schema, for a dataset of 0 rows (with rows, datasets infers the same types from them)."""
+    import datasets
+
+    kinds = {"prompt": "string", "chosen": "string", "rejected": "string", "target_emotion": "string",
+             "rounds": "int64", "index": "int64"}
+    return datasets.Features({name: datasets.Value(kinds.get(name, "float64")) for name in preference_row_columns()})
 
 
 def preference_row_columns() -> list[str]:

@@ -24,6 +24,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       ValidationError, model_validator)
 from pydantic_core import PydanticCustomError, PydanticUndefined
 
+from . import EMOTIONS
 from .errors import PipelineError
 
 STRICT = ConfigDict(strict=True, allow_inf_nan=False, arbitrary_types_allowed=True)
@@ -184,7 +185,9 @@ REFERENCE_GENERATION = {"do_sample": True, "min_new_tokens": 5, "max_new_tokens"
                         "top_k": 5, "top_p": 1.0, "temperature": 2.0}
 # GenerationConfig keeps these as given; generate's logits processors take floats (int 2 fails) and ints only.
 GENERATION_NUMBERS = {"temperature": float, "top_p": float, "repetition_penalty": float, "min_p": float,
-                      "typical_p": float, "top_k": int}
+                      "typical_p": float, "top_k": int,
+                      # the reference's code passed do_sample "False", a string, truthy: only true or false is taken
+                      "do_sample": bool}
 
 
 @functools.cache
@@ -346,7 +349,7 @@ class PromptSource(Section):
     dataset: str = Field(description="Hub id, local save_to_disk folder, or JSONL of dialogues (column 'prompt')")
     dataset_split: str = Field("train+validation", description="split expression, e.g. train+validation")
     system_prompt: str = Field("", description="system prompt prepended to every dialogue window")
-    num_turns_history: int = Field(1, ge=0, description="user/assistant turn pairs of history before the target pair")
+    num_turns_history: int = Field(2, ge=0, description="user/assistant turn pairs of history before the target pair")
     all_windows: bool = Field(False, description="yield every window of each dialogue, not only its last one")
     num_prompts: int | None = Field(None, ge=1, description="use the first N prompts (null: all)")
     skip_prompts: int = Field(0, ge=0, description="leave out the first N prompts, e.g. those an earlier iteration used")
@@ -354,6 +357,9 @@ class PromptSource(Section):
 
 class RewardConfig(Section):
     emotion_classifier: str = Field(description="Hub id or folder of the emotion text classifier")
+    emotion_labels: list[str] = Field(
+        default_factory=lambda: list(EMOTIONS),
+        description="the emotion classifier's outputs by position (its own id2label is not trusted, as in the reference)")
     gibberish_detector: str = Field(description="Hub id or folder of the gibberish detector")
     reward_weights: list[float] = Field(default_factory=lambda: [0.4, 0.25, 0.35],
                                         description="weights of [emotion, length, gibberish] rewards")
@@ -373,11 +379,16 @@ class RewardConfig(Section):
             # no reply is neither too short nor too long: every round fails, 0 pairs
             problems.append(("length_max", f"expected a value > length_min ({number(values['length_min'])}), "
                                            f"got {number(values['length_max'])}"))
+        if "emotion_labels" in values:
+            folded = [label.lower() for label in values["emotion_labels"]]
+            if len(folded) < 2 or len(set(folded)) != len(folded) or not all(label.strip() for label in folded):
+                problems.append(("emotion_labels", "expected distinct non-empty names (case-insensitively), one per "
+                                                   f"classifier output, got {json.dumps(values['emotion_labels'])}"))
         return problems
 
 
 class SelectionConfig(Section):
-    target_score_range: float = Field(5.0, ge=0, description="a round fails if best - worst total is below this")
+    target_score_range: float = Field(4.0, ge=0, description="a round fails if best - worst total is below this")
     min_chosen_score: float = Field(8.0, description="a round fails if the best total is below this")
     min_chosen_gibberish_confidence: float = Field(0.8, ge=0, le=1,
                                                    description="chosen must be 'clean' with at least this")
@@ -400,6 +411,9 @@ class TrainConfig(GeneratorSource):
                                      "(columns prompt, chosen, rejected)")
     dataset_split: str = Field("train", description="split of a Hub dataset or DatasetDict folder")
     eval_fraction: float = Field(0.05, ge=0, le=0.5, description="share of pairs held out for evaluation (0: none)")
+    allow_unmarked_prompts: bool = Field(
+        False, description="true: train on prompts that lack the chat template's markers (e.g. decoded with the "
+        "special tokens stripped, as Shotaro30678/rlhf-RG-trl-style-v3), with a warning; false: refuse them")
     output_dir: str = Field("outputs/dpo", description="checkpoints, the final adapter, metrics")
     resume_from_checkpoint: bool | str | None = Field(
         None, description="true: the last checkpoint in output_dir; a path: that checkpoint")

@@ -307,8 +307,9 @@ def sft_emotion_accuracy(root: Path, recipe: dict, seed: int) -> float:
     import datasets
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    from .models import load_classifier
     from .prompts import build_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(root / "sft_adapter")
@@ -327,8 +328,8 @@ def sft_emotion_accuracy(root: Path, recipe: dict, seed: int) -> float:
         with torch.inference_mode():
             out = model.generate(**batch, generation_config=settings)
         replies += [r.strip() for r in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
-    classify = pipeline("text-classification", model=str(root / "emotion_classifier"), device="cpu")
-    labels = classify(replies, batch_size=64)
+    classify = load_classifier(str(root / "emotion_classifier"), 64, EMOTIONS)  # labels by position, as the Scorer's
+    labels = classify(replies)
     return sum(label["label"] == p.target_emotion for label, p in zip(labels, prompts)) / len(prompts)
 
 

@@ -158,7 +158,8 @@ def evaluate(cfg, fresh: bool = False) -> dict:
                   "seed": cfg.seed, "base_model": cfg.base_model,
                   "sources": {"SFT": cfg.adapter, "DPO": cfg.dpo_adapter,
                               **({"base": cfg.base_model} if cfg.include_base else {})}},
-        "models": {name: model_metrics(targets, replies, cfg.clean_confidence, cfg.complete_endings)
+        "models": {name: model_metrics(targets, replies, cfg.clean_confidence, cfg.complete_endings,
+                                       cfg.emotion_labels)
                    for name, replies in scored.items()},
         "dpo_vs_sft": win_rate([r.total for r in scored["DPO"]], [r.total for r in scored["SFT"]],
                                cfg.bootstrap_samples, cfg.seed),

@@ -125,7 +125,8 @@ class Scorer:
         self.tokenizer = tokenizer
         self.count_tokens = token_counter(tokenizer)
         self.batch_size = rewards.classifier_batch_size  # halved on out-of-memory
-        self.emotion = load_classifier(rewards.emotion_classifier, rewards.classifier_batch_size)
+        self.emotion = load_classifier(rewards.emotion_classifier, rewards.classifier_batch_size,
+                                       rewards.emotion_labels)
         self.gibberish = load_classifier(rewards.gibberish_detector, rewards.classifier_batch_size)
 
     def classify(self, classifier, texts: list[str]) -> list[dict]:

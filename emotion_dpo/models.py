@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import warnings
 from pathlib import Path
 
 from .chat import ChatFormat, install_chat_format, load_chat_format
@@ -129,13 +130,40 @@ def add_adapter(model, path: str, name: str, source: str) -> None:
 
 
 def classifier_labels(path: str) -> list[str]:
+    """The classifier's own output names, in output order."""
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise PipelineError(f"{path}: cannot read the classifier's config ({e})") from None
-    return [str(label) for label in config.id2label.values()]
+    return [str(config.id2label[i]) for i in sorted(config.id2label)]
+
+
+def generic_labels(labels) -> bool:
+    """transformers' placeholder names (LABEL_0, LABEL_1, ...): a classifier saved without its label names."""
+    return all(label == f"LABEL_{i}" for i, label in enumerate(labels))
+
+
+def check_emotion_labels(path: str, emotion_labels) -> None:
+    """emotion_labels names the classifier's outputs by position, as the reference does: one name per output.
+    Generic names are replaced silently; other names that disagree are replaced with a warning showing both."""
+    own = classifier_labels(path)
+    if len(own) != len(emotion_labels):
+        raise PipelineError(
+            f"{path}: the emotion classifier has {len(own)} outputs ({', '.join(own)}), but emotion_labels names "
+            f"{len(emotion_labels)} ({', '.join(emotion_labels)}); emotion_labels must name each output, in order"
+        )
+    if not generic_labels(own) and [x.lower() for x in own] != [x.lower() for x in emotion_labels]:
+        warnings.warn(
+            f"{path}: the emotion classifier names its outputs {', '.join(own)}; emotion_labels "
+            f"({', '.join(emotion_labels)}) renames them by position, as the reference does", stacklevel=2,
+        )
+
+
+def label_maps(labels) -> dict:
+    """id2label/label2id for `labels` by position: what the reference passes every time it loads the classifier."""
+    return {"id2label": dict(enumerate(labels)), "label2id": {label: i for i, label in enumerate(labels)}}
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -156,15 +184,10 @@ def check_adapter_path(value: str, key: str, source: str) -> None:
     raise PipelineError(f"{source}: key {key}: adapter folder {value} does not exist{hint}")
 
 
-def check_classifiers(emotion_classifier: str, gibberish_detector: str, emotions) -> None:
-    """Before generating: the classifiers know the labels the rewards compare against (case-insensitively)."""
-    have = {label.lower() for label in classifier_labels(emotion_classifier)}
-    missing = sorted({e.lower() for e in emotions} - have)
-    if missing:
-        raise PipelineError(
-            f"{emotion_classifier}: emotion classifier has no label for {', '.join(missing)} "
-            f"(its labels: {', '.join(sorted(have))}); id2label must name the dataset's emotions"
-        )
+def check_classifiers(emotion_classifier: str, gibberish_detector: str, emotion_labels) -> None:
+    """Before generating: the emotion classifier has one output per emotion_labels entry, and the gibberish
+    detector knows the labels the rewards compare against (case-insensitively)."""
+    check_emotion_labels(emotion_classifier, emotion_labels)
     have = {label.lower() for label in classifier_labels(gibberish_detector)}
     missing = [label for label in GIBBERISH_LABELS if label not in have]
     if missing:
@@ -174,7 +197,13 @@ def check_classifiers(emotion_classifier: str, gibberish_detector: str, emotions
         )
 
 
-def load_classifier(path: str, batch_size: int):
+def load_classifier(path: str, batch_size: int, labels=None):
+    """A text-classification pipeline; `labels` (emotion_labels) name the outputs by position."""
     from transformers import pipeline
 
-    return pipeline("text-classification", model=path, device=device_name(), batch_size=batch_size)
+    model_kwargs = {}
+    if labels is not None:
+        check_emotion_labels(path, labels)
+        model_kwargs = label_maps(labels)
+    return pipeline("text-classification", model=path, device=device_name(), batch_size=batch_size,
+                    model_kwargs=model_kwargs)

@@ -85,7 +85,7 @@ def check_dialogues(dialogues, source: str, emotions) -> None:
                 raise PipelineError(f"{where}: dialog is {json.dumps(content['dialog'])[:40]}, expected the text of the turn")
             if str(content["emotion"]).lower() not in known:
                 raise PipelineError(
-                    f"{where}: unknown emotion {content['emotion']!r} (the classifier knows {', '.join(sorted(known))})"
+                    f"{where}: unknown emotion {content['emotion']!r} (emotion_labels: {', '.join(emotions)})"
                 )
             if len(content["dialog"]) > LONG_TURN_CHARACTERS:
                 long_turns.append((row, turn_at, len(content["dialog"])))
@@ -130,13 +130,12 @@ def build_prompts(dialogues, tokenizer, system_prompt: str, num_turns_history: i
 def load_prompts(cfg):
     """(tokenizer, prompts) for generate_preferences and evaluate alike: dialogues, their emotions, the
     classifiers' labels and the template checked, prompts rendered; no model weights loaded."""
-    from . import EMOTIONS
     from .chat import load_chat_format
     from .models import check_classifiers, load_tokenizer
 
     dialogues = load_dialogues(cfg.dataset, cfg.dataset_split)
-    check_dialogues(dialogues, cfg.dataset, EMOTIONS)
-    check_classifiers(cfg.emotion_classifier, cfg.gibberish_detector, EMOTIONS)
+    check_dialogues(dialogues, cfg.dataset, cfg.emotion_labels)
+    check_classifiers(cfg.emotion_classifier, cfg.gibberish_detector, cfg.emotion_labels)
     tokenizer = load_tokenizer(cfg.base_model, cfg.adapter, load_chat_format(cfg.chat_template))
     wanted = None if cfg.num_prompts is None else cfg.skip_prompts + cfg.num_prompts
     prompts = build_prompts(dialogues, tokenizer, cfg.system_prompt, cfg.num_turns_history, cfg.all_windows, wanted)

@@ -340,3 +340,61 @@ def test_help_lists_every_key_with_its_help():
                            ("train_modules_to_save", "false: train the LoRA matrices only"),
                            ("wandb", "wandb settings"), ("base_model", "Hub id or local folder of the base LLM")]:
         assert f"{key}: " in text and help_text in text
+
+
+# The reference's real run, hermeschen1116/emotion-chat-bot at commit 12285059f1013d43b0f2b619d637197b0c9dad3f:
+# src/scripts/response_generator/arguments/best_of_n.json ("num_turns_history": 2, "target_score_range": 4,
+# "n_best_of": 6, "min_new_tokens": 5, "max_new_tokens": 20, "repetition_penalty": 1.5), and
+# src/scripts/response_generator/data_process_dpo.py: gen_kwargs ("top_k": 5, "top_p": 1.0, "temperature": 2.0:
+# written in the code; best_of_n.json's "top_k": 0.0 is never read), `if fail_counter <= 30` (a prompt is given up
+# after 1 + 30 rounds), emotion_labels; src/scripts/response_generator/fine_tune_dpo.py: DPOConfig(beta=0.1,
+# num_train_epochs=3, gradient_checkpointing=True).
+REFERENCE_PROMPTS = {"num_turns_history": 2}
+REFERENCE_SELECTION = {"target_score_range": 4, "n_candidates": 6, "max_retries": 30}
+REFERENCE_SAMPLING = {"top_k": 5, "top_p": 1.0, "temperature": 2.0, "repetition_penalty": 1.5, "min_new_tokens": 5,
+                      "max_new_tokens": 20}
+REFERENCE_LABELS = ["neutral", "anger", "disgust", "fear", "happiness", "sadness", "surprise"]
+REFERENCE_DPO = {"beta": 0.1, "num_train_epochs": 3, "gradient_checkpointing": True}
+
+
+def shipped(name):
+    return json.loads((ROOT / "args" / name).read_text())
+
+
+def test_the_real_generate_config_has_the_reference_runs_settings():
+    config = shipped("generate_preferences_arg.json")
+    for key, value in {**REFERENCE_PROMPTS, **REFERENCE_SELECTION}.items():
+        assert config[key] == value, key
+    assert {k: config["generation"][k] for k in REFERENCE_SAMPLING} == REFERENCE_SAMPLING
+    assert config["generation"]["do_sample"] is True  # the reference's "False" is a string; it needs N distinct replies
+    assert config["emotion_labels"] == REFERENCE_LABELS
+
+
+def test_the_real_evaluate_config_builds_prompts_and_samples_as_the_generate_config():
+    config = shipped("evaluate_arg.json")
+    for key, value in REFERENCE_PROMPTS.items():
+        assert config[key] == value, key
+    assert {k: config["generation"][k] for k in REFERENCE_SAMPLING} == REFERENCE_SAMPLING
+    assert config["emotion_labels"] == REFERENCE_LABELS
+
+
+def test_the_real_dpo_config_has_the_reference_runs_settings():
+    config = shipped("dpo_arg.json")
+    assert {k: config["dpo"][k] for k in REFERENCE_DPO} == REFERENCE_DPO
+
+
+def test_the_defaults_are_the_reference_runs_settings(tmp_path):
+    generate = load_config(GenerateConfig, write(tmp_path, MINIMAL))
+    assert (generate.num_turns_history, generate.target_score_range, generate.n_candidates, generate.max_retries) == (
+        2, 4, 6, 30)
+    assert {k: generate.generation[k] for k in REFERENCE_SAMPLING} == REFERENCE_SAMPLING
+    assert generate.emotion_labels == REFERENCE_LABELS
+    train = load_config(TrainConfig, write(tmp_path, {"base_model": "b", "adapter": "a", "dataset": "d"}, "t.json"))
+    assert {k: train.dpo[k] for k in REFERENCE_DPO} == REFERENCE_DPO
+
+
+@pytest.mark.parametrize("labels", [["a", "A"], ["only"], ["a", " "]])
+def test_emotion_labels_must_be_distinct_names(tmp_path, labels):
+    path = write(tmp_path, {**MINIMAL, "emotion_labels": labels})
+    assert error_of(path) == (f"{path}: key emotion_labels: expected distinct non-empty names (case-insensitively), "
+                              f"one per classifier output, got {json.dumps(labels)}")

@@ -16,8 +16,8 @@ import torch
 import trl
 
 from emotion_dpo.config import TrainConfig, load_config
-from emotion_dpo.dpo import (FINAL_ADAPTER, REFERENCE_ADAPTER, build_dpo_config, load_preferences, make_trainer,
-                             train, trl_defaults_for_unset)
+from emotion_dpo.dpo import (FINAL_ADAPTER, REFERENCE_ADAPTER, START_ADAPTER, build_dpo_config, load_preferences,
+                             make_trainer, train, trl_defaults_for_unset)
 from emotion_dpo.errors import PipelineError
 from emotion_dpo.models import load_generator
 
@@ -199,6 +199,8 @@ def test_e_resume_continues_at_the_right_step_with_the_same_optimizer_state(save
                     "dpo.eval_strategy=no")
     train(cfg, resume=True)
     assert not [w for w in recwarn if "differs from the checkpoint" in str(w.message)]
+    check = json.loads((resumed / "metrics.json").read_text())["reference_check"]
+    assert check["equal_to"] == "the adapter the run started from (start_adapter.json)"  # not the trained default
     state = json.loads((resumed / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["global_step"] == 6
     assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4, 5, 6]
@@ -214,6 +216,86 @@ def test_e_resume_continues_at_the_right_step_with_the_same_optimizer_state(save
     for k in opt_a:
         assert opt_a[k]["step"] == opt_b[k]["step"]
         torch.testing.assert_close(opt_a[k]["exp_avg"], opt_b[k]["exp_avg"], rtol=1e-5, atol=1e-7)
+
+
+def sha256_digest(tensor):
+    """dtype, shape and sha256 of a tensor's bytes, written out here from hashlib and numpy."""
+    import hashlib
+
+    array = tensor.contiguous().numpy()
+    return f"{tensor.dtype} {list(tensor.shape)} " + hashlib.sha256(array.tobytes()).hexdigest()
+
+
+def test_the_reference_guard_is_recorded_and_the_start_adapter_is_the_sft_adapter(saved_run, demo_world):
+    out, _ = saved_run
+    check = json.loads((out / "metrics.json").read_text())["reference_check"]
+    assert check["adapter"] == "ref" and check["frozen"] and check["equal_to"] == "the trainable adapter 'default'"
+    first = check["first_batch"]
+    assert first["pairs"] == 4 and first["max_abs_logratio"] <= first["tolerance"] == 1e-3
+    assert first["max_abs_margin"] <= first["max_abs_logratio"]
+    # The digests recorded at the start are those of the SFT adapter's own file (its LoRA matrices, by name).
+    recorded = json.loads((out / START_ADAPTER).read_text())
+    sft = saved_tensors(demo_world / "sft_adapter")
+    lora = [k for k in sft if "lora_" in k]
+    assert lora and all(recorded[k] == sha256_digest(sft[k]) for k in lora)
+    assert len(recorded) == check["tensors"] == len(sft)  # and one per modules_to_save copy
+    for checkpoint in out.glob("checkpoint-*"):  # carried by every checkpoint, for a resume elsewhere
+        assert json.loads((checkpoint / START_ADAPTER).read_text()) == recorded
+
+
+@pytest.mark.parametrize("part", ["lora_B", "modules_to_save"])
+def test_the_reference_guard_refuses_a_perturbed_reference_weight(demo_world, demo_preferences, tmp_path,
+                                                                  monkeypatch, part):
+    import emotion_dpo.dpo as dpo
+
+    built = dpo.make_trainer
+
+    def perturbed(*args, **kwargs):
+        trainer = built(*args, **kwargs)
+        name = next(n for n, _ in trainer.model.named_parameters() if f"{part}.{REFERENCE_ADAPTER}" in n)
+        with torch.no_grad():
+            trainer.model.get_parameter(name).view(-1)[0] += 1e-3  # one number of one tensor
+        return trainer
+
+    monkeypatch.setattr(dpo, "make_trainer", perturbed)
+    cfg, _ = config(demo_world, demo_preferences, tmp_path / "dpo", "dpo.max_steps=2", "eval_fraction=0.0")
+    with pytest.raises(PipelineError, match=r"reference adapter 'ref' differs from the trainable adapter 'default' "
+                                            r"in 1 of \d+ tensors \(first: .*" + part):
+        train(cfg)
+    assert not list((tmp_path / "dpo").glob("checkpoint-*")) and not (tmp_path / "dpo" / "metrics.json").exists()
+
+
+def test_the_reference_guard_refuses_a_reference_pass_that_falls_back_to_the_base_model(
+        demo_world, demo_preferences, tmp_path, monkeypatch):
+    """The known silent failure: the weights are right, but the reference log-probs come from the bare base."""
+    import trl.trainer.dpo_trainer as dpo_trainer
+
+    from emotion_dpo.dpo import check_reference_weights
+
+    use_adapter = dpo_trainer.use_adapter
+    monkeypatch.setattr(dpo_trainer, "use_adapter", lambda model, adapter_name: use_adapter(model, None))
+    cfg, _ = config(demo_world, demo_preferences, tmp_path / "dpo", "dpo.max_steps=2", "eval_fraction=0.0")
+    assert check_reference_weights(build_trainer(cfg).model)["frozen"]  # the weights pass
+    with pytest.raises(PipelineError, match="on the first batch the policy and the reference disagree by up to"):
+        train(cfg)
+    assert not list((tmp_path / "dpo").glob("checkpoint-*"))
+
+
+def test_e_resume_checks_the_reference_against_the_adapter_the_run_started_from(saved_run, demo_world,
+                                                                                 demo_preferences, tmp_path):
+    first, _ = saved_run
+    resumed = tmp_path / "dpo"
+    resumed.mkdir()
+    shutil.copytree(first / "checkpoint-4", resumed / "checkpoint-4")
+    start = json.loads((resumed / "checkpoint-4" / START_ADAPTER).read_text())
+    name = next(k for k in start if "lora_A" in k)
+    start[name] = start[name][:-4] + "0000"  # as if the run had started from another adapter
+    (resumed / "checkpoint-4" / START_ADAPTER).write_text(json.dumps(start))
+    cfg, _ = config(demo_world, demo_preferences, resumed, "dpo.max_steps=6", "dpo.per_device_train_batch_size=4",
+                    "eval_fraction=0.0", "dpo.eval_strategy=no")
+    with pytest.raises(PipelineError, match=r"differs from the adapter the run started from \(start_adapter.json\) "
+                                            r"in 1 of \d+ tensors \(first: " + re.escape(name)):
+        train(cfg, resume=True)
 
 
 def test_e_resuming_with_a_changed_setting_warns(saved_run):
@@ -314,14 +396,33 @@ def test_extra_columns_are_reported_and_kept_out_of_training(demo_world, tmp_pat
     assert "columns kept out of training: chosen_score" in capsys.readouterr().out
 
 
-def test_a_prompt_not_in_the_chat_template_format_is_warned_about():
-    from datasets import Dataset
+MARKED = "<s>[INST] [EMOTION] neutral [/EMOTION] hi . [/INST] [EMOTION] joy [/EMOTION]"
+# The same prompt decoded with skip_special_tokens=True, as the reference built Shotaro30678/rlhf-RG-trl-style-v3
+# (data_process_dpo.py at 12285059f1013d43b0f2b619d637197b0c9dad3f: `tokenizer.decode(query, skip_special_tokens=True)`)
+STRIPPED = "  neutral  hi .   joy "
 
-    from emotion_dpo.dpo import check_preferences
 
-    pairs = Dataset.from_list([{"prompt": "hi", "chosen": "yay", "rejected": "no"}])
-    with pytest.warns(UserWarning, match="1 of 1 prompts lack the chat template's markers"):
-        check_preferences(pairs, "pairs.jsonl", ("[INST]", "[/INST]"))
+def test_f_prompts_without_the_template_markers_are_refused_by_default(demo_world, tmp_path, no_model_loading):
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": MARKED, "chosen": "yay !", "rejected": "no ."},
+            {"prompt": STRIPPED, "chosen": "yay !", "rejected": "no ."}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg, _ = config(demo_world, data, tmp_path / "out")
+    with pytest.raises(PipelineError) as refused:
+        train(cfg)
+    message = str(refused.value)
+    assert "1 of 2 prompts lack the chat template's markers" in message and "row 1" in message
+    assert "set allow_unmarked_prompts to true to train on them anyway" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_f_allow_unmarked_prompts_trains_on_them_with_a_warning(demo_world, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": STRIPPED, "chosen": "yay !", "rejected": "no ."}) + "\n")
+    cfg, _ = config(demo_world, data, tmp_path / "out", "allow_unmarked_prompts=true", "eval_fraction=0.0")
+    with pytest.warns(UserWarning, match="1 of 1 prompts lack .* training on them anyway"):
+        train_set, _ = load_preferences(cfg, ("[INST]", "[/INST]", "[EMOTION]", "[/EMOTION]"))
+    assert train_set["prompt"] == [STRIPPED]
 
 
 def test_f_a_bad_dpo_setting_is_a_clear_error(demo_world, demo_preferences, tmp_path, no_model_loading):
@@ -499,7 +600,8 @@ if use_unsloth:
     import unsloth  # before trl, which it patches
 import torch
 from emotion_dpo.config import TrainConfig, load_config
-from emotion_dpo.dpo import build_dpo_config, load_preferences, make_trainer, save_final_adapter
+from pathlib import Path
+from emotion_dpo.dpo import build_dpo_config, guard_reference, load_preferences, make_trainer, save_final_adapter
 from emotion_dpo.models import load_generator
 
 cfg = load_config(TrainConfig, config_path, sets)
@@ -534,7 +636,12 @@ def lora(name):
 
 ref_before, policy_before = adapter("ref"), adapter("default")
 assert any("modules_to_save" in k for k in ref_before), "(b) the embedding/LM-head copies are not covered"
+Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)  # DPOTrainer may have made it
+check = guard_reference(trainer, Path(cfg.output_dir), None, True)
+assert check["compared_at"].startswith("bfloat16"), check  # TRL cast the trainable copy to bf16
 trainer.train()
+assert check["first_batch"]["max_abs_logratio"] <= check["first_batch"]["tolerance"], check
+print("reference check:", json.dumps(check))
 ref_after, policy_after = adapter("ref"), lora("default")
 assert ref_before.keys() == ref_after.keys() and all(torch.equal(ref_before[k], ref_after[k]) for k in ref_before), "(b) ref moved"
 assert any(not torch.equal(policy_before[k], policy_after[k]) for k in policy_after), "(b) the policy did not move"

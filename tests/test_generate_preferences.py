@@ -258,7 +258,7 @@ def test_unknown_emotion_label_is_refused(demo_world, tmp_path):
 def test_a_classifier_without_the_expected_labels_is_refused(demo_world, tmp_path):
     # The gibberish detector used as the emotion classifier: no emotion labels.
     check_refused(demo_world, tmp_path / "out", [f"emotion_classifier={demo_world / 'gibberish_detector'}"],
-                  "emotion classifier has no label for")
+                  "the emotion classifier has 4 outputs")
 
 
 @pytest.mark.parametrize("override, message", [
@@ -267,6 +267,8 @@ def test_a_classifier_without_the_expected_labels_is_refused(demo_world, tmp_pat
     ("generation.repetition_penalty=0", "key generation.repetition_penalty: `penalty` has to be a strictly positive"),
     ('generation.top_k="five"', 'key generation.top_k: expected an integer, got "five"'),
     ('generation.top_p="x"', 'key generation.top_p: expected a number, got "x"'),
+    # data_process_dpo.py (hermeschen1116/emotion-chat-bot 1228505) passes "do_sample": "False", a truthy string
+    ('generation.do_sample="False"', 'key generation.do_sample: expected true or false, got "False"'),
 ])
 def test_a_bad_sampling_value_is_refused_as_the_config_loads(override, message):
     with pytest.raises(PipelineError, match=message):

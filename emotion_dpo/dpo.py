@@ -19,6 +19,7 @@ from .config import differing_keys_except, save_config, to_dict, without_comment
 from .errors import PipelineError
 
 REQUIRED = ("prompt", "chosen", "rejected")
+ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")  # generate_preferences' token ids, trained on as they are
 REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy
 FINAL_ADAPTER = "final_adapter"
 METRICS_NAME = "metrics.json"
@@ -38,7 +39,8 @@ def read_preferences(source: str, split: str):
 
 
 def check_preferences(dataset, source: str, template_markers=()) -> list[str]:
-    """Required columns present, every value a non-empty string; returns the extra columns (kept out of training)."""
+    """Required columns present, every value a non-empty string, the token id columns (when there are all three)
+    lists of ids; returns the extra columns (kept out of training)."""
     missing = [c for c in REQUIRED if c not in dataset.column_names]
     if missing:
         raise PipelineError(
@@ -61,15 +63,17 @@ def check_preferences(dataset, source: str, template_markers=()) -> list[str]:
                 f"({' '.join(template_markers)}): DPO should train on the format the SFT model saw",
                 stacklevel=2,
             )
-    return [c for c in dataset.column_names if c not in REQUIRED]
+    kept = REQUIRED + (ID_COLUMNS if has_token_ids(dataset) else ())
+    if kept != REQUIRED:
+        for column in ID_COLUMNS:
+            for row, value in enumerate(dataset[column]):
+                if not (isinstance(value, list) and value and all(isinstance(i, int) for i in value)):
+                    raise PipelineError(f"{source}: row {row}, column {column!r}: expected a non-empty list of token ids")
+    return [c for c in dataset.column_names if c not in kept]
 
 
-def with_leading_space(example: dict) -> dict:
-    """Replies were decoded without the space the model generated after the prompt's last marker."""
-    for column in ("chosen", "rejected"):
-        if not example[column][:1].isspace() and not example["prompt"][-1:].isspace():
-            example[column] = " " + example[column]
-    return example
+def has_token_ids(dataset) -> bool:
+    return all(c in dataset.column_names for c in ID_COLUMNS)
 
 
 def load_preferences(cfg, template_markers=()):
@@ -78,7 +82,7 @@ def load_preferences(cfg, template_markers=()):
     extra = check_preferences(dataset, cfg.dataset, template_markers)
     if extra:
         print(f"{cfg.dataset}: {len(dataset)} pairs; columns kept out of training: {', '.join(extra)}")
-    dataset = dataset.remove_columns(extra).map(with_leading_space)
+    dataset = dataset.remove_columns(extra)
     if cfg.eval_fraction == 0 or len(dataset) < 10:
         return dataset, None
     split = dataset.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
@@ -242,10 +246,62 @@ def freeze_modules_to_save(model) -> int:
     return frozen
 
 
-def make_trainer(cfg, model, tokenizer, dpo_args, train_set, eval_set):
+def text_row_ids(tokenizer, prompt: str, reply: str, where: str) -> dict:
+    """A text pair's ids as generation would have them: the prompt's context ids (chat.context_ids) and the
+    reply's ids after them in prompt + reply, then EOS."""
+    from .chat import context_ids
+
+    context = context_ids(tokenizer, prompt)
+    whole = tokenizer(prompt + reply, add_special_tokens=False)["input_ids"]
+    if whole[:len(context)] != context:
+        raise PipelineError(f"{where}: the prompt's tokens are not a prefix of prompt + reply under this tokenizer "
+                            "(the reply does not start where a generated reply would)")
+    return {"context": context, "completion": whole[len(context):] + [tokenizer.eos_token_id]}
+
+
+def tokenize_text_pair(example: dict, row: int, tokenizer, name: str) -> dict:
+    chosen = text_row_ids(tokenizer, example["prompt"], example["chosen"], f"{name} row {row}, column 'chosen'")
+    rejected = text_row_ids(tokenizer, example["prompt"], example["rejected"], f"{name} row {row}, column 'rejected'")
+    return {"prompt_ids": chosen["context"], "chosen_ids": chosen["completion"], "rejected_ids": rejected["completion"]}
+
+
+def drop_overlong_prompts(dataset, args):
+    """TRL's own rule (DPOTrainer._prepare_dataset): with `keep_start` truncation a row whose prompt alone fills
+    max_length would keep no completion token, so it is dropped."""
+    if args.max_length is None or args.truncation_mode != "keep_start":
+        return dataset
+    return dataset.filter(lambda ids: len(ids) < args.max_length, input_columns="prompt_ids")
+
+
+def dpo_trainer_class():
+    """TRL's DPOTrainer, given token ids instead of text.
+
+    TRL tokenizes a text prompt with the tokenizer's defaults (a Llama tokenizer adds a second BOS to the `<s>` the
+    prompt already holds) and appends the EOS text to each reply, so DPO would train on other ids than the
+    generator saw. Here the ids generate_preferences kept are used as they are; a text-only dataset is tokenized
+    the way generation conditions and continues (tokenize_text_pair)."""
     from trl import DPOTrainer
 
-    trainer = DPOTrainer(model=model, ref_model=None, args=dpo_args, train_dataset=train_set,
+    from .chat import context_ids
+
+    class TokenExactDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            tokenizer = self._tokenizer
+            if has_token_ids(dataset):
+                first = dataset[0]
+                if first["prompt_ids"] != context_ids(tokenizer, first["prompt"]):
+                    raise PipelineError(f"{dataset_name} dataset: row 0's prompt_ids are not its prompt's tokens under "
+                                        "this adapter's tokenizer; the preference data was generated with another one")
+            else:
+                dataset = dataset.map(tokenize_text_pair, with_indices=True,
+                                      fn_kwargs={"tokenizer": tokenizer, "name": f"{dataset_name} dataset"})
+            return drop_overlong_prompts(dataset, args)
+
+    return TokenExactDPOTrainer
+
+
+def make_trainer(cfg, model, tokenizer, dpo_args, train_set, eval_set):
+    trainer = dpo_trainer_class()(model=model, ref_model=None, args=dpo_args, train_dataset=train_set,
                          eval_dataset=eval_set, processing_class=tokenizer, callbacks=[config_saver(cfg)])
     if REFERENCE_ADAPTER not in trainer.model.peft_config:
         raise PipelineError("TRL did not add the frozen reference adapter; this trl version is not supported")

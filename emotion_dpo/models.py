@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from .chat import ChatFormat, install_chat_format, load_chat_format
+from .chat import ChatFormat, install_chat_format, load_chat_format, warn_if_shipped_template_differs
 from .errors import PipelineError
 
 GIBBERISH_LABELS = ("clean", "mild gibberish")  # the labels the gibberish reward names explicitly
@@ -50,9 +50,10 @@ def load_tokenizer(base_model: str, adapter: str, chat: ChatFormat):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(adapter)
+        tokenizer, where = AutoTokenizer.from_pretrained(adapter), adapter
     except (OSError, ValueError):
-        tokenizer = AutoTokenizer.from_pretrained(base_model)
+        tokenizer, where = AutoTokenizer.from_pretrained(base_model), base_model
+    warn_if_shipped_template_differs(tokenizer, where, chat)
     install_chat_format(tokenizer, chat)
     return tokenizer
 
@@ -148,9 +149,18 @@ def check_adapter_path(value: str, key: str, source: str) -> None:
     raise PipelineError(f"{source}: key {key}: adapter folder {value} does not exist{hint}")
 
 
+def emotion_id2label(path: str, emotions) -> dict | None:
+    """The reference never trusts the emotion classifier's own names: it passes id2label built from its ordered
+    list. With as many outputs as emotions they are applied by position (a classifier saved with LABEL_0...
+    works); else None (its own names are then checked)."""
+    labels = classifier_labels(path)
+    return dict(enumerate(emotions)) if len(labels) == len(emotions) else None
+
+
 def check_classifiers(emotion_classifier: str, gibberish_detector: str, emotions) -> None:
     """Before generating: the classifiers know the labels the rewards compare against (case-insensitively)."""
-    have = {label.lower() for label in classifier_labels(emotion_classifier)}
+    mapped = emotion_id2label(emotion_classifier, emotions)
+    have = {label.lower() for label in (mapped.values() if mapped else classifier_labels(emotion_classifier))}
     missing = sorted({e.lower() for e in emotions} - have)
     if missing:
         raise PipelineError(
@@ -166,7 +176,12 @@ def check_classifiers(emotion_classifier: str, gibberish_detector: str, emotions
         )
 
 
-def load_classifier(path: str, batch_size: int):
+def load_classifier(path: str, batch_size: int, id2label: dict | None = None):
+    """A text-classification pipeline; `id2label` (the emotion classifier's, by position) replaces its own names."""
     from transformers import pipeline
 
-    return pipeline("text-classification", model=path, device=device_name(), batch_size=batch_size)
+    classifier = pipeline("text-classification", model=path, device=device_name(), batch_size=batch_size)
+    if id2label:
+        classifier.model.config.id2label = dict(id2label)
+        classifier.model.config.label2id = {label: i for i, label in id2label.items()}
+    return classifier

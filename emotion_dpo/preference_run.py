@@ -10,7 +10,7 @@ from pathlib import Path
 from .config import differing_keys_except, save_config, to_dict
 from .errors import PipelineError
 from .journal import Journal, journal_files, journal_path, merge_journals, shard
-from .preferences import reselect, settle, write_dataset
+from .preferences import check_token_ids, reselect, settle, write_dataset
 from .prompts import load_prompts
 from .stats import format_summary, write_report
 
@@ -60,11 +60,12 @@ def prepare_output_dir(cfg, fresh: bool) -> Path:
 
 def settled_records(folder: Path, prompts) -> dict[int, dict]:
     records = {r["index"]: r for r in merge_journals(journal_files(folder))}
+    check_token_ids(list(records.values()), folder)
     for index, record in records.items():
-        if index < len(prompts) and record["prompt"] != prompts[index].text:
+        if index < len(prompts) and (record["prompt"], record["prompt_ids"]) != (prompts[index].text, prompts[index].ids):
             raise PipelineError(
                 f"{folder}: prompt {index} in the journal differs from the one built now "
-                "(dataset, template or system prompt changed); use another output_dir"
+                "(dataset, template, tokenizer or system prompt changed); use another output_dir"
             )
     return records
 
@@ -82,7 +83,8 @@ def sample_pool(cfg, prompts, sampler, journal: Journal, metrics, progress) -> N
         retry = []
         for (prompt, rounds), new_round in zip(batch, new_rounds):
             rounds.append(new_round)
-            record = settle(prompt, rounds, cfg, final=len(rounds) >= 1 + cfg.max_retries)
+            record = settle(prompt, rounds, cfg, final=len(rounds) >= 1 + cfg.max_retries,
+                            eos_token_id=sampler.tokenizer.eos_token_id)
             if record is None:
                 retry.append((prompt, rounds))
                 continue
@@ -195,8 +197,10 @@ def reselect_run(cfg, out_dir: str) -> dict:
     length_of = None
     if run_config.get("length_unit") != cfg.length_unit:  # the stored lengths are in the run's unit
         length_of = reply_measure(cfg)
+    stored = merge_journals(files)
+    check_token_ids(stored, source)
     out.mkdir(parents=True, exist_ok=True)
-    records = [reselect(r, cfg, cfg, length_of) for r in merge_journals(files)]
+    records = [reselect(r, cfg, cfg, length_of) for r in stored]
     save_config(cfg, out, CONFIG_NAME)
     with open(out / "journal.rank0.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)

@@ -7,13 +7,17 @@ import os
 import shutil
 from pathlib import Path
 
+from .errors import PipelineError
 from .selection import ScoredReply, pick_pair, rescore, round_failure
 
-COLUMNS = ("prompt", "chosen", "rejected", "chosen_score", "rejected_score")  # what TRL's DPOTrainer reads
+COLUMNS = ("prompt", "chosen", "rejected", "chosen_score", "rejected_score")
+# The token ids generation used, which fine_tune_dpo trains on as they are: the context the generator was
+# conditioned on, and each reply's generated ids followed by the EOS the SFT model learned to end with.
+ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 PARTS = ("emotion_reward", "length_reward", "gibberish_reward")
 
 
-def settle(prompt, rounds: list[list[ScoredReply]], selection, final: bool) -> dict | None:
+def settle(prompt, rounds: list[list[ScoredReply]], selection, final: bool, eos_token_id: int) -> dict | None:
     """The journal record for a prompt whose latest round passed, or that is given up (`final`); else None."""
     last = rounds[-1]
     reason = round_failure(last, prompt.target_emotion, selection)
@@ -24,6 +28,8 @@ def settle(prompt, rounds: list[list[ScoredReply]], selection, final: bool) -> d
         "index": prompt.index,
         "dialogue": prompt.dialogue,
         "prompt": prompt.text,
+        "prompt_ids": list(prompt.ids),
+        "eos_token_id": eos_token_id,
         "target_emotion": prompt.target_emotion,
         "status": "accepted" if reason is None else "failed",
         "reason": reason,
@@ -69,6 +75,9 @@ def preference_row(record: dict) -> dict:
         "rejected": rejected["text"],
         "chosen_score": chosen["total"],
         "rejected_score": rejected["total"],
+        "prompt_ids": record["prompt_ids"],
+        "chosen_ids": chosen["token_ids"] + [record["eos_token_id"]],
+        "rejected_ids": rejected["token_ids"] + [record["eos_token_id"]],
         "target_emotion": record["target_emotion"],
         "rounds": len(record["rounds"]),
         "index": record["index"],
@@ -118,4 +127,12 @@ def write_dataset(records: list[dict], folder: str | Path) -> dict:
 
 
 def preference_row_columns() -> list[str]:
-    return [*COLUMNS, "target_emotion", "rounds", "index", *(f"{s}_{p}" for p in PARTS for s in ("chosen", "rejected"))]
+    return [*COLUMNS, *ID_COLUMNS, "target_emotion", "rounds", "index", *(f"{s}_{p}" for p in PARTS for s in ("chosen", "rejected"))]
+
+
+def check_token_ids(records: list[dict], where) -> None:
+    """Journals written before the token ids were kept cannot give DPO the ids generation used."""
+    if any("prompt_ids" not in r or any(reply.get("token_ids") is None for round_ in r["rounds"] for reply in round_)
+           for r in records):
+        raise PipelineError(f"{where}: the journal holds prompts settled without their token ids (an older "
+                            "version wrote it); generate them again in another output_dir")

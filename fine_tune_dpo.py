@@ -30,7 +30,7 @@ def main(argv=None) -> None:
 
         train(cfg, resume=args.resume)
 
-    run_main(args, "TrainConfig", stages)
+    run_main(args, "TrainConfig", stages, resume="run it again with --resume to continue from the last complete checkpoint")
 
 
 if __name__ == "__main__":

@@ -24,14 +24,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     def stages(cfg):
-        from pathlib import Path
-
         from emotion_dpo import preference_run
 
         if args.reselect:
             preference_run.reselect_run(cfg, args.reselect)
         elif args.finalize:
-            preference_run.finalize(cfg, Path(cfg.output_dir))
+            preference_run.finalize_run(cfg)
         else:
             preference_run.generate(cfg, fresh=args.fresh)
 

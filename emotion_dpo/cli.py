@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 
 from .errors import PipelineError
@@ -13,8 +14,24 @@ def add_config_arguments(parser, default_config: str) -> None:
                         help="override one config key, e.g. --set num_prompts=64 or --set dpo.beta=0.2 (repeatable)")
 
 
-def run_main(args, config_class: str, stages) -> int:
-    """Load the config, run `stages(cfg)`; a PipelineError is printed briefly and exits with status 2."""
+RESUME = "run the same command again to resume"
+
+
+def os_error_message(error: OSError, resume: str = RESUME) -> str:
+    """One line for a failed read or write: which file, why, and (the disk full) that finished work is kept."""
+    where = f"{error.filename}: " if error.filename else ""
+    message = f"{where}{error.strerror or error}"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"{message}. The work finished so far is safe (the journal and checkpoints are written whole and "
+                f"fsync'ed before they count); free some space, then {resume}")
+    if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{message}: cannot write there; make the folder writable or choose another output_dir"
+    return message
+
+
+def run_main(args, config_class: str, stages, resume: str = RESUME) -> int:
+    """Load the config, run `stages(cfg)`; a PipelineError or a failed read or write (full disk, read-only
+    folder) is printed as one short message and exits with status 2."""
     from . import config
 
     try:
@@ -23,7 +40,10 @@ def run_main(args, config_class: str, stages) -> int:
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except OSError as error:
+        print(f"error: {os_error_message(error, resume)}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: finished work is kept; run the same command again to resume", file=sys.stderr)
+        print(f"interrupted: finished work is kept; {resume}", file=sys.stderr)
         sys.exit(130)
     return 0

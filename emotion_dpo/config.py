@@ -189,9 +189,9 @@ def to_dict(config) -> dict:
 
 
 def save_config(config, folder: str | Path, name: str = "config.json") -> Path:
-    path = Path(folder) / name
-    path.write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
-    return path
+    from .files import write_text_atomic  # whole or not at all: a torn config.json would block every later start
+
+    return write_text_atomic(Path(folder) / name, json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
 
 
 def differing_keys(old: dict, new: dict, prefix: str = "") -> list[str]:

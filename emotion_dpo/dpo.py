@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .config import differing_keys_except, save_config, to_dict, without_comments
 from .errors import PipelineError
+from .files import run_folder_exists, write_text_atomic
 
 REQUIRED = ("prompt", "chosen", "rejected")
 ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")  # generate_preferences' token ids, trained on as they are
@@ -33,8 +34,11 @@ RESUMABLE_CHANGES = {"resume_from_checkpoint", "output_dir", "wandb", "dpo.loggi
 # ------------------------------------------------------------------ the preference data, before any model
 
 def read_preferences(source: str, split: str):
-    from .prompts import load_rows
+    from .prompts import has_a_line, load_rows
 
+    path = Path(source)
+    if path.suffix in (".jsonl", ".json") and path.is_file() and not has_a_line(path):
+        raise PipelineError(f"0 pairs in {source}: the file is empty")
     return load_rows(source, split, "preference data")
 
 
@@ -48,7 +52,8 @@ def check_preferences(dataset, source: str, template_markers=()) -> list[str]:
             f"(has {', '.join(dataset.column_names)}; needs prompt, chosen, rejected)"
         )
     if len(dataset) == 0:
-        raise PipelineError(f"{source}: no preference pairs")
+        raise PipelineError(f"0 pairs in {source}: nothing to train on (a generate_preferences run that accepted "
+                            "none: see its statistics.txt and failed.jsonl)")
     for column in REQUIRED:
         for row, value in enumerate(dataset[column]):
             if not isinstance(value, str):
@@ -76,17 +81,70 @@ def has_token_ids(dataset) -> bool:
     return all(c in dataset.column_names for c in ID_COLUMNS)
 
 
+def without_repeats(dataset, source: str):
+    """Pairs whose chosen equals rejected (nothing to learn) and repeated rows (a held-out copy of a training row
+    would read as learned) are dropped, with a count; none left is an error."""
+    seen, keep = set(), []
+    same = repeated = 0
+    for i, row in enumerate(zip(dataset["prompt"], dataset["chosen"], dataset["rejected"])):
+        if row[1] == row[2]:
+            same += 1
+        elif row in seen:
+            repeated += 1
+        else:
+            seen.add(row)
+            keep.append(i)
+    if same or repeated:
+        print(f"{source}: dropped {same} pairs whose chosen equals rejected and {repeated} repeated rows; "
+              f"{len(keep)} of {len(dataset)} pairs left")
+    if not keep:
+        raise PipelineError(f"0 pairs in {source} once pairs whose chosen equals rejected and repeated rows are dropped")
+    return dataset.select(keep) if len(keep) < len(dataset) else dataset
+
+
 def load_preferences(cfg, template_markers=()):
     """(train, eval or None): checked, extra columns dropped, split by eval_fraction with the config's seed."""
     dataset = read_preferences(cfg.dataset, cfg.dataset_split)
     extra = check_preferences(dataset, cfg.dataset, template_markers)
     if extra:
         print(f"{cfg.dataset}: {len(dataset)} pairs; columns kept out of training: {', '.join(extra)}")
-    dataset = dataset.remove_columns(extra)
+    dataset = without_repeats(dataset.remove_columns(extra), cfg.dataset)
     if cfg.eval_fraction == 0 or len(dataset) < 10:
         return dataset, None
     split = dataset.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
     return split["train"], split["test"]
+
+
+def overlong_pairs(dataset, tokenizer, max_length: int | None, truncation_mode: str) -> tuple[int, int, int]:
+    """(dropped, truncated, longest prompt) by TRL's own rules, before it applies them silently: a pair whose
+    prompt alone holds max_length tokens is dropped (fully_truncated); one whose prompt + completion (EOS
+    included) exceeds max_length is cut. On the ids the trainer is given (token_id_rows)."""
+    if max_length is None or len(dataset) == 0:
+        return 0, 0, 0
+    rows = token_id_rows(dataset, tokenizer, "the")
+    dropped = truncated = 0
+    for prompt, chosen, rejected in zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"]):
+        if fully_truncated(prompt, max_length, truncation_mode):
+            dropped += 1
+        elif len(prompt) + max(len(chosen), len(rejected)) > max_length:
+            truncated += 1
+    return dropped, truncated, max(len(ids) for ids in rows["prompt_ids"])
+
+
+def report_overlong(splits: dict, tokenizer, dpo_args, source: str, say=print) -> None:
+    """Say how many pairs TRL will drop or cut at dpo.max_length; a split it would empty is an error."""
+    for name, dataset in splits.items():
+        if dataset is None:
+            continue
+        dropped, truncated, longest = overlong_pairs(dataset, tokenizer, dpo_args.max_length, dpo_args.truncation_mode)
+        if dropped == len(dataset):
+            raise PipelineError(
+                f"{source}: every {name} pair's prompt has at least dpo.max_length = {dpo_args.max_length} tokens "
+                f"(the longest: {longest}), so TRL would drop all {len(dataset)}; raise dpo.max_length or shorten the "
+                "prompts")
+        if dropped or truncated:
+            say(f"{source}: {name}: {dropped} of {len(dataset)} pairs dropped (prompt alone >= dpo.max_length = "
+                f"{dpo_args.max_length} tokens), {truncated} truncated to max_length")
 
 
 # ------------------------------------------------------------------ TRL's config
@@ -139,32 +197,66 @@ def build_dpo_config(cfg, has_eval: bool = True):
 
 # ------------------------------------------------------------------ the run folder
 
-def last_checkpoint(folder: Path) -> Path | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from, or None. The Trainer writes trainer_state.json last (after the
+    adapter, optimizer, scheduler and RNG state), so a kill during a save leaves a folder without it."""
+    if not (checkpoint / "adapter_model.safetensors").is_file():
+        return "no adapter_model.safetensors"
+    for name, required in (("trainer_state.json", True), (CONFIG_NAME, False)):
+        path = checkpoint / name
+        if not path.is_file():
+            if required:
+                return f"no {name}"
+            continue
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            return f"{name} is cut short"
+    return None
 
-    return Path(found) if folder.is_dir() and (found := get_last_checkpoint(str(folder))) else None
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint-*; newer ones a kill cut short while they were saved are named and skipped."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    if not folder.is_dir():
+        return None
+    steps = {p: int(p.name.rpartition("-")[2]) for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+             if p.is_dir() and p.name.rpartition("-")[2].isdigit()}
+    for checkpoint in sorted(steps, key=steps.get, reverse=True):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint
+        print(f"{checkpoint}: skipped, incomplete ({problem}: its save was cut short)")
+    return None
 
 
 def resolve_resume(cfg, resume_flag: bool):
     """The checkpoint to resume from, or None; a finished or started run is never silently overwritten."""
     folder = Path(cfg.output_dir)
+    run_folder_exists(folder)
     wanted = cfg.resume_from_checkpoint if cfg.resume_from_checkpoint is not None else resume_flag
-    checkpoint = last_checkpoint(folder)
     if isinstance(wanted, str):
         if not Path(wanted).is_dir():
             raise PipelineError(f"{cfg.source}: key resume_from_checkpoint: {wanted} is not a checkpoint folder")
+        if problem := checkpoint_problem(Path(wanted)):
+            raise PipelineError(f"{cfg.source}: key resume_from_checkpoint: {wanted} is incomplete ({problem}); "
+                                "name an earlier checkpoint, or pass --resume for the newest complete one")
         check_config_changes(cfg, Path(wanted))
         return Path(wanted)
+    checkpoint = last_checkpoint(folder)
     if wanted:
         if checkpoint is None:
-            raise PipelineError(f"{folder}: --resume, but there is no checkpoint-* folder to resume from")
+            raise PipelineError(f"{folder}: --resume, but there is no complete checkpoint-* folder to resume from; "
+                                "remove the incomplete ones named above (or choose another output_dir) to start again")
         check_config_changes(cfg, checkpoint)
+        print(f"resuming from {checkpoint}")
         return checkpoint
     if folder.exists() and any(folder.iterdir()):
         if {entry.name for entry in folder.iterdir()} - STARTED_ONLY:
             raise PipelineError(
                 f"{folder}: output_dir already holds a run"
-                + (f" (last checkpoint {checkpoint.name}); pass --resume to continue it" if checkpoint else "")
+                + (f" (last complete checkpoint {checkpoint.name}); pass --resume to continue it" if checkpoint else "")
                 + ", or choose another output_dir"
             )
         # only what a start writes before training: it stopped before its first checkpoint, nothing to lose
@@ -265,12 +357,25 @@ def tokenize_text_pair(example: dict, row: int, tokenizer, name: str) -> dict:
     return {"prompt_ids": chosen["context"], "chosen_ids": chosen["completion"], "rejected_ids": rejected["completion"]}
 
 
-def drop_overlong_prompts(dataset, args):
-    """TRL's own rule (DPOTrainer._prepare_dataset): with `keep_start` truncation a row whose prompt alone fills
+def fully_truncated(prompt_ids, max_length: int | None, truncation_mode: str) -> bool:
+    """TRL's own rule (DPOTrainer._prepare_dataset): with `keep_start` truncation a pair whose prompt alone fills
     max_length would keep no completion token, so it is dropped."""
-    if args.max_length is None or args.truncation_mode != "keep_start":
+    return max_length is not None and truncation_mode == "keep_start" and len(prompt_ids) >= max_length
+
+
+def token_id_rows(dataset, tokenizer, name: str):
+    """The dataset with prompt_ids / chosen_ids / rejected_ids: generate_preferences' own (checked on row 0 against
+    this tokenizer), or, for text only, tokenized the way generation conditions and continues (tokenize_text_pair)."""
+    from .chat import context_ids
+
+    if has_token_ids(dataset):
+        first = dataset[0]
+        if first["prompt_ids"] != context_ids(tokenizer, first["prompt"]):
+            raise PipelineError(f"{name} dataset: row 0's prompt_ids are not its prompt's tokens under this "
+                                "adapter's tokenizer; the preference data was generated with another one")
         return dataset
-    return dataset.filter(lambda ids: len(ids) < args.max_length, input_columns="prompt_ids")
+    return dataset.map(tokenize_text_pair, with_indices=True, fn_kwargs={"tokenizer": tokenizer,
+                                                                         "name": f"{name} dataset"})
 
 
 def dpo_trainer_class():
@@ -278,24 +383,15 @@ def dpo_trainer_class():
 
     TRL tokenizes a text prompt with the tokenizer's defaults (a Llama tokenizer adds a second BOS to the `<s>` the
     prompt already holds) and appends the EOS text to each reply, so DPO would train on other ids than the
-    generator saw. Here the ids generate_preferences kept are used as they are; a text-only dataset is tokenized
-    the way generation conditions and continues (tokenize_text_pair)."""
+    generator saw. Here the ids generate_preferences kept are used as they are (token_id_rows), and TRL's
+    max_length rule is applied to them (fully_truncated)."""
     from trl import DPOTrainer
-
-    from .chat import context_ids
 
     class TokenExactDPOTrainer(DPOTrainer):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            tokenizer = self._tokenizer
-            if has_token_ids(dataset):
-                first = dataset[0]
-                if first["prompt_ids"] != context_ids(tokenizer, first["prompt"]):
-                    raise PipelineError(f"{dataset_name} dataset: row 0's prompt_ids are not its prompt's tokens under "
-                                        "this adapter's tokenizer; the preference data was generated with another one")
-            else:
-                dataset = dataset.map(tokenize_text_pair, with_indices=True,
-                                      fn_kwargs={"tokenizer": tokenizer, "name": f"{dataset_name} dataset"})
-            return drop_overlong_prompts(dataset, args)
+            rows = token_id_rows(dataset, self._tokenizer, dataset_name)
+            return rows.filter(lambda ids: not fully_truncated(ids, args.max_length, args.truncation_mode),
+                               input_columns="prompt_ids")
 
     return TokenExactDPOTrainer
 
@@ -366,7 +462,7 @@ def train(cfg, resume: bool = False) -> dict:
     from accelerate import PartialState
 
     from .chat import load_chat_format
-    from .models import check_adapter_path, load_generator
+    from .models import check_adapter_path, load_generator, load_tokenizer
     from .tracking import start_wandb
 
     # ---- inputs, checked before any model loads
@@ -377,6 +473,8 @@ def train(cfg, resume: bool = False) -> dict:
     with state.main_process_first():  # one process writes the datasets cache, the others read it
         train_set, eval_set = load_preferences(cfg, chat.special_tokens)
     dpo_args = build_dpo_config(cfg, has_eval=eval_set is not None)
+    report_overlong({"training": train_set, "held-out": eval_set}, load_tokenizer(cfg.base_model, cfg.adapter, chat),
+                    dpo_args, cfg.dataset, say=print if state.is_main_process else lambda _: None)
     state.wait_for_everyone()  # every process has looked at output_dir before the main one writes into it
     folder = Path(cfg.output_dir)
     run = None
@@ -389,7 +487,8 @@ def train(cfg, resume: bool = False) -> dict:
     model, tokenizer = load_generator(cfg, trainable=True)
     trainer = make_trainer(cfg, model, tokenizer, dpo_args, train_set, eval_set)
     if state.is_main_process:
-        print(f"training {len(train_set)} pairs (held out: {len(eval_set) if eval_set is not None else 0}); "
+        held_out = trainer.eval_dataset
+        print(f"training {len(trainer.train_dataset)} pairs (held out: {len(held_out) if held_out is not None else 0}); "
               f"one base model, adapters: {', '.join(trainer.model.peft_config)} (frozen: {REFERENCE_ADAPTER}"
               + ("; modules_to_save frozen in both, one shared copy" if not cfg.train_modules_to_save else "") + ")")
     if checkpoint:
@@ -407,7 +506,7 @@ def train(cfg, resume: bool = False) -> dict:
     state.wait_for_everyone()
     if state.is_main_process:
         final = save_final_adapter(trainer, tokenizer, cfg)
-        (folder / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n")
+        write_text_atomic(folder / METRICS_NAME, json.dumps(metrics, indent=2) + "\n")
         if eval_set is not None:
             e = metrics["eval"]
             plain_dpo = cfg.dpo.get("loss_type", ["sigmoid"]) in ("sigmoid", ["sigmoid"])  # else ln 2 means nothing

@@ -11,6 +11,7 @@ from pathlib import Path
 from . import EMOTIONS
 from .config import save_config, to_dict
 from .errors import PipelineError
+from .files import run_folder_exists
 from .prompts import load_prompts
 
 RESULT_FILES = ("results.json", "results.md", "replies.jsonl", "results.png")
@@ -89,7 +90,7 @@ def prepare_output_dir(cfg, fresh: bool = False) -> Path:
     """An empty folder, or one an unfinished evaluation left (its config.json, no results): never overwrite
     results silently; `fresh` moves earlier results aside."""
     folder = Path(cfg.output_dir)
-    if folder.exists() and any(folder.iterdir()):
+    if run_folder_exists(folder) and any(folder.iterdir()):
         if not is_evaluation_folder(folder):
             raise PipelineError(f"{folder}: output_dir is not empty and holds no evaluation; choose another output_dir")
         if any((folder / name).exists() for name in RESULT_FILES):

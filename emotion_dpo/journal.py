@@ -3,18 +3,25 @@
 One JSON line per settled prompt (accepted or given up) with every candidate of every round and its
 component scores. A line is flushed and fsync'ed before the prompt counts as done; a torn last line
 (the process died mid-write) is cut off on the next open, so that prompt is simply generated again.
+Any other line that is not a valid record is an error naming the file and the line: it is not ours to drop.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import json
 import os
 from pathlib import Path
 from typing import Iterable
 
 from .errors import PipelineError
+from .selection import ScoredReply
 
 JOURNAL_GLOB = "journal.rank*.jsonl"
+STATUSES = ("accepted", "failed")
+# token_ids (the generated ids) may be missing: journals of older versions have no ids; their pairs train as text
+REPLY_KEYS = {f.name: f.type for f in dataclasses.fields(ScoredReply) if f.name != "token_ids"}
 
 
 def journal_path(folder: str | Path, rank: int) -> Path:
@@ -36,9 +43,14 @@ def _cut_torn_tail(path: Path) -> None:
 class Journal:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if self.path.exists():
-            _cut_torn_tail(self.path)
         self._file = open(self.path, "a", encoding="utf-8")
+        try:  # one writer per journal, even if two processes took the same rank
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            raise PipelineError(f"{self.path}: another process is writing this journal (the same rank twice?); "
+                                "stop it or wait for it to end, then run again") from None
+        _cut_torn_tail(self.path)
 
     def append(self, record: dict) -> None:
         self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -49,25 +61,104 @@ class Journal:
         self._file.close()
 
 
-def read_journal(path: str | Path) -> list[dict]:
+def _is(value, kind) -> bool:
+    if kind in (float, "float"):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind in (int, "int"):
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, str)
+
+
+def _are_ids(value) -> bool:
+    """None (not recorded) or a list of token ids."""
+    return value is None or isinstance(value, list) and all(_is(i, int) for i in value)
+
+
+def record_problem(record) -> str | None:
+    """What makes a journal line no settled prompt (None: it is one): the keys finalize and --reselect read."""
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}"
+    expected = {"index": int, "dialogue": int, "prompt": str, "target_emotion": str, "rounds": list}
+    for key, kind in expected.items():
+        if key not in record:
+            return f"key {key!r} is missing"
+        if not (isinstance(record[key], list) if kind is list else _is(record[key], kind)):
+            return f"key {key!r}: expected {kind.__name__}, got {json.dumps(record[key])[:40]}"
+    if record.get("status") not in STATUSES:
+        return f"key 'status': {json.dumps(record.get('status'))}, expected one of {', '.join(STATUSES)}"
+    rounds = record["rounds"]
+    if not rounds or not all(isinstance(r, list) and r for r in rounds):
+        return "key 'rounds': expected a non-empty list of non-empty rounds"
+    for round_at, round_ in enumerate(rounds):
+        for reply_at, reply in enumerate(round_):
+            if not isinstance(reply, dict) or set(reply) - {"token_ids"} != set(REPLY_KEYS) or not all(
+                    _is(reply[k], kind) for k, kind in REPLY_KEYS.items()) or not _are_ids(reply.get("token_ids")):
+                return (f"rounds[{round_at}][{reply_at}]: expected a scored reply with keys "
+                        f"{', '.join(REPLY_KEYS)} of their types (and token_ids, a list of ids)")
+    if not _are_ids(record.get("prompt_ids")):
+        return "key 'prompt_ids': expected a list of token ids"
+    if record["status"] == "accepted":
+        last = len(rounds[-1])
+        for key in ("chosen_at", "rejected_at"):
+            if not _is(record.get(key), int) or not 0 <= record[key] < last:
+                return f"key {key!r}: expected the position of a reply of the last round (0-{last - 1}), " \
+                       f"got {json.dumps(record.get(key))}"
+    elif not isinstance(record.get("reason"), str):
+        return "key 'reason': a failed prompt needs the reason of its last round"
+    return None
+
+
+def read_journal_lines(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, record) of each settled prompt; a torn last line (no newline) is no settled prompt."""
     records = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.endswith("\n"):  # a torn last line is not a settled prompt
-                records.append(json.loads(line))
+        for number, line in enumerate(f, 1):
+            if not line.endswith("\n"):
+                break  # the process died mid-write: that prompt is generated again
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PipelineError(f"{path}:{number}: not a JSON line ({e.msg}); {_WAY_OUT}") from None
+            problem = record_problem(record)
+            if problem:
+                raise PipelineError(f"{path}:{number}: not a settled prompt: {problem}; {_WAY_OUT}")
+            records.append((number, record))
     return records
 
 
+_WAY_OUT = ("delete that line (the prompt is generated again on resume) or restore it from a copy; "
+            "--fresh starts a new run")
+
+
+def read_journal(path: str | Path) -> list[dict]:
+    return [record for _, record in read_journal_lines(path)]
+
+
 def merge_journals(paths: Iterable[str | Path]) -> list[dict]:
-    """All settled prompts of all processes, by prompt index; a prompt settled twice is an error."""
-    by_index: dict[int, dict] = {}
+    """All settled prompts of all processes, by prompt index.
+
+    A prompt settled twice (two processes once wrote into one journal) is kept once when both records are
+    identical, with a notice; two different records are an error naming both lines, with the way out."""
+    by_index: dict[int, tuple[str, dict]] = {}
+    repeated = []
     for path in sorted(paths):
-        for record in read_journal(path):
+        for number, record in read_journal_lines(path):
             index = record["index"]
+            where = f"{path}:{number}"
             if index in by_index:
-                raise PipelineError(f"{path}: prompt {index} is settled twice (also in another journal line)")
-            by_index[index] = record
-    return [by_index[i] for i in sorted(by_index)]
+                first, kept = by_index[index]
+                if kept != record:
+                    raise PipelineError(
+                        f"prompt {index} is settled twice with different results: {first} and {where} "
+                        f"(two processes wrote this run). Delete one of the two lines to keep the other "
+                        f"(e.g. sed -i '{number}d' {path}), then run again")
+                repeated.append(where)
+                continue
+            by_index[index] = (where, record)
+    if repeated:
+        print(f"{len(repeated)} journal lines repeat a settled prompt with the identical record (two processes "
+              f"wrote this run once); each prompt is kept once. First: {repeated[0]}")
+    return [by_index[i][1] for i in sorted(by_index)]
 
 
 def journal_files(folder: str | Path) -> list[Path]:

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
+import warnings
 from collections import deque
+from contextlib import ExitStack
 from pathlib import Path
 
 from .config import differing_keys_except, save_config, to_dict
 from .errors import PipelineError
+from .files import FINALIZE_LOCK, FolderLock, folder_entries, publish_set, run_folder_exists
 from .journal import Journal, journal_files, journal_path, merge_journals, shard
-from .preferences import check_token_ids, reselect, settle, write_dataset
+from .preferences import reselect, settle, write_dataset
 from .prompts import load_prompts
 from .stats import format_summary, write_report
 
@@ -20,49 +25,89 @@ RESUMABLE_CHANGES = {"output_dir", "batch_prompts", "classifier_batch_size", "wa
 RESELECTABLE = {"reward_weights", "reward_bias", "length_unit", "length_min", "length_max", "target_score_range",
                 "min_chosen_score", "min_chosen_gibberish_confidence", "chosen_endings", "max_retries"}
 CONFIG_NAME = "config.json"
+# What finalize writes: one set, switched in at once (files.publish_set)
+OUTPUTS = ["dataset", "preferences.jsonl", "failed.jsonl", "statistics.json", "statistics.txt", "score_gap.png"]
 
 
 # ------------------------------------------------------------------ the output folder
 
-def prepare_output_dir(cfg, fresh: bool) -> Path:
-    """Create the run folder, or check that it holds a run of this same config; never overwrite silently."""
+def prepare_output_dir(cfg, fresh: bool) -> FolderLock:
+    """Create the run folder, or check that it holds a run of this same config; never overwrite silently.
+
+    Returns the run's lock, held until released: a second process on the folder is refused, naming this one."""
     folder = Path(cfg.output_dir)
-    saved = folder / CONFIG_NAME
-    if folder.exists() and any(folder.iterdir()):
-        if not saved.exists():
+    earlier = None
+    if run_folder_exists(folder) and folder_entries(folder):
+        if not (folder / CONFIG_NAME).exists() and not journal_files(folder):
             raise PipelineError(
                 f"{folder}: output_dir is not empty and holds no {CONFIG_NAME} of a generate_preferences run; "
                 "choose another output_dir"
             )
-        changed = differing_keys_except(json.loads(saved.read_text()), to_dict(cfg), RESUMABLE_CHANGES)
-        if changed and not fresh:
-            if merge_journals(journal_files(folder)):
-                raise PipelineError(
-                    f"{folder}: holds a run with another config; these keys differ:\n  " + "\n  ".join(changed)
-                    + "\nUse the same config to resume, another output_dir, --reselect to re-score the stored "
-                    "candidates, or --fresh to move the old run aside and start again."
-                )
-            # the earlier start stopped before its first prompt settled (a bad input, a failed load): nothing to lose
-            print(f"{folder}: the run there settled no prompt; starting it again with this config")
-        if fresh:
-            aside = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-            folder.rename(aside)
-            print(f"--fresh: moved the earlier run to {aside}")
+        earlier = FolderLock(folder)  # before anything is read or moved: a run going on there is refused
+        try:
+            if fresh:  # the old config is not read: --fresh also gets out of an unreadable one
+                aside = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+                folder.rename(aside)
+                print(f"--fresh: moved the earlier run to {aside}")
+            else:
+                check_run_config(cfg, folder)
+        except BaseException:
+            earlier.release()
+            raise
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        lock = earlier if earlier is not None and not fresh else FolderLock(folder)
         save_config(cfg, folder, CONFIG_NAME)
     except OSError as e:
         raise PipelineError(f"{folder}: output_dir is not writable ({e.strerror})") from None
-    return folder
+    finally:
+        if earlier is not None and fresh:
+            earlier.release()
+    return lock
+
+
+def read_run_config(folder: Path) -> dict | None:
+    """The run's saved config; None when it is missing; an unreadable one is a clear error with the way out."""
+    saved = folder / CONFIG_NAME
+    if not saved.exists():
+        return None
+    try:
+        run_config = json.loads(saved.read_text(encoding="utf-8"))
+        if not isinstance(run_config, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise PipelineError(
+            f"{saved}: unreadable ({e}); it was cut short by a kill or a full disk. The journal is intact: delete "
+            f"{saved} and run the same command again to resume with this config, or pass --fresh to move the run "
+            "aside and start again"
+        ) from None
+    return run_config
+
+
+def check_run_config(cfg, folder: Path) -> None:
+    run_config = read_run_config(folder)
+    if run_config is None:  # deleted after it was torn (see read_run_config): the journal's prompts are checked
+        print(f"{folder}: no {CONFIG_NAME}; resuming the journal there with this config")
+        return
+    changed = differing_keys_except(run_config, to_dict(cfg), RESUMABLE_CHANGES)
+    if changed:
+        if merge_journals(journal_files(folder)):
+            raise PipelineError(
+                f"{folder}: holds a run with another config; these keys differ:\n  " + "\n  ".join(changed)
+                + "\nUse the same config to resume, another output_dir, --reselect to re-score the stored "
+                "candidates, or --fresh to move the old run aside and start again."
+            )
+        # the earlier start stopped before its first prompt settled (a bad input, a failed load): nothing to lose
+        print(f"{folder}: the run there settled no prompt; starting it again with this config")
 
 
 # ------------------------------------------------------------------ inputs, checked before any model loads
 
 def settled_records(folder: Path, prompts) -> dict[int, dict]:
     records = {r["index"]: r for r in merge_journals(journal_files(folder))}
-    check_token_ids(list(records.values()), folder)
     for index, record in records.items():
-        if index < len(prompts) and (record["prompt"], record["prompt_ids"]) != (prompts[index].text, prompts[index].ids):
+        if index < len(prompts) and (record["prompt"], record.get("prompt_ids", prompts[index].ids)) != (
+                prompts[index].text, prompts[index].ids):
             raise PipelineError(
                 f"{folder}: prompt {index} in the journal differs from the one built now "
                 "(dataset, template, tokenizer or system prompt changed); use another output_dir"
@@ -106,8 +151,41 @@ def sample_pool(cfg, prompts, sampler, journal: Journal, metrics, progress) -> N
         metrics.log(figures)
 
 
-def generate(cfg, fresh: bool = False) -> None:
+def process_state():
+    """accelerate's PartialState, with the share of each process under any launcher: torchrun on CPUs sets
+    RANK/WORLD_SIZE, but accelerate starts its CPU process group only when told `cpu=True`; alone it would see one
+    process, and every process would take all prompts as rank 0."""
+    import torch
     from accelerate import PartialState
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    state = PartialState(cpu=world_size > 1 and not torch.cuda.is_available())  # gloo, from the launcher's env
+    if world_size > 1 and state.num_processes != world_size:
+        raise PipelineError(f"WORLD_SIZE is {world_size}, but accelerate sees {state.num_processes} processes; "
+                            "launch with accelerate launch or torchrun")
+    return state
+
+
+def warn_long_prompts(cfg, tokenizer, prompts, max_new_tokens: int | None) -> None:
+    """Prompts longer than the model takes with room for the reply (max_position_embeddings - max_new_tokens)."""
+    from transformers import AutoConfig
+
+    try:
+        limit = AutoConfig.from_pretrained(cfg.base_model).max_position_embeddings
+    except (OSError, ValueError, AttributeError):
+        return  # no such figure to compare with; the load itself reports a missing model
+    room = limit - (max_new_tokens or 0)
+    lengths = [len(p.ids) for p in prompts]  # the ids the model is given
+    over = [(p.index, n) for p, n in zip(prompts, lengths) if n > room]
+    if over:
+        longest = max(over, key=lambda pair: pair[1])
+        warnings.warn(
+            f"{cfg.dataset}: {len(over)} of {len(prompts)} prompts are longer than the {room} tokens the model takes "
+            f"(max_position_embeddings {limit} - max_new_tokens {max_new_tokens}); the longest, prompt "
+            f"{longest[0]}, has {longest[1]} tokens", stacklevel=2)
+
+
+def generate(cfg, fresh: bool = False) -> None:
     from tqdm.auto import tqdm
     from transformers import set_seed
 
@@ -116,57 +194,66 @@ def generate(cfg, fresh: bool = False) -> None:
     from .tracking import MetricsLog, start_wandb
 
     # ---- every input checked before output_dir is written and before any model weights load
-    state = PartialState()
+    state = process_state()
     generation_config = checked_generation_config(cfg.generation, cfg.source)
     check_adapter_path(cfg.adapter, "adapter", cfg.source)
     tokenizer, prompts = load_prompts(cfg)  # dataset, columns, emotions, the classifiers' labels
     if state.is_main_process:
-        prepare_output_dir(cfg, fresh)
-    state.wait_for_everyone()
-    folder = Path(cfg.output_dir)
-    settled = settled_records(folder, prompts)
-    mine = shard(prompts, state.process_index, state.num_processes)
-    todo = [p for p in mine if p.index not in settled]
-    print(f"{len(prompts)} prompts; this process: {len(mine)}, already settled {len(mine) - len(todo)}, "
-          f"to do {len(todo)}")
-    if todo:
-        set_seed(cfg.seed + state.process_index)
-        run = start_wandb(cfg.wandb, "generate_preferences", to_dict(cfg), folder) if state.is_main_process else None
-        metrics = MetricsLog(folder / f"metrics.rank{state.process_index}.jsonl", run)
-        model, tokenizer = load_generator(cfg)
-        sampler = CandidateSampler(model, tokenizer, Scorer(cfg, tokenizer), cfg.n_candidates, generation_config,
-                                   cfg.batch_prompts)
-        journal = Journal(journal_path(folder, state.process_index))
-        with tqdm(total=len(mine), initial=len(mine) - len(todo), desc="prompts", unit="prompt",
-                  disable=not state.is_main_process) as progress:
-            try:
-                sample_pool(cfg, todo, sampler, journal, metrics, progress)
-            finally:
-                journal.close()
-        if run is not None:
-            run.finish()
-    state.wait_for_everyone()
-    if state.is_main_process:
-        finalize(cfg, folder, total_prompts=len(prompts))
+        warn_long_prompts(cfg, tokenizer, prompts, generation_config.max_new_tokens)
+    with ExitStack() as held:
+        if state.is_main_process:  # the run's lock, held to the end of finalize
+            held.callback(prepare_output_dir(cfg, fresh).release)
+        state.wait_for_everyone()
+        folder = Path(cfg.output_dir)
+        settled = settled_records(folder, prompts)
+        mine = shard(prompts, state.process_index, state.num_processes)
+        todo = [p for p in mine if p.index not in settled]
+        print(f"{len(prompts)} prompts; this process: {len(mine)}, already settled {len(mine) - len(todo)}, "
+              f"to do {len(todo)}")
+        if todo:
+            set_seed(cfg.seed + state.process_index)
+            run = start_wandb(cfg.wandb, "generate_preferences", to_dict(cfg), folder) if state.is_main_process else None
+            metrics = MetricsLog(folder / f"metrics.rank{state.process_index}.jsonl", run)
+            model, tokenizer = load_generator(cfg)
+            sampler = CandidateSampler(model, tokenizer, Scorer(cfg, tokenizer), cfg.n_candidates, generation_config,
+                                       cfg.batch_prompts)
+            journal = Journal(journal_path(folder, state.process_index))
+            with tqdm(total=len(mine), initial=len(mine) - len(todo), desc="prompts", unit="prompt",
+                      disable=not state.is_main_process) as progress:
+                try:
+                    sample_pool(cfg, todo, sampler, journal, metrics, progress)
+                finally:
+                    journal.close()
+            if run is not None:
+                run.finish()
+        state.wait_for_everyone()
+        if state.is_main_process:
+            finalize(cfg, folder, total_prompts=len(prompts))
 
 
 # ------------------------------------------------------------------ the dataset and its report
 
 def finalize(cfg, folder: Path, total_prompts: int | None = None, records: list[dict] | None = None) -> dict:
-    """Journal(s) -> dataset/, preferences.jsonl, failed.jsonl, statistics and the gap histogram."""
-    if records is None:
-        files = journal_files(folder)
-        if not files:
-            raise PipelineError(f"{folder}: no journal to finalize (run generate_preferences.py first)")
-        records = merge_journals(files)
-    limit = total_prompts if total_prompts is not None else cfg.num_prompts
-    if limit is not None and (beyond := sum(r["index"] >= limit for r in records)):
-        # num_prompts lowered since those settled: the journal keeps them, the dataset holds the first num_prompts
-        print(f"{beyond} settled prompts lie beyond the first {limit} (num_prompts): kept in the journal, "
-              "left out of the dataset")
-        records = [r for r in records if r["index"] < limit]
-    counts = write_dataset(records, folder)
-    summary = write_report(records, folder, total_prompts)
+    """Journal(s) -> dataset/, preferences.jsonl, failed.jsonl, statistics and the gap histogram, as one set:
+    built in .staging, then switched in at once (files.publish_set), so a crash leaves the old set or the new one."""
+    with FolderLock(folder, FINALIZE_LOCK, "finalizing", wait=True):
+        if records is None:
+            files = journal_files(folder)
+            if not files:
+                raise PipelineError(f"{folder}: no journal to finalize (run generate_preferences.py first)")
+            records = merge_journals(files)
+        limit = total_prompts if total_prompts is not None else cfg.num_prompts
+        if limit is not None and (beyond := sum(r["index"] >= limit for r in records)):
+            # num_prompts lowered since those settled: the journal keeps them, the dataset holds the first num_prompts
+            print(f"{beyond} settled prompts lie beyond the first {limit} (num_prompts): kept in the journal, "
+                  "left out of the dataset")
+            records = [r for r in records if r["index"] < limit]
+        staging = folder / ".staging"
+        shutil.rmtree(staging, ignore_errors=True)  # what a crashed finalize left
+        staging.mkdir()
+        counts = write_dataset(records, staging)
+        summary = write_report(records, staging, total_prompts)
+        publish_set(folder, staging, OUTPUTS)
     print(format_summary(summary))
     print(f"wrote {counts['accepted']} pairs to {folder / 'dataset'} and {folder / 'preferences.jsonl'}")
     if cfg.push_to_hub:
@@ -174,6 +261,22 @@ def finalize(cfg, folder: Path, total_prompts: int | None = None, records: list[
 
         datasets.load_from_disk(str(folder / "dataset")).push_to_hub(cfg.push_to_hub)
     return summary
+
+
+def finalize_run(cfg) -> dict:
+    """--finalize: the dataset from the journal so far, as the run selected it; config changes that would change
+    nothing here are named, not silently ignored."""
+    folder = Path(cfg.output_dir)
+    if not run_folder_exists(folder) or not journal_files(folder):
+        raise PipelineError(f"{folder}: no journal to finalize (run generate_preferences.py first)")
+    run_config = read_run_config(folder)
+    ignored = differing_keys_except(run_config, to_dict(cfg), RESUMABLE_CHANGES) if run_config else []
+    if ignored:
+        warnings.warn(f"{folder}: --finalize writes the pairs the run selected; these keys differ from the run's "
+                      "config and change nothing here:\n  " + "\n  ".join(ignored)
+                      + "\n(--reselect OUT_DIR re-scores the stored candidates with reward and selection keys)",
+                      stacklevel=2)
+    return finalize(cfg, folder)
 
 
 def reselect_run(cfg, out_dir: str) -> dict:
@@ -198,7 +301,6 @@ def reselect_run(cfg, out_dir: str) -> dict:
     if run_config.get("length_unit") != cfg.length_unit:  # the stored lengths are in the run's unit
         length_of = reply_measure(cfg)
     stored = merge_journals(files)
-    check_token_ids(stored, source)
     out.mkdir(parents=True, exist_ok=True)
     records = [reselect(r, cfg, cfg, length_of) for r in stored]
     save_config(cfg, out, CONFIG_NAME)

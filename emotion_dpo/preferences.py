@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
-from .errors import PipelineError
 from .selection import ScoredReply, pick_pair, rescore, round_failure
 
 COLUMNS = ("prompt", "chosen", "rejected", "chosen_score", "rejected_score")
@@ -75,9 +72,8 @@ def preference_row(record: dict) -> dict:
         "rejected": rejected["text"],
         "chosen_score": chosen["total"],
         "rejected_score": rejected["total"],
-        "prompt_ids": record["prompt_ids"],
-        "chosen_ids": chosen["token_ids"] + [record["eos_token_id"]],
-        "rejected_ids": rejected["token_ids"] + [record["eos_token_id"]],
+        **({"prompt_ids": record["prompt_ids"], "chosen_ids": chosen["token_ids"] + [record["eos_token_id"]],
+            "rejected_ids": rejected["token_ids"] + [record["eos_token_id"]]} if has_ids(record, chosen, rejected) else {}),
         "target_emotion": record["target_emotion"],
         "rounds": len(record["rounds"]),
         "index": record["index"],
@@ -86,6 +82,11 @@ def preference_row(record: dict) -> dict:
         row[f"chosen_{part}"] = chosen[part]
         row[f"rejected_{part}"] = rejected[part]
     return row
+
+
+def has_ids(record: dict, *replies: dict) -> bool:
+    return (record.get("prompt_ids") is not None and record.get("eos_token_id") is not None
+            and all(reply.get("token_ids") is not None for reply in replies))
 
 
 def failure_row(record: dict) -> dict:
@@ -100,39 +101,39 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def write_dataset(records: list[dict], folder: str | Path) -> dict:
-    """Write dataset/ (save_to_disk), preferences.jsonl and failed.jsonl into `folder`, replacing them whole.
-
-    Each is first written under a temporary name and then renamed, so an interrupted write never leaves a
-    half dataset where a finished one was.
-    """
+    """Write dataset/ (save_to_disk), preferences.jsonl and failed.jsonl into `folder` (finalize's staging folder,
+    switched in whole afterwards). With no accepted pair the dataset is still written with its schema, so
+    `load_from_disk` reads it back as 0 rows (save_to_disk writes no data file for 0 rows unless told 1 shard)."""
     import datasets
 
     folder = Path(folder)
     rows = [preference_row(r) for r in records if r["status"] == "accepted"]
     failures = [failure_row(r) for r in records if r["status"] == "failed"]
-    staging = folder / ".staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    columns = {name: [row[name] for row in rows] for name in (rows[0] if rows else preference_row_columns())}
-    datasets.Dataset.from_dict(columns).save_to_disk(str(staging / "dataset"))
-    _write_jsonl(staging / "preferences.jsonl", rows)
-    _write_jsonl(staging / "failed.jsonl", failures)
-    for name in ("dataset", "preferences.jsonl", "failed.jsonl"):
-        target = folder / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(staging / name, target)
-    staging.rmdir()
+    without = sum(ID_COLUMNS[0] not in row for row in rows)
+    if without:  # one schema for all rows: text only (fine_tune_dpo tokenizes it as generation would)
+        print(f"{without} of {len(rows)} pairs come from journal lines without token ids (an older version wrote "
+              "them): the dataset holds text only")
+        rows = [{k: v for k, v in row.items() if k not in ID_COLUMNS} for row in rows]
+    if rows:
+        columns = {name: [row[name] for row in rows] for name in rows[0]}
+        datasets.Dataset.from_dict(columns).save_to_disk(str(folder / "dataset"))
+    else:
+        empty = datasets.Dataset.from_dict({name: [] for name in preference_features()}, features=preference_features())
+        empty.save_to_disk(str(folder / "dataset"), num_shards=1)
+    _write_jsonl(folder / "preferences.jsonl", rows)
+    _write_jsonl(folder / "failed.jsonl", failures)
     return {"accepted": len(rows), "failed": len(failures)}
+
+
+def preference_features():
+    """The dataset's schema, for a dataset of 0 rows (with rows, datasets infers the same types from them)."""
+    import datasets
+
+    kinds = {"prompt": "string", "chosen": "string", "rejected": "string", "target_emotion": "string",
+             "rounds": "int64", "index": "int64"}
+    return datasets.Features({name: datasets.List(datasets.Value("int64")) if name in ID_COLUMNS
+                              else datasets.Value(kinds.get(name, "float64")) for name in preference_row_columns()})
 
 
 def preference_row_columns() -> list[str]:
     return [*COLUMNS, *ID_COLUMNS, "target_emotion", "rounds", "index", *(f"{s}_{p}" for p in PARTS for s in ("chosen", "rejected"))]
-
-
-def check_token_ids(records: list[dict], where) -> None:
-    """Journals written before the token ids were kept cannot give DPO the ids generation used."""
-    if any("prompt_ids" not in r or any(reply.get("token_ids") is None for round_ in r["rounds"] for reply in round_)
-           for r in records):
-        raise PipelineError(f"{where}: the journal holds prompts settled without their token ids (an older "
-                            "version wrote it); generate them again in another output_dir")

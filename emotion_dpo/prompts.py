@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +39,8 @@ def load_rows(source: str, split: str, what: str):
         if path.suffix in (".jsonl", ".json"):
             if not path.exists():
                 raise PipelineError(f"{source}: {what} file not found")
+            if not has_a_line(path):  # datasets' json loader raises StopIteration on it
+                raise PipelineError(f"{source}: 0 rows: the {what} file is empty")
             return datasets.load_dataset("json", data_files=str(path), split="train")
         return datasets.load_dataset(source, split=split)
     except PipelineError:
@@ -45,27 +49,52 @@ def load_rows(source: str, split: str, what: str):
         raise PipelineError(f"{source}: cannot load {what} ({type(e).__name__}: {e})") from None
 
 
+def has_a_line(path: Path) -> bool:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return any(line.strip() for line in f)
+
+
 def load_dialogues(source: str, split: str):
     return load_rows(source, split, "dialogues")
 
 
+# A chat turn is a sentence or a few; one this long is a data error more likely than a turn, and fills the prompt.
+LONG_TURN_CHARACTERS = 2000
+
+
 def check_dialogues(dialogues, source: str, emotions) -> None:
-    """Every row has a 'prompt' list of {role, content: {emotion, dialog}} turns with known emotions."""
+    """Every row has a 'prompt' list of {role, content: {emotion, dialog}} turns with known emotions, text for
+    every dialog, and user and assistant turns alternating (the reference template refuses anything else)."""
     if "prompt" not in dialogues.column_names:
         raise PipelineError(f"{source}: missing column 'prompt' (has {', '.join(dialogues.column_names)})")
     known = {e.lower() for e in emotions}
+    long_turns = []
     for row, turns in enumerate(dialogues["prompt"]):
-        for turn_at, turn in enumerate(turns or []):
+        if not isinstance(turns, list):
+            raise PipelineError(f"{source}: row {row}: 'prompt' is {json.dumps(turns)[:40]}, expected a list of turns")
+        for turn_at, turn in enumerate(turns):
             where = f"{source}: row {row}, turn {turn_at}"
             content = turn.get("content") if isinstance(turn, dict) else None
             if not isinstance(content, dict) or not {"emotion", "dialog"} <= set(content):
                 raise PipelineError(f"{where}: expected {{'role', 'content': {{'emotion', 'dialog'}}}}")
             if turn.get("role") not in ("user", "assistant"):
                 raise PipelineError(f"{where}: role {turn.get('role')!r}, expected 'user' or 'assistant'")
+            if turn_at and turn["role"] == turns[turn_at - 1]["role"]:
+                raise PipelineError(f"{where}: a second {turn['role']!r} turn in a row; roles must alternate "
+                                    "user/assistant/user/assistant/... as the chat template expects")
+            if not isinstance(content["dialog"], str):
+                raise PipelineError(f"{where}: dialog is {json.dumps(content['dialog'])[:40]}, expected the text of the turn")
             if str(content["emotion"]).lower() not in known:
                 raise PipelineError(
                     f"{where}: unknown emotion {content['emotion']!r} (the classifier knows {', '.join(sorted(known))})"
                 )
+            if len(content["dialog"]) > LONG_TURN_CHARACTERS:
+                long_turns.append((row, turn_at, len(content["dialog"])))
+    if long_turns:
+        row, turn_at, length = max(long_turns, key=lambda t: t[2])
+        warnings.warn(f"{source}: {len(long_turns)} turns are longer than {LONG_TURN_CHARACTERS} characters "
+                      f"(longest: row {row}, turn {turn_at}, {length} characters); a prompt holding one may exceed "
+                      "what the model or DPO's max_length takes", stacklevel=2)
 
 
 def window_starts(turns: list, window: int, all_windows: bool) -> list[int]:

@@ -33,3 +33,23 @@ def demo_preferences(demo_world, tmp_path_factory) -> Path:
     result = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "dataset"
+
+
+def _reply(text: str, total: float) -> dict:
+    return {"text": text, "emotion_label": "neutral", "emotion_confidence": 0.9, "gibberish_label": "clean",
+            "gibberish_confidence": 0.95, "length": float(len(text)), "emotion_reward": 9.0, "length_reward": 0.0,
+            "gibberish_reward": 9.5, "total": total}
+
+
+def _settled_record(index: int, accepted: bool = True, chosen: str = "that is fine .") -> dict:
+    """A journal line of a settled prompt, with the keys and types generate_preferences writes."""
+    return {"index": index, "dialogue": index, "target_emotion": "neutral",
+            "prompt": f"<s>[INST] [EMOTION] neutral [/EMOTION] hello {index} . [/INST] [EMOTION] neutral [/EMOTION]",
+            "status": "accepted" if accepted else "failed", "reason": None if accepted else "score gap below target",
+            "chosen_at": 0 if accepted else None, "rejected_at": 1 if accepted else None,
+            "rounds": [[_reply(chosen, 10.0 + index), _reply("qx", 1.0)]]}
+
+
+@pytest.fixture
+def settled_record():
+    return _settled_record

@@ -467,7 +467,8 @@ def test_the_4bit_paths_train_and_keep_the_reference_frozen(demo_world, demo_pre
     with the SFT adapter's modules_to_save trained, and frozen (then they are saved exactly as SFT left them)."""
     _, sets = config(demo_world, demo_preferences, tmp_path / "dpo", "load_in_4bit=true",
                      f"use_unsloth={'true' if use_unsloth else 'false'}", "dpo.max_steps=3", "eval_fraction=0.0",
-                     "dpo.per_device_train_batch_size=4", f"train_modules_to_save={str(train_copies).lower()}")
+                     "dpo.per_device_train_batch_size=4", f"train_modules_to_save={str(train_copies).lower()}",
+                     "dpo.save_steps=3")
     args = [sys.executable, str(ROOT / "fine_tune_dpo.py"), "--config", str(DEMO_CONFIG)]
     for s in sets:
         args += ["--set", s]
@@ -481,6 +482,11 @@ def test_the_4bit_paths_train_and_keep_the_reference_frozen(demo_world, demo_pre
     final = saved_tensors(tmp_path / "dpo" / FINAL_ADAPTER)
     sft = saved_tensors(demo_world / "sft_adapter")
     assert all(torch.equal(final[k], sft[k]) for k in COPIES) == (not train_copies)
+    # The reference after the last step, as the checkpoint saved it: every tensor still the SFT adapter's.
+    ref = saved_tensors(tmp_path / "dpo" / "checkpoint-3" / REFERENCE_ADAPTER)
+    assert set(sft) <= set(ref) and any("lora_B" in k for k in sft)
+    moved = [k for k in sft if not torch.equal(ref[k].float(), sft[k].float())]
+    assert not moved, moved[:3]
 
 
 FOUR_BIT_B_AND_D = """
@@ -498,22 +504,44 @@ cfg = load_config(TrainConfig, config_path, sets)
 train_set, eval_set = load_preferences(cfg)
 model, tokenizer = load_generator(cfg, trainable=True)
 trainer = make_trainer(cfg, model, tokenizer, build_dpo_config(cfg, eval_set is not None), train_set, eval_set)
-assert "Linear4bit" in {type(m).__name__ for m in trainer.model.modules()}
+
+def four_bit_layers(model):
+    # bitsandbytes' Linear4bit holding Params4bit packed into uint8 (unsloth loads its 4-bit models through it)
+    import bitsandbytes as bnb
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)
+            and type(m.weight).__name__ == "Params4bit" and m.weight.dtype == torch.uint8]
+
+assert len(four_bit_layers(trainer.model)) == 7 * trainer.model.config.num_hidden_layers, "DPO base not 4-bit"
+
+# (a) one base model carrying both adapters; only the trainable one has gradients
+import gc
+gc.collect()
+assert len([o for o in gc.get_objects() if type(o).__name__ == "LlamaForCausalLM"]) == 1, "(a) a second base"
+assert trainer.ref_model is None and set(trainer.model.peft_config) == {"default", "ref"}, "(a) adapters"
+trainable = {k for k, v in trainer.model.named_parameters() if v.requires_grad}
+assert trainable and all(".default." in k for k in trainable), "(a) something besides default trains"
+
+def adapter(name):
+    # every tensor of one adapter: LoRA matrices and modules_to_save copies (parameters, or buffers when frozen)
+    tensors = dict(trainer.model.named_parameters())
+    tensors.update(dict(trainer.model.named_buffers()))
+    return {k: v.detach().float().clone() for k, v in tensors.items() if f".{name}." in k}
 
 def lora(name):
-    return {k: v.detach().float().clone() for k, v in trainer.model.named_parameters()
-            if f".{name}." in k and "lora_" in k}
+    return {k: v for k, v in adapter(name).items() if "lora_" in k}
 
-ref_before, policy_before = lora("ref"), lora("default")
+ref_before, policy_before = adapter("ref"), adapter("default")
+assert any("modules_to_save" in k for k in ref_before), "(b) the embedding/LM-head copies are not covered"
 trainer.train()
-ref_after, policy_after = lora("ref"), lora("default")
-assert ref_before and all(torch.equal(ref_before[k], ref_after[k]) for k in ref_before), "(b) ref moved"
-assert any(not torch.equal(policy_before[k], policy_after[k]) for k in policy_before), "(b) the policy did not move"
+ref_after, policy_after = adapter("ref"), lora("default")
+assert ref_before.keys() == ref_after.keys() and all(torch.equal(ref_before[k], ref_after[k]) for k in ref_before), "(b) ref moved"
+assert any(not torch.equal(policy_before[k], policy_after[k]) for k in policy_after), "(b) the policy did not move"
 final = save_final_adapter(trainer, tokenizer, cfg)
 source = SimpleNamespace(base_model=cfg.base_model, adapter=str(final), chat_template=cfg.chat_template,
                          load_in_4bit=True, use_unsloth=use_unsloth)
 reloaded, tokenizer = load_generator(source)
 assert list(reloaded.peft_config) == ["default"]
+assert len(four_bit_layers(reloaded)) == 7 * reloaded.config.num_hidden_layers, "the generator is not 4-bit"
 loaded = {k: v.detach().float() for k, v in reloaded.named_parameters() if "lora_" in k}
 assert len(loaded) == len(policy_after) and all(
     torch.equal(loaded[k], policy_after[k]) for k in policy_after), "(d) the reloaded adapter is not the trained one"
@@ -526,9 +554,11 @@ print("ok")
 
 
 @pytest.mark.parametrize("use_unsloth", [False, True])
-def test_b_and_d_on_the_4bit_paths_the_reference_stays_and_the_saved_adapter_reloads_and_generates(
+def test_a_b_and_d_on_the_4bit_paths_one_base_the_reference_stays_and_the_saved_adapter_reloads_and_generates(
         demo_world, demo_preferences, tmp_path, use_unsloth):
-    """(b) and (d) through bitsandbytes NF4 and through unsloth, each in its own process."""
+    """(a), (b) and (d) through bitsandbytes NF4 and through unsloth, each in its own process: one base, only
+    `default` trains, `ref` (LoRA and modules_to_save copies) bitwise unchanged, 4-bit layers in DPO and in the
+    generator that reloads the saved adapter."""
     _, sets = config(demo_world, demo_preferences, tmp_path / "dpo", "load_in_4bit=true",
                      f"use_unsloth={'true' if use_unsloth else 'false'}", "dpo.max_steps=2", "eval_fraction=0.0",
                      "dpo.per_device_train_batch_size=4", "dpo.learning_rate=1e-3")

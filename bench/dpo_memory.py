@@ -111,6 +111,25 @@ def held_tensors(models, optimizer) -> dict:
     return {kind: round(gib, 4) for kind, gib in sorted(held.items())}
 
 
+def step_clock(step_times: list, peak_gib, label: str = ""):
+    """A callback appending each optimizer step's seconds to `step_times` and writing them, with the peak memory
+    so far, to stderr as the step ends, so a run cut off by a time limit still leaves its figures so far."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            step_times.append(time.perf_counter() - self.started)
+            print(f"\n{label}step {len(step_times)}: {step_times[-1]:.3f} s, peak so far {peak_gib():.3f} GiB",
+                  file=sys.stderr, flush=True)
+
+    return Clock()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--design", choices=["adapter", "separate"], required=True)
@@ -163,22 +182,10 @@ def main() -> None:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         step_times = []
+        trainer.add_callback(step_clock(step_times, peak_gib))
 
         from transformers import TrainerCallback
 
-        class Clock(TrainerCallback):
-            def on_step_begin(self, *a, **k):
-                self.started = time.perf_counter()
-
-            def on_step_end(self, *a, **k):
-                if cuda:
-                    torch.cuda.synchronize()
-                step_times.append(time.perf_counter() - self.started)
-                # to stderr as each step ends, so a run cut off by a time limit still leaves its figures so far
-                print(f"\nstep {len(step_times)}: {step_times[-1]:.3f} s, peak so far {peak_gib():.3f} GiB",
-                      file=sys.stderr, flush=True)
-
-        trainer.add_callback(Clock())
         accounts = {}
 
         class Accountant(TrainerCallback):

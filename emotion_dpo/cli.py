@@ -14,6 +14,18 @@ def add_config_arguments(parser, default_config: str) -> None:
                         help="override one config key, e.g. --set num_prompts=64 or --set dpo.beta=0.2 (repeatable)")
 
 
+def make_reproducible(seed: int) -> None:
+    """The same figures run after run on a CPU: every RNG seeded (random, numpy, torch), one thread (how many threads
+    split a float sum sets its last bits) and torch's deterministic algorithms. On a GPU: the seeds only."""
+    import torch
+    from transformers import set_seed
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)
+        torch.use_deterministic_algorithms(True)
+    set_seed(seed)
+
+
 RESUME = "run the same command again to resume"
 
 
@@ -36,6 +48,7 @@ def run_main(args, config_class: str, stages, resume: str = RESUME) -> int:
 
     try:
         cfg = config.load_config(getattr(config, config_class), args.config, args.set)
+        make_reproducible(cfg.seed)
         stages(cfg)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -75,15 +75,13 @@ def win_rate(a_totals, b_totals, samples: int = 2000, seed: int = 0) -> dict:
 
 def is_evaluation_folder(folder: Path) -> bool:
     """Holds the config.json that evaluate.py saves (other stages' folders hold theirs, with other keys)."""
-    import dataclasses
-
     from .config import EvaluateConfig
 
     try:
         saved = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(saved, dict) and set(saved) == {f.name for f in dataclasses.fields(EvaluateConfig)}
+    return isinstance(saved, dict) and set(saved) == set(EvaluateConfig.model_fields)
 
 
 def prepare_output_dir(cfg, fresh: bool = False) -> Path:

@@ -6,7 +6,7 @@ import copy
 import inspect
 from typing import Sequence
 
-from .config import check_type, type_name, without_comments
+from .config import generation_config
 from .errors import PipelineError
 from . import EMOTIONS
 from .models import emotion_id2label, load_classifier
@@ -15,43 +15,11 @@ from .selection import ScoredReply, score_reply
 
 
 def checked_generation_config(settings: dict, source: str):
-    """transformers.GenerationConfig from a config's `generation` section, checked before any model loads.
-
-    `validate()` leaves temperature, top_k, top_p, repetition_penalty, min_p and typical_p to the logits
-    processors that `generate` builds, after the models have loaded (a negative temperature passed it); they are
-    built here under generate's own conditions, so a bad value fails now, named."""
-    from transformers import GenerationConfig
-    from transformers.generation import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                                         TopKLogitsWarper, TopPLogitsWarper, TypicalLogitsWarper)
-
-    numbers = {"temperature": float, "top_p": float, "repetition_penalty": float, "min_p": float, "typical_p": float,
-               "top_k": int}
-    settings = without_comments(settings)
-    for key, kind in numbers.items():
-        value = settings.get(key)
-        if value is None:
-            continue
-        if not check_type(value, kind):  # the config files' own rule: no bools, no 2.5 for an integer
-            raise PipelineError(f"{source}: key generation.{key}: expected {type_name(kind)}, got {value!r}")
-        settings[key] = kind(value)  # "temperature": 2 in JSON is 2.0; generate's warpers take floats only
-    try:
-        config = GenerationConfig(**settings)
-        config.validate(strict=True)
-        if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
-            RepetitionPenaltyLogitsProcessor(config.repetition_penalty)
-        if config.do_sample:
-            if config.temperature is not None and config.temperature != 1.0:
-                TemperatureLogitsWarper(config.temperature)
-            if config.top_k is not None and config.top_k != 0:
-                TopKLogitsWarper(config.top_k)
-            if config.top_p is not None and config.top_p < 1.0:
-                TopPLogitsWarper(config.top_p)
-            if config.min_p is not None:
-                MinPLogitsWarper(config.min_p)
-            if config.typical_p is not None and config.typical_p < 1.0:
-                TypicalLogitsWarper(config.typical_p)
-    except (ValueError, TypeError) as e:
-        raise PipelineError(f"{source}: key generation: {e}") from None
+    """transformers.GenerationConfig from a config's `generation` section, checked before any model loads (see
+    config.generation_config: what `generate` would refuse only after the models load is refused now, named)."""
+    config, problems = generation_config(settings)
+    if problems:
+        raise PipelineError("\n".join(f"{source}: key {key}: {text}" for key, text in problems))
     return config
 
 

@@ -17,6 +17,7 @@ from .files import FINALIZE_LOCK, FolderLock, folder_entries, publish_set, run_f
 from .journal import Journal, journal_files, journal_path, merge_journals, shard
 from .preferences import reselect, settle, write_dataset
 from .prompts import load_prompts
+from .selection import gives_up
 from .stats import format_summary, write_report
 
 # Keys that may change between a run and its resumption: they do not change what a settled prompt is.
@@ -128,7 +129,7 @@ def sample_pool(cfg, prompts, sampler, journal: Journal, metrics, progress) -> N
         retry = []
         for (prompt, rounds), new_round in zip(batch, new_rounds):
             rounds.append(new_round)
-            record = settle(prompt, rounds, cfg, final=len(rounds) >= 1 + cfg.max_retries,
+            record = settle(prompt, rounds, cfg, final=gives_up(len(rounds), cfg.max_retries),
                             eos_token_id=sampler.tokenizer.eos_token_id)
             if record is None:
                 retry.append((prompt, rounds))

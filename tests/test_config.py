@@ -12,6 +12,7 @@ from emotion_dpo.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = {"base_model": "b", "adapter": "a", "dataset": "d", "emotion_classifier": "e", "gibberish_detector": "g"}
+TRAIN_MINIMAL = {"base_model": "b", "adapter": "a", "dataset": "d"}
 
 
 def write(tmp_path, data, name="cfg.json"):
@@ -174,3 +175,168 @@ def test_scripts_reject_a_bad_config_before_loading_anything(tmp_path, script):
     assert result.returncode == 2
     assert f"{path}: key bogus_key: unknown key" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- issue 14: checks found missing by trying to break it
+
+
+def test_an_unknown_top_level_key_does_not_hide_a_section_problem(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    lines = error_of(path, ["max_retires=2", "generation.temperature=-1"]).splitlines()
+    assert lines == [
+        f"{path}: key max_retires: unknown key (did you mean 'max_retries'?)",
+        f"{path}: key generation.temperature: `temperature` (=-1.0) has to be a strictly positive float, otherwise "
+        "your next token scores will be invalid.",
+    ]
+
+
+def test_a_key_failing_its_own_check_does_not_hide_a_cross_field_rule(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    assert error_of(path, ["seed=-1", "length_min=30", "length_max=10"]).splitlines() == [
+        f"{path}: key seed: expected a value >= 0, got -1",
+        f"{path}: key length_max: expected a value > length_min (30), got 10",
+    ]
+
+
+@pytest.mark.parametrize("cls, override, message", [
+    (GenerateConfig, "temperature=2", "key temperature: unknown key (it belongs in section 'generation': "
+                                      "generation.temperature)"),
+    (TrainConfig, "beta=0.2", "key beta: unknown key (it belongs in section 'dpo': dpo.beta)"),
+    (GenerateConfig, "wandb.top_k=3", "key wandb.top_k: unknown key (it belongs in section 'generation': "
+                                      "generation.top_k)"),
+    (GenerateConfig, "generation.n_candidates=3", "key generation.n_candidates: unknown key (it belongs at the top "
+                                                  "level)"),
+])
+def test_a_misplaced_key_points_to_where_it_belongs(tmp_path, cls, override, message):
+    path = write(tmp_path, TRAIN_MINIMAL if cls is TrainConfig else MINIMAL)
+    with pytest.raises(PipelineError) as caught:
+        load_config(cls, path, [override])
+    assert str(caught.value) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize("cls, override, message", [
+    (GenerateConfig, "target_score_range=NaN", "key target_score_range: expected a finite number, got NaN"),
+    (GenerateConfig, "min_chosen_score=-Infinity", "key min_chosen_score: expected a finite number, got -Infinity"),
+    (GenerateConfig, "reward_weights=[NaN, 0.25, 0.35]", "key reward_weights: expected a finite number, got NaN"),
+    (GenerateConfig, "generation.top_p=NaN", "key generation.top_p: expected a finite number, got NaN"),
+    (TrainConfig, "dpo.learning_rate=Infinity", "key dpo.learning_rate: expected a finite number, got Infinity"),
+    (TrainConfig, "eval_fraction=NaN", "key eval_fraction: expected a finite number, got NaN"),
+])
+def test_nan_and_infinity_are_refused_from_set(tmp_path, cls, override, message):
+    path = write(tmp_path, TRAIN_MINIMAL if cls is TrainConfig else MINIMAL)
+    with pytest.raises(PipelineError) as caught:
+        load_config(cls, path, [override])
+    assert str(caught.value) == f"{path}: {message}"
+
+
+def test_nan_and_infinity_are_refused_in_a_file(tmp_path):
+    # Python's json reads these literals; a NaN weight gave NaN scores for a whole run, then a crash in the plot
+    path = write(tmp_path, '{"base_model": "b", "adapter": "a", "dataset": "d", "emotion_classifier": "e", '
+                           '"gibberish_detector": "g", "reward_weights": [0.4, NaN, 0.35], "reward_bias": Infinity}')
+    assert error_of(path).splitlines() == [f"{path}: key reward_weights: expected a finite number, got NaN",
+                                           f"{path}: key reward_bias: expected a finite number, got Infinity"]
+
+
+@pytest.mark.parametrize("cls, overrides, message", [
+    # each was accepted and gave 0 pairs (or every reply "cut off")
+    (GenerateConfig, ["length_min=30", "length_max=10"], "key length_max: expected a value > length_min (30), got 10"),
+    (GenerateConfig, ["length_min=10", "length_max=10"], "key length_max: expected a value > length_min (10), got 10"),
+    (GenerateConfig, ["chosen_endings=[]"], "key chosen_endings: expected at least 1 item(s), got []"),
+    (EvaluateConfig, ["complete_endings=[]"], "key complete_endings: expected at least 1 item(s), got []"),
+    (GenerateConfig, ["length_min=0"], "key length_min: expected a value > 0, got 0"),
+])
+def test_settings_that_leave_no_pair_possible_are_refused(tmp_path, cls, overrides, message):
+    path = write(tmp_path, {**MINIMAL, "dpo_adapter": "x"} if cls is EvaluateConfig else MINIMAL)
+    with pytest.raises(PipelineError) as caught:
+        load_config(cls, path, overrides)
+    assert str(caught.value) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize("override, message", [
+    # TRL checks the loss type only at the first training step, after the models load
+    ('dpo.loss_type=sigmoidd', "key dpo.loss_type: expected one of TRL's loss types sigmoid, hinge, ipo, exo_pair, "
+                               "nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, "
+                               "discopop, sft, sigmoid_norm, got \"sigmoidd\" (did you mean 'sigmoid'?)"),
+    ('dpo.loss_type=["sigmoid", "hing"]', "key dpo.loss_type: expected one of TRL's loss types"),
+    ("dpo.save_steps=-1", "key dpo.save_steps: expected a value > 0, got -1"),
+    ("dpo.save_steps=0", "key dpo.save_steps: expected a value > 0, got 0"),
+])
+def test_dpo_loss_type_and_save_steps_are_checked(tmp_path, override, message):
+    path = write(tmp_path, TRAIN_MINIMAL)
+    with pytest.raises(PipelineError) as caught:
+        load_config(TrainConfig, path, [override])
+    assert str(caught.value).startswith(f"{path}: {message}")
+
+
+def test_every_trl_loss_type_is_accepted(tmp_path):
+    # the names TRL's DPOTrainer.loss dispatches on, copied from trl 1.14.2 trainer/dpo_trainer.py
+    names = ["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+             "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+    assert load_config(TrainConfig, write(tmp_path, TRAIN_MINIMAL), [f"dpo.loss_type={json.dumps(names)}"]).dpo[
+        "loss_type"] == names
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seed=true", "key seed: expected an integer, got true"),
+    ("reward_bias=false", "key reward_bias: expected a number, got false"),
+    ('n_candidates="6"', 'key n_candidates: expected an integer, got "6"'),
+    ('reward_bias="0.1"', 'key reward_bias: expected a number, got "0.1"'),
+    ("generation.top_k=true", "key generation.top_k: expected an integer, got true"),
+])
+def test_no_bool_or_string_for_a_number(tmp_path, override, message):
+    path = write(tmp_path, MINIMAL)
+    assert error_of(path, [override]) == f"{path}: {message}"
+
+
+def test_a_whole_number_is_taken_for_a_float(tmp_path):
+    cfg = load_config(GenerateConfig, write(tmp_path, MINIMAL), ["reward_bias=1", "generation.temperature=3"])
+    assert cfg.reward_bias == 1.0 and type(cfg.reward_bias) is float
+    assert cfg.generation["temperature"] == 3.0 and type(cfg.generation["temperature"]) is float
+
+
+def test_a_comment_in_generation_does_not_block_resuming_a_run(tmp_path):
+    from emotion_dpo.preference_run import prepare_output_dir
+    from emotion_dpo.preferences import settle
+    from emotion_dpo.prompts import Prompt
+    from emotion_dpo.selection import ScoredReply
+
+    out = tmp_path / "run"
+    path = write(tmp_path, {**MINIMAL, "output_dir": str(out)})
+    cfg = load_config(GenerateConfig, path)
+    prepare_output_dir(cfg, fresh=False).release()
+    reply = ScoredReply("fine .", "neutral", 0.9, "clean", 0.9, 6.0, 0.0, 0.0, 9.0, 3.0)
+    settled = settle(Prompt(0, 0, "happiness", [], "<s> hi"), [[reply, reply]], cfg, final=True)
+    (out / "journal.rank0.jsonl").write_text(json.dumps(settled) + "\n")  # one settled prompt: a run to keep
+    commented = write(tmp_path, {**MINIMAL, "output_dir": str(out), "_comment": "top",
+                                 "generation": {"_comment": "the reference's sampling"}}, "commented.json")
+    prepare_output_dir(load_config(GenerateConfig, commented), fresh=False).release()  # no "another config"
+    with pytest.raises(PipelineError, match="these keys differ:\n  n_candidates: 6 -> 3"):  # a real change still is
+        prepare_output_dir(load_config(GenerateConfig, path, ["n_candidates=3"]), fresh=False)
+
+
+def test_a_comment_in_dpo_is_no_config_change_on_resume(tmp_path):
+    import warnings
+
+    from emotion_dpo.config import save_config
+    from emotion_dpo.dpo import CONFIG_NAME, check_config_changes
+
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    path = write(tmp_path, TRAIN_MINIMAL)
+    save_config(load_config(TrainConfig, path), checkpoint, CONFIG_NAME)
+    commented = load_config(TrainConfig, path, ['dpo._comment="why beta 0.1"'])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_config_changes(commented, checkpoint)
+    with pytest.warns(UserWarning, match="dpo.beta: 0.1 -> 0.2"):
+        check_config_changes(load_config(TrainConfig, path, ["dpo.beta=0.2"]), checkpoint)
+
+
+def test_help_lists_every_key_with_its_help():
+    import pydoc
+
+    text = pydoc.render_doc(TrainConfig, renderer=pydoc.plaintext)
+    for key, help_text in [("dpo", "passed to trl.DPOConfig as it is"), ("seed", "seed for sampling and data order"),
+                           ("train_modules_to_save", "false: train the LoRA matrices only"),
+                           ("wandb", "wandb settings"), ("base_model", "Hub id or local folder of the base LLM")]:
+        assert f"{key}: " in text and help_text in text

@@ -48,7 +48,8 @@ def run_main(args, config_class: str, stages, resume: str = RESUME) -> int:
 
     try:
         cfg = config.load_config(getattr(config, config_class), args.config, args.set)
-        make_reproducible(cfg.seed)
+        if hasattr(cfg, "seed"):  # run_pipeline's config has none: each stage seeds its own process
+            make_reproducible(cfg.seed)
         stages(cfg)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -349,6 +349,7 @@ class PromptSource(Section):
     num_turns_history: int = Field(1, ge=0, description="user/assistant turn pairs of history before the target pair")
     all_windows: bool = Field(False, description="yield every window of each dialogue, not only its last one")
     num_prompts: int | None = Field(None, ge=1, description="use the first N prompts (null: all)")
+    skip_prompts: int = Field(0, ge=0, description="leave out the first N prompts, e.g. those an earlier iteration used")
 
 
 class RewardConfig(Section):
@@ -423,6 +424,32 @@ class EvaluateConfig(GeneratorSource, PromptSource, RewardConfig):
     complete_endings: list[str] = Field(default_factory=lambda: ["!", ".", "?"], min_length=1,
                                         description="a reply ending otherwise is cut off")
     bootstrap_samples: int = Field(2000, ge=100, description="resamples for the win-rate interval")
+
+
+def stage_section(script_config: str) -> dict:
+    return {"config": script_config}
+
+
+class PipelineConfig(Section):
+    """run_pipeline.py: the three scripts' configs, each named by its JSON file plus keys that override it."""
+
+    generate: dict = option(factory=lambda: stage_section("args/generate_preferences_arg.json"),
+                            help='generate_preferences: {"config": its JSON file, any of its keys to override}')
+    dpo: dict = option(factory=lambda: stage_section("args/dpo_arg.json"),
+                       help='fine_tune_dpo: {"config": its JSON file, any of its keys to override}')
+    evaluate: dict = option(factory=lambda: stage_section("args/evaluate_arg.json"),
+                            help='evaluate: {"config": its JSON file, any of its keys to override}')
+    iterations: int = option(1, "rounds of generate -> DPO -> evaluate; round k >= 2 samples from round k-1's "
+                                "adapter", low=1)
+    fresh_prompts_per_iteration: bool = option(True, "each iteration generates from prompts the earlier ones did "
+                                                     "not use (false: the same prompts again)")
+    output_dir: str = option("outputs/pipeline", "the run folder: iter-k/{preferences,dpo,evaluation}, iterations.*")
+
+    @staticmethod
+    def rules(values: dict) -> list[tuple[str, str]]:
+        return [(name, "expected a \"config\" key naming the stage's JSON config file")
+                for name in ("generate", "dpo", "evaluate")
+                if name in values and not isinstance(values[name].get("config"), str)]
 
 
 # ---------------------------------------------------------------- loading, with pydantic's errors as short lines

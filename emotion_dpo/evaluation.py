@@ -125,7 +125,7 @@ def sample_replies(model, tokenizer, prompts, generation_config, batch_prompts: 
 
 def evaluate(cfg, fresh: bool = False) -> dict:
     from .generation import Scorer, checked_generation_config
-    from .models import check_adapter_path, load_generator
+    from .models import add_adapter, check_adapter_path, load_generator
     from .tracking import start_wandb
 
     # ---- everything checked before any model weights load
@@ -139,11 +139,7 @@ def evaluate(cfg, fresh: bool = False) -> dict:
 
     # ---- one base in memory carrying both adapters; the bare base is the same model with adapters disabled
     model, tokenizer = load_generator(cfg)
-    try:
-        model.load_adapter(cfg.dpo_adapter, adapter_name="dpo")
-    except (OSError, ValueError, RuntimeError) as e:
-        raise PipelineError(f"{cfg.source}: key dpo_adapter: cannot load {cfg.dpo_adapter} ({type(e).__name__}: "
-                            f"{e})") from None
+    add_adapter(model, cfg.dpo_adapter, "dpo", cfg.source)
     scorer = Scorer(cfg, tokenizer)
     targets = [p.target_emotion for p in prompts]
     scored = {}

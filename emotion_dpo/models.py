@@ -121,6 +121,14 @@ def load_generator(source, trainable: bool = False):
     return model, tokenizer
 
 
+def add_adapter(model, path: str, name: str, source: str) -> None:
+    """A second adapter (the DPO one, key dpo_adapter) on the same base: model.set_adapter(name) switches to it."""
+    try:
+        model.load_adapter(path, adapter_name=name)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise PipelineError(f"{source}: key dpo_adapter: cannot load {path} ({type(e).__name__}: {e})") from None
+
+
 def classifier_labels(path: str) -> list[str]:
     from transformers import AutoConfig
 

@@ -11,6 +11,7 @@ from collections import deque
 from contextlib import ExitStack
 from pathlib import Path
 
+from .card import push_card, write_card
 from .config import differing_keys_except, save_config, to_dict
 from .errors import PipelineError
 from .files import FINALIZE_LOCK, FolderLock, folder_entries, publish_set, run_folder_exists
@@ -27,7 +28,8 @@ RESELECTABLE = {"reward_weights", "reward_bias", "length_unit", "length_min", "l
                 "min_chosen_score", "min_chosen_gibberish_confidence", "chosen_endings", "max_retries"}
 CONFIG_NAME = "config.json"
 # What finalize writes: one set, switched in at once (files.publish_set)
-OUTPUTS = ["dataset", "preferences.jsonl", "failed.jsonl", "statistics.json", "statistics.txt", "score_gap.png"]
+OUTPUTS = ["dataset", "preferences.jsonl", "failed.jsonl", "statistics.json", "statistics.txt", "score_gap.png",
+           "reward_parts.png"]
 
 
 # ------------------------------------------------------------------ the output folder
@@ -253,14 +255,17 @@ def finalize(cfg, folder: Path, total_prompts: int | None = None, records: list[
         shutil.rmtree(staging, ignore_errors=True)  # what a crashed finalize left
         staging.mkdir()
         counts = write_dataset(records, staging)
-        summary = write_report(records, staging, total_prompts)
+        summary = write_report(records, staging, total_prompts, cfg.reward_weights)
+        write_card(cfg, staging, summary)  # in dataset/, published with it
         publish_set(folder, staging, OUTPUTS)
     print(format_summary(summary))
-    print(f"wrote {counts['accepted']} pairs to {folder / 'dataset'} and {folder / 'preferences.jsonl'}")
+    print(f"wrote {counts['accepted']} pairs to {folder / 'dataset'} (with its card, README.md) and "
+          f"{folder / 'preferences.jsonl'}")
     if cfg.push_to_hub:
         import datasets
 
         datasets.load_from_disk(str(folder / "dataset")).push_to_hub(cfg.push_to_hub)
+        push_card(folder, cfg.push_to_hub)
     return summary
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .chat import check_context_ids, context_ids, render_chat
@@ -142,8 +142,13 @@ def load_prompts(cfg):
     check_dialogues(dialogues, cfg.dataset, EMOTIONS)
     check_classifiers(cfg.emotion_classifier, cfg.gibberish_detector, EMOTIONS)
     tokenizer = load_tokenizer(cfg.base_model, cfg.adapter, load_chat_format(cfg.chat_template))
-    prompts = build_prompts(dialogues, tokenizer, cfg.system_prompt, cfg.num_turns_history, cfg.all_windows,
-                            cfg.num_prompts)
+    wanted = None if cfg.num_prompts is None else cfg.skip_prompts + cfg.num_prompts
+    prompts = build_prompts(dialogues, tokenizer, cfg.system_prompt, cfg.num_turns_history, cfg.all_windows, wanted)
+    if cfg.skip_prompts:  # the run's own prompts are numbered from 0: the journal's key
+        if len(prompts) <= cfg.skip_prompts:
+            raise PipelineError(f"{cfg.dataset}: skip_prompts {cfg.skip_prompts} leaves no prompt "
+                                f"(split {cfg.dataset_split!r} has {len(prompts)})")
+        prompts = [replace(p, index=i) for i, p in enumerate(prompts[cfg.skip_prompts:])]
     if not prompts:
         raise PipelineError(
             f"{cfg.dataset}: split {cfg.dataset_split!r} has no dialogue with the "

@@ -7,14 +7,66 @@ import statistics
 from collections import Counter
 from pathlib import Path
 
+from .preferences import PARTS  # in reward_weights' order
 
-def summarize(records: list[dict], total_prompts: int | None = None) -> dict:
-    """Score-gap median/mean/SD (sample SD), acceptance rate, rounds per prompt, failure reasons."""
+
+def pair_of(record: dict) -> tuple[dict, dict]:
+    """An accepted record's (chosen, rejected) replies, from its last round."""
+    last = record["rounds"][-1]
+    return last[record["chosen_at"]], last[record["rejected_at"]]
+
+
+def gap_of(record: dict) -> float:
+    chosen, rejected = pair_of(record)
+    return chosen["total"] - rejected["total"]
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values) if values else None,
+            "mean": statistics.fmean(values) if values else None}
+
+
+def by_emotion(records: list[dict]) -> dict:
+    """Per target emotion: prompts settled, acceptance rate, mean rounds, score gap median and mean (accepted)."""
+    table = {}
+    for emotion in sorted({r["target_emotion"] for r in records}):
+        mine = [r for r in records if r["target_emotion"] == emotion]
+        accepted = [r for r in mine if r["status"] == "accepted"]
+        table[emotion] = {"prompts": len(mine), "accepted": len(accepted),
+                          "acceptance_rate": len(accepted) / len(mine),
+                          "mean_rounds": statistics.fmean(len(r["rounds"]) for r in mine),
+                          "score_gap": spread([gap_of(r) for r in accepted])}
+    return table
+
+
+def reward_parts(accepted: list[dict]) -> dict:
+    """The distribution of each reward part over the chosen and over the rejected replies."""
+    table = {}
+    for part in PARTS:
+        table[part] = {}
+        for side, values in (("chosen", [pair_of(r)[0][part] for r in accepted]),
+                             ("rejected", [pair_of(r)[1][part] for r in accepted])):
+            table[part][side] = {**spread(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
+                                 "min": min(values) if values else None, "max": max(values) if values else None}
+    return table
+
+
+def decided_by(accepted: list[dict], weights) -> dict:
+    """How many pairs each part decides: the part whose weighted difference (chosen - rejected) adds most to
+    the score gap."""
+    counts = dict.fromkeys(PARTS, 0)
+    for record in accepted:
+        chosen, rejected = pair_of(record)
+        shares = [w * (chosen[part] - rejected[part]) for w, part in zip(weights, PARTS)]
+        counts[PARTS[shares.index(max(shares))]] += 1
+    return counts
+
+
+def summarize(records: list[dict], total_prompts: int | None = None, weights=None) -> dict:
+    """Score-gap median/mean/SD (sample SD), acceptance rate, rounds per prompt, failure reasons; by target emotion;
+    the reward parts of chosen and rejected, and (given the reward weights) which part decides each pair."""
     accepted = [r for r in records if r["status"] == "accepted"]
-    gaps = []
-    for r in accepted:
-        last = r["rounds"][-1]
-        gaps.append(last[r["chosen_at"]]["total"] - last[r["rejected_at"]]["total"])
+    gaps = [gap_of(r) for r in accepted]
     rounds = [len(r["rounds"]) for r in records]
     return {
         "prompts_settled": len(records),
@@ -34,6 +86,9 @@ def summarize(records: list[dict], total_prompts: int | None = None) -> dict:
             "histogram": {str(k): v for k, v in sorted(Counter(rounds).items())},
         },
         "failure_reasons": dict(Counter(r["reason"] for r in records if r["status"] == "failed").most_common()),
+        "by_emotion": by_emotion(records),
+        "reward_parts": reward_parts(accepted),
+        **({"decided_by": decided_by(accepted, weights)} if weights is not None else {}),
         "gaps": gaps,
     }
 
@@ -55,6 +110,27 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def format_tables(summary: dict) -> str:
+    """The per-emotion and per-reward-part tables (markdown: statistics.txt and the dataset card)."""
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = ["| target emotion | prompts | accepted | acceptance rate | mean rounds | score gap median | "
+             "score gap mean |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for emotion, row in summary["by_emotion"].items():
+        lines.append(f"| {emotion} | {row['prompts']} | {row['accepted']} | {fmt(row['acceptance_rate'])} | "
+                     f"{fmt(row['mean_rounds'])} | {fmt(row['score_gap']['median'])} | {fmt(row['score_gap']['mean'])} |")
+    lines += ["", "| reward part | reply | median | mean | SD | min | max |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for part, sides in summary["reward_parts"].items():
+        for side, d in sides.items():
+            lines.append(f"| {part} | {side} | {fmt(d['median'])} | {fmt(d['mean'])} | {fmt(d['sd'])} | "
+                         f"{fmt(d['min'])} | {fmt(d['max'])} |")
+    if "decided_by" in summary:
+        total = sum(summary["decided_by"].values())
+        lines += ["", "| reward part | pairs it decides (largest weighted share of the gap) |", "| --- | --- |"]
+        lines += [f"| {part} | {count}" + (f" ({100 * count / total:.1f} %)" if total else "") + " |"
+                  for part, count in summary["decided_by"].items()]
+    return "\n".join(lines)
+
+
 def plot_gaps(gaps: list[float], path: str | Path) -> None:
     import matplotlib
 
@@ -71,11 +147,36 @@ def plot_gaps(gaps: list[float], path: str | Path) -> None:
     plt.close(fig)
 
 
-def write_report(records: list[dict], folder: str | Path, total_prompts: int | None = None) -> dict:
+def plot_reward_parts(accepted: list[dict], path: str | Path) -> None:
+    """One box plot per reward part: chosen against rejected."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PARTS), figsize=(10, 3.5))
+    for ax, part in zip(axes, PARTS):
+        sides = [[pair_of(r)[0][part] for r in accepted], [pair_of(r)[1][part] for r in accepted]]
+        if accepted:
+            ax.boxplot(sides)
+        ax.set_xticks([1, 2])
+        ax.set_xticklabels(["chosen", "rejected"])
+        ax.set_title(part.replace("_", " "))
+    fig.suptitle(f"Reward parts, {len(accepted)} pairs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+PLOTS = ("score_gap.png", "reward_parts.png")
+
+
+def write_report(records: list[dict], folder: str | Path, total_prompts: int | None = None, weights=None) -> dict:
     folder = Path(folder)
-    summary = summarize(records, total_prompts)
+    summary = summarize(records, total_prompts, weights)
     gaps = summary.pop("gaps")
     (folder / "statistics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (folder / "statistics.txt").write_text(format_summary(summary) + "\n")
-    plot_gaps(gaps, folder / "score_gap.png")
+    (folder / "statistics.txt").write_text(format_summary(summary) + "\n\n" + format_tables(summary) + "\n")
+    plot_gaps(gaps, folder / PLOTS[0])
+    plot_reward_parts([r for r in records if r["status"] == "accepted"], folder / PLOTS[1])
     return summary

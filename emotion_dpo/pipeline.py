@@ -1,0 +1,368 @@
+"""run_pipeline.py's stages: generate_preferences -> fine_tune_dpo -> evaluate, `iterations` times, in one run folder.
+
+Each stage runs as its own script in a child process (the same command a user would type, with --set for the
+keys the pipeline decides). A fresh process per stage: unsloth patches TRL and transformers for the whole process
+when it is imported, the GPU memory of one stage's models is given back before the next loads, and each stage's
+own checks, resume and refusal of a changed config apply exactly as when it is run by hand.
+
+    run/iter-1/preferences  iter-1/dpo  iter-1/evaluation  iter-1/<stage>.done.json  ...  iterations.{md,json,png}
+
+A stage is finished when its marker `<stage>.done.json` (written atomically after the stage exits cleanly, holding
+the stage's resolved config) exists: it is skipped. An unfinished one is run again through its own resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import config as config_module
+from .config import differing_keys, differing_keys_except, load_config, to_dict
+from .errors import PipelineError
+
+ROOT = Path(__file__).resolve().parents[1]
+FINAL_ADAPTER = "final_adapter"  # fine_tune_dpo's output_dir/final_adapter
+RESULT_FILES = ("results.json", "results.md", "replies.jsonl", "results.png")  # what a finished evaluate wrote
+DPO_METRICS = "metrics.json"  # written by fine_tune_dpo after the final adapter
+
+
+@dataclasses.dataclass(frozen=True)
+class StageKind:
+    name: str  # the pipeline config's section
+    folder: str  # sub-folder of iter-k
+    script: str
+    config_class: str
+    owned: frozenset  # keys the pipeline sets
+    unchanged_when_finished: frozenset  # keys that may differ from a finished stage's: they change nothing it made
+
+
+GENERATE = StageKind("generate", "preferences", "generate_preferences.py", "GenerateConfig",
+                     frozenset({"output_dir", "skip_prompts"}),
+                     frozenset({"output_dir", "wandb", "batch_prompts", "classifier_batch_size", "push_to_hub"}))
+DPO = StageKind("dpo", "dpo", "fine_tune_dpo.py", "TrainConfig",
+                frozenset({"output_dir", "dataset", "resume_from_checkpoint"}),
+                frozenset({"output_dir", "wandb", "resume_from_checkpoint", "dpo.logging_steps", "dpo.save_steps",
+                           "dpo.save_total_limit", "dpo.per_device_eval_batch_size"}))
+EVALUATE = StageKind("evaluate", "evaluation", "evaluate.py", "EvaluateConfig",
+                     frozenset({"output_dir", "dpo_adapter"}),
+                     frozenset({"output_dir", "wandb", "batch_prompts", "classifier_batch_size"}))
+KINDS = (GENERATE, DPO, EVALUATE)
+SHARED_KEYS = ("base_model", "adapter", "chat_template")  # one generator: the three stages must agree
+
+
+@dataclasses.dataclass
+class Stage:
+    kind: StageKind
+    iteration: int
+    folder: Path
+    config_file: str
+    overrides: list[str]  # --set KEY=VALUE, the user's then the pipeline's
+    resolved: dict  # the stage's resolved config, as the stage saves it
+
+    @property
+    def marker(self) -> Path:
+        return self.folder.parent / f"{self.folder.name}.done.json"
+
+    @property
+    def label(self) -> str:
+        return f"iteration {self.iteration} {self.kind.script}"
+
+    def command(self, flags=()) -> list[str]:
+        args = [sys.executable, str(ROOT / self.kind.script), "--config", self.config_file, *flags]
+        for override in self.overrides:
+            args += ["--set", override]
+        return args
+
+
+# ------------------------------------------------------------------ the plan: every stage's config, resolved up front
+
+def section_overrides(section: dict, prefix: str = "") -> list[str]:
+    """A stage section's keys (less "config" and comments) as --set overrides; nested sections key by key."""
+    overrides = []
+    for key, value in section.items():
+        if key.startswith("_") or (not prefix and key == "config"):
+            continue
+        if isinstance(value, dict):
+            overrides += section_overrides(value, f"{prefix}{key}.")
+        else:
+            overrides.append(f"{prefix}{key}={json.dumps(value)}")
+    return overrides
+
+
+def resolve_stage(cfg, kind: StageKind, overrides: list[str]):
+    section = getattr(cfg, kind.name)
+    try:
+        return load_config(getattr(config_module, kind.config_class), section["config"], overrides)
+    except PipelineError as e:
+        raise PipelineError(f"{cfg.source}: section {kind.name}:\n{e}") from None
+
+
+def user_overrides(cfg, kind: StageKind) -> list[str]:
+    overrides = section_overrides(getattr(cfg, kind.name))
+    owned = [o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0].split(".")[0] in kind.owned]
+    if owned:
+        raise PipelineError(f"{cfg.source}: key {kind.name}.{owned[0]}: set by the pipeline for each iteration "
+                            f"({kind.name}: {', '.join(sorted(kind.owned))}); the run folder is the top-level output_dir")
+    return overrides
+
+
+def check_one_generator(cfg, configs: dict) -> None:
+    for key in SHARED_KEYS:
+        values = {name: getattr(c, key) for name, c in configs.items()}
+        if len(set(values.values())) > 1:
+            raise PipelineError(
+                f"{cfg.source}: the stages name different {key}s ("
+                + ", ".join(f"{name}: {value}" for name, value in values.items())
+                + f"); one generator runs through the pipeline: set the same {key} in each stage")
+
+
+def plan(cfg) -> list[Stage]:
+    """Every stage of every iteration with its resolved config; all config problems raised before anything runs."""
+    run = Path(cfg.output_dir)
+    base = {kind.name: user_overrides(cfg, kind) for kind in KINDS}
+    first = {kind.name: resolve_stage(cfg, kind, base[kind.name]) for kind in KINDS}
+    check_one_generator(cfg, first)
+    sft = first["generate"].adapter
+    per_iteration = first["generate"].num_prompts
+    if cfg.iterations > 1 and cfg.fresh_prompts_per_iteration and per_iteration is None:
+        raise PipelineError(f"{cfg.source}: key generate.num_prompts: fresh_prompts_per_iteration needs a number "
+                            "of prompts per iteration (null takes them all, leaving none for iteration 2)")
+    stages = []
+    for k in range(1, cfg.iterations + 1):
+        folder = run / f"iter-{k}"
+        generator = sft if k == 1 else str(run / f"iter-{k - 1}" / DPO.folder / FINAL_ADAPTER)
+        skip = first["generate"].skip_prompts + (k - 1) * per_iteration if cfg.fresh_prompts_per_iteration else \
+            first["generate"].skip_prompts
+        owned = {
+            "generate": [f"adapter={generator}", f"skip_prompts={skip}"],
+            # iteration k trains on from the adapter that sampled its data; TRL's frozen "ref" is a copy of it
+            "dpo": [f"adapter={generator}", f"dataset={folder / GENERATE.folder / 'dataset'}"],
+            # every iteration against the SFT model, on the same held-out prompts
+            "evaluate": [f"adapter={sft}", f"dpo_adapter={folder / DPO.folder / FINAL_ADAPTER}"],
+        }
+        for kind in KINDS:
+            overrides = base[kind.name] + owned[kind.name] + [f"output_dir={folder / kind.folder}"]
+            stage_cfg = resolve_stage(cfg, kind, overrides)
+            stages.append(Stage(kind, k, folder / kind.folder, stage_cfg.source, overrides, to_dict(stage_cfg)))
+    return stages
+
+
+# ------------------------------------------------------------------ running one stage
+
+def write_atomically(path: Path, text: str) -> None:
+    """Written whole or not at all: a kill mid-write leaves no half marker that would read as finished."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def mark_finished(stage: Stage) -> None:
+    write_atomically(stage.marker, json.dumps({"stage": stage.kind.script, "iteration": stage.iteration,
+                                               "config": stage.resolved}, indent=2, sort_keys=True) + "\n")
+
+
+def refuse_changed(stage: Stage, saved: dict, what: str) -> None:
+    changed = differing_keys_except(saved, stage.resolved, stage.kind.unchanged_when_finished)
+    if changed:
+        raise PipelineError(
+            f"{stage.folder}: {stage.label} {what} with another config; these keys differ:\n  " + "\n  ".join(changed)
+            + "\nUse the same config to resume, or another output_dir for a new run.")
+
+
+def saved_config(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def finished_unmarked(stage: Stage) -> bool:
+    """Killed after the stage wrote its results but before the marker: the results are complete and its own."""
+    done = {"dpo": [stage.folder / DPO_METRICS],
+            "evaluate": [stage.folder / name for name in RESULT_FILES]}.get(stage.kind.name)
+    return bool(done) and all(p.exists() for p in done) and saved_config(stage.folder) is not None \
+        and not differing_keys_except(saved_config(stage.folder), stage.resolved, stage.kind.unchanged_when_finished)
+
+
+def resume_flags(stage: Stage) -> list[str]:
+    """How the stage's own resume continues an interrupted run in its folder."""
+    if stage.kind is DPO:
+        from .dpo import last_checkpoint
+
+        saved = saved_config(stage.folder)
+        if saved is not None:  # fine_tune_dpo only warns on a changed config; the pipeline refuses, as for the rest
+            refuse_changed(stage, saved, "was started")
+        return ["--resume"] if last_checkpoint(stage.folder) else []
+    if stage.kind is EVALUATE:
+        return ["--fresh"]  # evaluate cannot resume: partial results from a killed run are moved aside, never lost
+    return []  # generate_preferences resumes from its journal by itself
+
+
+def die_with_parent() -> None:
+    """In the child, before the script starts: die when the pipeline dies (kill -9 of run_pipeline must not leave
+    a stage running on, writing into the folder the rerun resumes)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_stage(stage: Stage) -> str:
+    """Run one stage unless finished; returns what happened ("skipped", "ran", "resumed")."""
+    if stage.marker.exists():
+        refuse_changed(stage, json.loads(stage.marker.read_text())["config"], "finished")
+        print(f"== {stage.label}: finished earlier ({stage.marker}), skipped", flush=True)
+        return "skipped"
+    if finished_unmarked(stage):
+        mark_finished(stage)
+        print(f"== {stage.label}: its results were complete ({stage.folder}), marked finished", flush=True)
+        return "skipped"
+    flags = resume_flags(stage) if stage.folder.exists() else []
+    started = stage.folder.exists() and any(stage.folder.iterdir())
+    print(f"== {stage.label}: {'resuming' if started else 'running'} in {stage.folder}"
+          + (f" ({' '.join(flags)})" if flags else ""), flush=True)
+    stage.folder.parent.mkdir(parents=True, exist_ok=True)
+    started_at = time.time()
+    process = subprocess.Popen(stage.command(flags),
+                               preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
+    try:
+        code = process.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached the stage too: let it stop cleanly first
+        process.wait()
+        raise
+    if code != 0:
+        raise PipelineError(f"{stage.label} stopped (exit status {code}); its own message is above. Run the same "
+                            "command again to resume: finished stages are skipped")
+    mark_finished(stage)
+    print(f"== {stage.label}: finished in {time.time() - started_at:.0f} s", flush=True)
+    return "resumed" if started else "ran"
+
+
+# ------------------------------------------------------------------ iterations side by side
+
+MODEL_KEYS = ("emotion_accuracy", "emotion_macro_f1", "clean_rate", "cutoff_rate")
+
+
+def iteration_row(iteration: int, results: dict, statistics: dict) -> dict:
+    """One iteration's figures: its DPO model against SFT (evaluate's results.json) and its preference data
+    (generate_preferences' statistics.json)."""
+    dpo, win = results["models"]["DPO"], results["dpo_vs_sft"]
+    return {
+        "iteration": iteration,
+        "adapter": results["setup"]["sources"]["DPO"],
+        **{key: dpo[key] for key in MODEL_KEYS},
+        "win_rate": win["win_rate"], "win_rate_ci95": win["ci95"],
+        "acceptance_rate": statistics["acceptance_rate"],
+        "accepted": statistics["accepted"], "prompts_settled": statistics["prompts_settled"],
+        "score_gap_median": statistics["score_gap"]["median"], "score_gap_mean": statistics["score_gap"]["mean"],
+    }
+
+
+def iterations_table(stages: list[Stage]) -> dict:
+    rows, sft = [], None
+    for stage in stages:
+        if stage.kind is not EVALUATE or not stage.marker.exists():
+            continue
+        results = json.loads((stage.folder / "results.json").read_text())
+        generate_folder = stage.folder.parent / GENERATE.folder
+        statistics = json.loads((generate_folder / "statistics.json").read_text())
+        if sft is None:
+            sft = {"adapter": results["setup"]["sources"]["SFT"], "prompts": results["setup"]["prompts"],
+                   **{key: results["models"]["SFT"][key] for key in MODEL_KEYS}}
+        rows.append(iteration_row(stage.iteration, results, statistics))
+    return {"sft": sft, "iterations": rows}
+
+
+def format_iterations(table: dict) -> str:
+    f3 = "{:.3f}".format
+    sft = table["sft"]
+    lines = [f"# Iterations of DPO against SFT\n\n{sft['prompts']} held-out prompts, the same for every iteration; "
+             f"SFT: `{sft['adapter']}`.\n",
+             "| model | emotion accuracy | macro-F1 | clean rate | cut-off rate | win rate vs SFT (95 % CI) "
+             "| acceptance rate | score gap median / mean |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |",
+             "| SFT | " + " | ".join(f3(sft[k]) for k in MODEL_KEYS) + " | - | - | - |"]
+    for row in table["iterations"]:
+        low, high = row["win_rate_ci95"]
+        gap = "-" if row["score_gap_median"] is None else f"{f3(row['score_gap_median'])} / {f3(row['score_gap_mean'])}"
+        lines.append(f"| iteration {row['iteration']} | " + " | ".join(f3(row[k]) for k in MODEL_KEYS)
+                     + f" | {f3(row['win_rate'])} ({f3(low)}-{f3(high)}) | {f3(row['acceptance_rate'])} "
+                       f"({row['accepted']}/{row['prompts_settled']}) | {gap} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_iterations(table: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = table["iterations"]
+    steps = [0] + [r["iteration"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in MODEL_KEYS:
+        left.plot(steps, [table["sft"][key]] + [r[key] for r in rows], marker="o", label=key.replace("_", " "))
+    left.set_xticks(steps)
+    left.set_xticklabels(["SFT"] + [f"iter {s}" for s in steps[1:]])
+    left.set_ylim(0, 1)
+    left.legend(fontsize=8)
+    left.set_title(f"{table['sft']['prompts']} held-out prompts")
+    wins = [r["win_rate"] for r in rows]
+    errors = [[w - r["win_rate_ci95"][0] for w, r in zip(wins, rows)],
+              [r["win_rate_ci95"][1] - w for w, r in zip(wins, rows)]]
+    right.errorbar(steps[1:], wins, yerr=errors, marker="o", capsize=4)
+    right.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    right.set_xticks(steps[1:])
+    right.set_ylim(0, 1)
+    right.set_title("win rate vs SFT (95 % bootstrap interval)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_iterations(run: Path, stages: list[Stage]) -> dict | None:
+    table = iterations_table(stages)
+    if not table["iterations"]:
+        return None
+    write_atomically(run / "iterations.json", json.dumps(table, indent=2) + "\n")
+    write_atomically(run / "iterations.md", format_iterations(table))
+    plot_iterations(table, run / "iterations.png")
+    return table
+
+
+# ------------------------------------------------------------------ the whole job
+
+def run_pipeline(cfg) -> dict | None:
+    stages = plan(cfg)
+    run = Path(cfg.output_dir)
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PipelineError(f"{run}: output_dir is not writable ({e.strerror})") from None
+    saved = run / "pipeline_config.json"
+    if saved.exists():
+        changed = [k for k in differing_keys(json.loads(saved.read_text()), to_dict(cfg))
+                   if not k.startswith("iterations:")]  # more iterations extend a run; the stages check the rest
+        if changed:
+            print("pipeline config differs from the run's (each stage checks its own):\n  " + "\n  ".join(changed))
+    write_atomically(saved, json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
+    for stage in stages:
+        run_stage(stage)
+        if stage.kind is EVALUATE:
+            write_iterations(run, stages)
+    table = write_iterations(run, stages)
+    if table is not None:
+        print(format_iterations(table))
+        print(f"wrote iterations.md, iterations.json and iterations.png to {run}")
+    return table

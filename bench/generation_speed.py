@@ -53,7 +53,7 @@ def check_shared_prefill(model, tokenizer, settings, n_candidates, prompts):
     forward pass over prompt + token, and greedy `generate` with its cache against `use_cache=False`."""
     import copy
 
-    batch = tokenizer([p.text for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = tokenizer.pad({"input_ids": [p.ids for p in prompts]}, return_tensors="pt", padding=True)
     ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
     positions = left_padded_positions(mask)
     taken = shares_prefill(model, settings, n_candidates, ids.shape[1])

@@ -36,12 +36,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 from reference_loop import reference_round  # noqa: E402
 
 
-def generate_plain(model, tokenizer, texts, n, settings):
+def generate_plain(model, tokenizer, contexts, n, settings):
     """generate_candidates without the shared prefill."""
     shared = generation.prefill_cache
     generation.prefill_cache = lambda *args: None
     try:
-        return generate_candidates(model, tokenizer, texts, n, settings)
+        return generate_candidates(model, tokenizer, contexts, n, settings)
     finally:
         generation.prefill_cache = shared
 
@@ -66,7 +66,7 @@ def main() -> None:
     cfg = load_config(GenerateConfig, args.config, ["wandb.mode=disabled"])
     _, prompts = load_prompts(cfg)
     prompts = prompts[:args.prompts]
-    texts, n = [p.text for p in prompts], cfg.n_candidates
+    contexts, n = [p.ids for p in prompts], cfg.n_candidates
     model, tokenizer = load_generator(cfg)
     scorer = Scorer(cfg, tokenizer)
     from transformers import GenerationConfig
@@ -74,7 +74,8 @@ def main() -> None:
     settings = GenerationConfig(**cfg.generation)
     sampler = CandidateSampler(model, tokenizer, scorer, n, settings, len(prompts))
     sampler.sample(prompts[:2])  # warm-up
-    replies = [r for group in generate_candidates(model, tokenizer, texts, n, settings) for r in group]
+    generated = [r for group in generate_candidates(model, tokenizer, contexts, n, settings) for r in group]
+    replies = [text for text, _ in generated]
     targets = [p.target_emotion for p in prompts for _ in range(n)]
 
     k = args.repeats
@@ -88,23 +89,23 @@ def main() -> None:
                         for p in prompts]),
         "round (CandidateSampler.sample)": best_of(k, lambda: sampler.sample(prompts)),
         "generate_candidates (shared prefill)": best_of(
-            k, lambda: generate_candidates(model, tokenizer, texts, n, settings)),
-        "generate, no shared prefill": best_of(k, lambda: generate_plain(model, tokenizer, texts, n, settings)),
-        "Scorer.score": best_of(k, lambda: scorer.score(replies, targets)),
+            k, lambda: generate_candidates(model, tokenizer, contexts, n, settings)),
+        "generate, no shared prefill": best_of(k, lambda: generate_plain(model, tokenizer, contexts, n, settings)),
+        "Scorer.score": best_of(k, lambda: scorer.score(generated, targets)),
         "both classifiers, Scorer.classify": best_of(
             k, lambda: (scorer.classify(scorer.emotion, replies), scorer.classify(scorer.gibberish, replies))),
         "both classifiers, through the pipeline": best_of(
             k, lambda: (scorer.emotion(replies, truncation=True), scorer.gibberish(replies, truncation=True))),
         "reference: generate, one prompt at a time": best_of(
-            k, lambda: [generate_plain(model, tokenizer, [t], n, settings) for t in texts]),
+            k, lambda: [generate_plain(model, tokenizer, [c], n, settings) for c in contexts]),
         "reference: classifiers, one text at a time": best_of(
             k, lambda: [(scorer.emotion(r), scorer.gibberish(r)) for r in replies]),
     }
     merged = model.merge_and_unload()  # last: it changes the model
     times["generate_candidates, merged LoRA"] = best_of(
-        k, lambda: generate_candidates(merged, tokenizer, texts, n, settings))
+        k, lambda: generate_candidates(merged, tokenizer, contexts, n, settings))
     times["reference: generate, merged LoRA"] = best_of(
-        k, lambda: [generate_plain(merged, tokenizer, [t], n, settings) for t in texts])
+        k, lambda: [generate_plain(merged, tokenizer, [c], n, settings) for c in contexts])
     times["ratio: reference pass / round"] = (times["reference: whole pass (bench/reference_loop.py)"]
                                               / times["round (CandidateSampler.sample)"])
     print(json.dumps({"prompts": len(prompts), "candidates": n, "threads": torch.get_num_threads(),

@@ -18,7 +18,7 @@ def reference_round(model, tokenizer, prompt, n_candidates, generation_config, e
     settings = copy.deepcopy(generation_config)
     settings.update(num_return_sequences=n_candidates, pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id)
-    inputs = tokenizer(prompt.text, return_tensors="pt", add_special_tokens=False).to(model.device)
+    inputs = tokenizer.pad({"input_ids": [prompt.ids]}, return_tensors="pt").to(model.device)  # the context ids
     with torch.inference_mode():
         output = model.generate(**inputs, generation_config=settings)
     replies = [r.strip() for r in tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:],

@@ -2,9 +2,13 @@
 
     python -m emotion_dpo.demo_world [--out demo_world] [--seed 0] [--force]
 
-It holds what the real pipeline loads from the Hub, saved with the real `save_pretrained` / `save_to_disk`:
-dialogues/ (DatasetDict, reference format), base/ (a tiny Llama + tokenizer without the template tokens),
-sft_adapter/ (LoRA with modules_to_save, + tokenizer with the template), emotion_classifier/ and
+It holds what the real pipeline loads from the Hub, saved with the real `save_pretrained` / `save_to_disk`, in the
+reference's formats, so that it fails where the real world would:
+dialogues/ (DatasetDict, reference format), base/ (a tiny Llama whose tokenizer is a LlamaTokenizer as Llama-2's:
+byte-fallback BPE, SentencePiece-style `▁` spaces, a BOS added by default; no template tokens), sft_adapter/ (LoRA
+with modules_to_save, trained on args/chat_template.json's whole-conversation rendering after adding the template's
+special tokens as the reference does, + that tokenizer), emotion_classifier/ (saved with generic labels LABEL_0...
+LABEL_6, as a Hub classifier may be: the pipeline applies the reference's order by position) and
 gibberish_detector/ (sequence classifiers), figures.json. The SFT data pair the requested emotion with the
 reply's emotion only part of the time, so the SFT model is right only part of the time: DPO has work to do.
 """
@@ -21,13 +25,15 @@ import time
 from pathlib import Path
 
 from . import EMOTIONS
-from .chat import install_chat_format, load_chat_format, render_chat
+from .chat import context_ids, install_chat_format, load_chat_format, render_chat
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DIR = ROOT / "demo_world"
 CHAT_TEMPLATE = ROOT / "args" / "chat_template.json"
 DEMO_SYSTEM_PROMPT = "you are a friendly chatbot , reply in the requested emotion ."
 GIBBERISH = ("clean", "mild gibberish", "word salad", "noise")
+# The emotion classifier's names as saved: generic, ids in the reference's order (EMOTIONS)
+GENERIC_LABELS = tuple(f"LABEL_{i}" for i in range(len(EMOTIONS)))
 
 # ------------------------------------------------------------------ the recipe
 RECIPE = {
@@ -161,11 +167,10 @@ def _train(model, batches, steps: int, lr: float, seed: int) -> float:
     return float(loss.detach())
 
 
-def lm_batches(tokenizer, texts: list[str], prompt_lengths: list[int] | None, batch_size: int, seed: int):
-    """Causal-LM batches; with prompt_lengths the loss covers only the reply tokens."""
+def lm_batches(tokenizer, encoded: list[list[int]], prompt_lengths: list[int] | None, batch_size: int, seed: int):
+    """Causal-LM batches of token ids; with prompt_lengths the loss covers only what follows the prompt."""
     import torch
 
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def batch(step):
@@ -186,27 +191,57 @@ def lm_batches(tokenizer, texts: list[str], prompt_lengths: list[int] | None, ba
     return batch
 
 
-def make_base(root: Path, vocab: list[str], dialogues, recipe: dict, seed: int):
+def bpe_corpus() -> list[str]:
+    """Every text the demo speaks, for the base tokenizer's BPE."""
+    lines = [DEMO_SYSTEM_PROMPT, " ".join(EMOTIONS), "<<SYS>> <</SYS>>"]
+    for openers, cores in LANGUAGE.values():
+        lines += openers + cores
+    return lines
+
+
+def make_base_tokenizer():
+    """A Llama-2-like tokenizer: transformers' LlamaTokenizer (byte-fallback BPE, Metaspace `▁` spaces, BOS added
+    by default) over a BPE trained here (BpeTrainer: deterministic) on the demo's language, its vocabulary laid out
+    as Llama-2's: <unk>, <s>, </s>, the 256 byte tokens, then the pieces. Merges never cross a `▁`, as there."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    core = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    core.train_from_iterator(bpe_corpus(), trainers.BpeTrainer(vocab_size=2000, special_tokens=specials,
+                                                               show_progress=False))
+    model = json.loads(core.to_str())["model"]
+    vocab = {token: i for i, token in enumerate(sorted(model["vocab"], key=model["vocab"].get))}
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    return LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, legacy=False)
+
+
+def make_base(root: Path, dialogues, recipe: dict, seed: int):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    _, tokenizer = make_tokenizer(vocab, ["<unk>", "<s>", "</s>", "<<SYS>>", "<</SYS>>"],
-                                  bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer = make_base_tokenizer()
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
                          num_key_value_heads=recipe["base"]["num_attention_heads"], max_position_embeddings=256,
                          **recipe["base"])
     model = LlamaForCausalLM(config)
-    texts = ["<s> " + " ".join(t["content"]["dialog"] for t in d) + " </s>" for d in dialogues["train"]["prompt"]]
-    _train(model, lm_batches(tokenizer, texts, None, 32, seed), recipe["base_steps"], 3e-3, seed)
+    # plain text: the tokenizer adds the BOS itself
+    encoded = [tokenizer(" ".join(t["content"]["dialog"] for t in d))["input_ids"] + [tokenizer.eos_token_id]
+               for d in dialogues["train"]["prompt"]]
+    _train(model, lm_batches(tokenizer, encoded, None, 32, seed), recipe["base_steps"], 3e-3, seed)
     model.save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
     return model, tokenizer
 
 
 def sft_examples(rng: random.Random, dialogues, tokenizer, recipe: dict, vocab: list[str]):
-    """(text, prompt length in tokens): a window whose reply matches the requested emotion only sometimes."""
-    texts, prompt_lengths = [], []
+    """(token ids, context length): a window rendered whole by the template, as the reference trained its SFT
+    model (the reply, then ' ' + eos + newline), the loss on what follows the generation context; the reply
+    matches the requested emotion only sometimes."""
+    encoded, context_lengths = [], []
     for turns in dialogues["prompt"]:
         for end in range(1, len(turns), 2):
             history = turns[max(0, end - 3):end]
@@ -219,10 +254,15 @@ def sft_examples(rng: random.Random, dialogues, tokenizer, recipe: dict, vocab: 
             elif roll < recipe["sft_cut_off"] + recipe["sft_garbled"]:
                 reply = garble(rng, reply, vocab)
             messages = [{"role": "system", "content": {"emotion": "", "dialog": DEMO_SYSTEM_PROMPT}}] + history
-            prompt = render_chat(tokenizer, messages + [{"role": "assistant", "content": {"emotion": asked, "dialog": ""}}])
-            texts.append(f"{prompt} {reply} {tokenizer.eos_token}")
-            prompt_lengths.append(len(tokenizer(prompt, add_special_tokens=False)["input_ids"]))
-    return texts, prompt_lengths
+            context = context_ids(tokenizer, render_chat(
+                tokenizer, messages + [{"role": "assistant", "content": {"emotion": asked, "dialog": ""}}]))
+            whole = tokenizer(render_chat(
+                tokenizer, messages + [{"role": "assistant", "content": {"emotion": asked, "dialog": reply}}],
+                add_generation_prompt=False), add_special_tokens=False)["input_ids"]
+            assert whole[:len(context)] == context, "the generation context is not a prefix of the conversation"
+            encoded.append(whole)
+            context_lengths.append(len(context))
+    return encoded, context_lengths
 
 
 def make_sft_adapter(root: Path, base, tokenizer, dialogues, recipe: dict, seed: int, vocab: list[str]):
@@ -234,8 +274,8 @@ def make_sft_adapter(root: Path, base, tokenizer, dialogues, recipe: dict, seed:
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                       modules_to_save=["embed_tokens", "lm_head"])
     model = get_peft_model(base, lora)
-    texts, prompt_lengths = sft_examples(random.Random(seed + 1), dialogues["train"], tokenizer, recipe, vocab)
-    _train(model, lm_batches(tokenizer, texts, prompt_lengths, 32, seed + 1), recipe["sft_steps"], 3e-3, seed + 1)
+    encoded, context_lengths = sft_examples(random.Random(seed + 1), dialogues["train"], tokenizer, recipe, vocab)
+    _train(model, lm_batches(tokenizer, encoded, context_lengths, 32, seed + 1), recipe["sft_steps"], 3e-3, seed + 1)
     model.save_pretrained(root / "sft_adapter")
     tokenizer.save_pretrained(root / "sft_adapter")
     return model
@@ -303,12 +343,14 @@ def classifier_accuracy(folder: Path, texts: list[str], targets: list[int]) -> f
 
 
 def sft_emotion_accuracy(root: Path, recipe: dict, seed: int) -> float:
-    """Share of sampled SFT replies to held-out prompts that the demo classifier labels as the target."""
+    """Share of sampled SFT replies to held-out prompts that the demo classifier labels as the target, sampled and
+    classified by the pipeline's own functions."""
     import datasets
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    from .generation import generate_candidates
     from .models import load_classifier
     from .prompts import build_prompts
 
@@ -320,14 +362,12 @@ def sft_emotion_accuracy(root: Path, recipe: dict, seed: int) -> float:
     test = datasets.load_from_disk(str(root / "dialogues"))["test"]
     prompts = build_prompts(test, tokenizer, DEMO_SYSTEM_PROMPT, 1, num_prompts=recipe["eval_prompts"])
     settings = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=20,
-                                min_new_tokens=3, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                                min_new_tokens=3)
     torch.manual_seed(seed)
     replies = []
     for i in range(0, len(prompts), 50):
-        batch = tokenizer([p.text for p in prompts[i:i + 50]], return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.inference_mode():
-            out = model.generate(**batch, generation_config=settings)
-        replies += [r.strip() for r in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
+        replies += [group[0][0] for group in generate_candidates(model, tokenizer, [p.ids for p in prompts[i:i + 50]],
+                                                                1, settings)]
     classify = load_classifier(str(root / "emotion_classifier"), 64, EMOTIONS)  # labels by position, as the Scorer's
     labels = classify(replies)
     return sum(label["label"] == p.target_emotion for label, p in zip(labels, prompts)) / len(prompts)
@@ -373,10 +413,10 @@ def _build(staging: Path, seed: int, small: bool) -> dict:
     vocab = _vocabulary()
     dialogues = make_dialogues(rng, recipe)
     dialogues.save_to_disk(str(staging / "dialogues"))
-    base, tokenizer = make_base(staging, vocab, dialogues, recipe, seed)
+    base, tokenizer = make_base(staging, dialogues, recipe, seed)
     make_sft_adapter(staging, base, tokenizer, dialogues, recipe, seed, vocab)
     e_texts, e_labels, g_texts, g_labels = classifier_texts(random.Random(seed + 2), recipe["classifier_examples"], vocab)
-    make_classifier(staging / "emotion_classifier", vocab, EMOTIONS, e_texts, e_labels, recipe, seed + 3)
+    make_classifier(staging / "emotion_classifier", vocab, GENERIC_LABELS, e_texts, e_labels, recipe, seed + 3)
     make_classifier(staging / "gibberish_detector", vocab, GIBBERISH, g_texts, g_labels, recipe, seed + 4)
     held_out = classifier_texts(random.Random(seed + 5), 500, vocab)
     return {

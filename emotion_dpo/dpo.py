@@ -21,6 +21,7 @@ from .errors import PipelineError
 from .files import run_folder_exists, write_text_atomic
 
 REQUIRED = ("prompt", "chosen", "rejected")
+ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")  # generate_preferences' token ids, trained on as they are
 REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy
 FINAL_ADAPTER = "final_adapter"
 METRICS_NAME = "metrics.json"
@@ -45,7 +46,8 @@ def read_preferences(source: str, split: str):
 
 def check_preferences(dataset, source: str, template_markers=(), allow_unmarked: bool = False) -> list[str]:
     """Required columns present, every value a non-empty string, every prompt in the chat template's format
-    (unless `allow_unmarked`); returns the extra columns (kept out of training)."""
+    (unless `allow_unmarked`), the token id columns (when there are all three) lists of ids; returns the extra
+    columns (kept out of training)."""
     missing = [c for c in REQUIRED if c not in dataset.column_names]
     if missing:
         raise PipelineError(
@@ -73,15 +75,17 @@ def check_preferences(dataset, source: str, template_markers=(), allow_unmarked:
                     f"{problem}. Build the pairs with generate_preferences.py (it stores prompts as the model saw "
                     "them), or set allow_unmarked_prompts to true to train on them anyway")
             warnings.warn(f"{problem} (allow_unmarked_prompts is true: training on them anyway)", stacklevel=2)
-    return [c for c in dataset.column_names if c not in REQUIRED]
+    kept = REQUIRED + (ID_COLUMNS if has_token_ids(dataset) else ())
+    if kept != REQUIRED:
+        for column in ID_COLUMNS:
+            for row, value in enumerate(dataset[column]):
+                if not (isinstance(value, list) and value and all(isinstance(i, int) for i in value)):
+                    raise PipelineError(f"{source}: row {row}, column {column!r}: expected a non-empty list of token ids")
+    return [c for c in dataset.column_names if c not in kept]
 
 
-def with_leading_space(example: dict) -> dict:
-    """Replies were decoded without the space the model generated after the prompt's last marker."""
-    for column in ("chosen", "rejected"):
-        if not example[column][:1].isspace() and not example["prompt"][-1:].isspace():
-            example[column] = " " + example[column]
-    return example
+def has_token_ids(dataset) -> bool:
+    return all(c in dataset.column_names for c in ID_COLUMNS)
 
 
 def without_repeats(dataset, source: str):
@@ -111,7 +115,7 @@ def load_preferences(cfg, template_markers=()):
     extra = check_preferences(dataset, cfg.dataset, template_markers, cfg.allow_unmarked_prompts)
     if extra:
         print(f"{cfg.dataset}: {len(dataset)} pairs; columns kept out of training: {', '.join(extra)}")
-    dataset = without_repeats(dataset.remove_columns(extra), cfg.dataset).map(with_leading_space)
+    dataset = without_repeats(dataset.remove_columns(extra), cfg.dataset)
     if cfg.eval_fraction == 0 or len(dataset) < 10:
         return dataset, None
     split = dataset.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
@@ -120,25 +124,18 @@ def load_preferences(cfg, template_markers=()):
 
 def overlong_pairs(dataset, tokenizer, max_length: int | None, truncation_mode: str) -> tuple[int, int, int]:
     """(dropped, truncated, longest prompt) by TRL's own rules, before it applies them silently: a pair whose
-    prompt alone holds max_length tokens is dropped ("fully truncated", keep_start only); one whose
-    prompt + completion (+ EOS) exceeds max_length is cut. Tokenized as TRL's DPOTrainer tokenizes them."""
-    from trl.data_utils import common_prefix_length
-
+    prompt alone holds max_length tokens is dropped (fully_truncated); one whose prompt + completion (EOS
+    included) exceeds max_length is cut. On the ids the trainer is given (token_id_rows)."""
     if max_length is None or len(dataset) == 0:
         return 0, 0, 0
-    eos = tokenizer.eos_token or ""
-    prompts = list(dataset["prompt"])
-    prompt_ids = tokenizer(text=prompts)["input_ids"]
-    full = {column: tokenizer(text=[p + (c if c.endswith(eos) else c + eos) for p, c in zip(prompts, dataset[column])])
-            ["input_ids"] for column in ("chosen", "rejected")}
+    rows = token_id_rows(dataset, tokenizer, "the")
     dropped = truncated = 0
-    for i, ids in enumerate(prompt_ids):
-        prompt_length = min(common_prefix_length(ids, full[column][i]) for column in full)
-        if truncation_mode == "keep_start" and prompt_length >= max_length:
+    for prompt, chosen, rejected in zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"]):
+        if fully_truncated(prompt, max_length, truncation_mode):
             dropped += 1
-        elif max(len(full[column][i]) for column in full) > max_length:
+        elif len(prompt) + max(len(chosen), len(rejected)) > max_length:
             truncated += 1
-    return dropped, truncated, max(len(ids) for ids in prompt_ids)
+    return dropped, truncated, max(len(ids) for ids in rows["prompt_ids"])
 
 
 def report_overlong(splits: dict, tokenizer, dpo_args, source: str, say=print) -> None:
@@ -353,10 +350,66 @@ def freeze_modules_to_save(model) -> int:
     return frozen
 
 
-def make_trainer(cfg, model, tokenizer, dpo_args, train_set, eval_set):
+def text_row_ids(tokenizer, prompt: str, reply: str, where: str) -> dict:
+    """A text pair's ids as generation would have them: the prompt's context ids (chat.context_ids) and the
+    reply's ids after them in prompt + reply, then EOS."""
+    from .chat import context_ids
+
+    context = context_ids(tokenizer, prompt)
+    whole = tokenizer(prompt + reply, add_special_tokens=False)["input_ids"]
+    if whole[:len(context)] != context:
+        raise PipelineError(f"{where}: the prompt's tokens are not a prefix of prompt + reply under this tokenizer "
+                            "(the reply does not start where a generated reply would)")
+    return {"context": context, "completion": whole[len(context):] + [tokenizer.eos_token_id]}
+
+
+def tokenize_text_pair(example: dict, row: int, tokenizer, name: str) -> dict:
+    chosen = text_row_ids(tokenizer, example["prompt"], example["chosen"], f"{name} row {row}, column 'chosen'")
+    rejected = text_row_ids(tokenizer, example["prompt"], example["rejected"], f"{name} row {row}, column 'rejected'")
+    return {"prompt_ids": chosen["context"], "chosen_ids": chosen["completion"], "rejected_ids": rejected["completion"]}
+
+
+def fully_truncated(prompt_ids, max_length: int | None, truncation_mode: str) -> bool:
+    """TRL's own rule (DPOTrainer._prepare_dataset): with `keep_start` truncation a pair whose prompt alone fills
+    max_length would keep no completion token, so it is dropped."""
+    return max_length is not None and truncation_mode == "keep_start" and len(prompt_ids) >= max_length
+
+
+def token_id_rows(dataset, tokenizer, name: str):
+    """The dataset with prompt_ids / chosen_ids / rejected_ids: generate_preferences' own (checked on row 0 against
+    this tokenizer), or, for text only, tokenized the way generation conditions and continues (tokenize_text_pair)."""
+    from .chat import context_ids
+
+    if has_token_ids(dataset):
+        first = dataset[0]
+        if first["prompt_ids"] != context_ids(tokenizer, first["prompt"]):
+            raise PipelineError(f"{name} dataset: row 0's prompt_ids are not its prompt's tokens under this "
+                                "adapter's tokenizer; the preference data was generated with another one")
+        return dataset
+    return dataset.map(tokenize_text_pair, with_indices=True, fn_kwargs={"tokenizer": tokenizer,
+                                                                         "name": f"{name} dataset"})
+
+
+def dpo_trainer_class():
+    """TRL's DPOTrainer, given token ids instead of text.
+
+    TRL tokenizes a text prompt with the tokenizer's defaults (a Llama tokenizer adds a second BOS to the `<s>` the
+    prompt already holds) and appends the EOS text to each reply, so DPO would train on other ids than the
+    generator saw. Here the ids generate_preferences kept are used as they are (token_id_rows), and TRL's
+    max_length rule is applied to them (fully_truncated)."""
     from trl import DPOTrainer
 
-    trainer = DPOTrainer(model=model, ref_model=None, args=dpo_args, train_dataset=train_set,
+    class TokenExactDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            rows = token_id_rows(dataset, self._tokenizer, dataset_name)
+            return rows.filter(lambda ids: not fully_truncated(ids, args.max_length, args.truncation_mode),
+                               input_columns="prompt_ids")
+
+    return TokenExactDPOTrainer
+
+
+def make_trainer(cfg, model, tokenizer, dpo_args, train_set, eval_set):
+    trainer = dpo_trainer_class()(model=model, ref_model=None, args=dpo_args, train_dataset=train_set,
                          eval_dataset=eval_set, processing_class=tokenizer, callbacks=[config_saver(cfg)])
     if REFERENCE_ADAPTER not in trainer.model.peft_config:
         raise PipelineError("TRL did not add the frozen reference adapter; this trl version is not supported")

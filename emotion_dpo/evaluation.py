@@ -108,8 +108,9 @@ def prepare_output_dir(cfg, fresh: bool = False) -> Path:
 
 # ------------------------------------------------------------------ generating and scoring
 
-def sample_replies(model, tokenizer, prompts, generation_config, batch_prompts: int, seed: int) -> list[str]:
-    """One reply per prompt, batched; the same seed for every model so sampling noise is shared."""
+def sample_replies(model, tokenizer, prompts, generation_config, batch_prompts: int, seed: int) -> list[tuple]:
+    """One reply per prompt, batched, as (text, token ids); conditioned on each prompt's context ids, as
+    generate_preferences samples and DPO trains; the same seed for every model so sampling noise is shared."""
     from transformers import set_seed
 
     from .generation import generate_candidates
@@ -117,8 +118,8 @@ def sample_replies(model, tokenizer, prompts, generation_config, batch_prompts: 
     set_seed(seed)
     replies = []
     for start in range(0, len(prompts), batch_prompts):
-        texts = [p.text for p in prompts[start:start + batch_prompts]]
-        replies += [group[0] for group in generate_candidates(model, tokenizer, texts, 1, generation_config)]
+        contexts = [p.ids for p in prompts[start:start + batch_prompts]]
+        replies += [group[0] for group in generate_candidates(model, tokenizer, contexts, 1, generation_config)]
     return replies
 
 
@@ -232,7 +233,8 @@ def write_results(folder: Path, results: dict, prompts, scored: dict) -> None:
     (folder / "results.md").write_text(header + format_table(results) + "\n")
     with open(folder / "replies.jsonl", "w", encoding="utf-8") as f:
         for i, prompt in enumerate(prompts):
-            row = {"index": prompt.index, "target_emotion": prompt.target_emotion, "prompt": prompt.text}
+            row = {"index": prompt.index, "target_emotion": prompt.target_emotion, "prompt": prompt.text,
+                   "prompt_ids": prompt.ids}
             for name, replies in scored.items():
                 row[name] = replies[i].to_dict()
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -83,15 +83,17 @@ def prefill_cache(model, input_ids, attention_mask, n_candidates: int):
     return cache
 
 
-def generate_candidates(model, tokenizer, prompt_texts: Sequence[str], n_candidates: int, generation_config):
-    """n_candidates sampled replies for each prompt, from one left-padded `generate` call.
+def generate_candidates(model, tokenizer, contexts: Sequence[Sequence[int]], n_candidates: int, generation_config):
+    """n_candidates sampled replies for each prompt's context ids (chat.context_ids), from one left-padded
+    `generate` call: per prompt, a list of (text, token ids). The ids are what was generated up to, not
+    including, the first EOS (DPO trains on exactly them); the text is their decoding, stripped.
 
     The rows are laid out as `num_return_sequences` lays them out (each prompt N times in a row), so the
     shared prefill draws the same random numbers as the plain call; the logits agree to rounding (the prefill's
     shapes differ), which on the CPU gave the very same replies from the same seed."""
     import torch
 
-    batch = tokenizer(list(prompt_texts), return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = tokenizer.pad({"input_ids": [list(ids) for ids in contexts]}, padding=True, return_tensors="pt")
     batch = batch.to(model.device)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     settings = copy.deepcopy(generation_config)
@@ -107,9 +109,15 @@ def generate_candidates(model, tokenizer, prompt_texts: Sequence[str], n_candida
         else:
             settings.update(num_return_sequences=n_candidates)
             output = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
-    replies = tokenizer.batch_decode(output[:, ids.shape[1]:], skip_special_tokens=True)
-    replies = [reply.strip() for reply in replies]
+    generated = [until_eos(row, tokenizer.eos_token_id) for row in output[:, ids.shape[1]:].tolist()]
+    replies = [(text.strip(), row) for text, row in
+               zip(tokenizer.batch_decode(generated, skip_special_tokens=True), generated)]
     return [replies[i:i + n_candidates] for i in range(0, len(replies), n_candidates)]
+
+
+def until_eos(ids: list[int], eos_token_id: int) -> list[int]:
+    """The generated ids before the first EOS (after it `generate` pads)."""
+    return ids[:ids.index(eos_token_id)] if eos_token_id in ids else ids
 
 
 def token_counter(tokenizer):
@@ -162,14 +170,16 @@ class Scorer:
             scores, labels = model(**batch).logits.float().softmax(-1).max(-1)
         return [{"label": model.config.id2label[i], "score": score} for i, score in zip(labels.tolist(), scores.tolist())]
 
-    def score(self, replies: Sequence[str], targets: Sequence[str]) -> list[ScoredReply]:
-        replies = list(replies)
-        emotions = self.classify(self.emotion, replies)
-        gibberish = self.classify(self.gibberish, replies)
+    def score(self, replies: Sequence[tuple[str, list]], targets: Sequence[str]) -> list[ScoredReply]:
+        """`replies` as generate_candidates gives them: (text, token ids)."""
+        texts = [text for text, _ in replies]
+        emotions = self.classify(self.emotion, texts)
+        gibberish = self.classify(self.gibberish, texts)
         return [
             score_reply(text, e["label"], float(e["score"]), g["label"], float(g["score"]),
-                        reply_length(text, self.rewards.length_unit, self.count_tokens), target, self.rewards)
-            for text, e, g, target in zip(replies, emotions, gibberish, targets)
+                        reply_length(text, self.rewards.length_unit, self.count_tokens), target, self.rewards,
+                        token_ids)
+            for (text, token_ids), e, g, target in zip(replies, emotions, gibberish, targets)
         ]
 
 
@@ -189,7 +199,7 @@ class CandidateSampler:
 
         try:
             replies = generate_candidates(
-                self.model, self.tokenizer, [p.text for p in prompts], self.n_candidates, self.generation_config,
+                self.model, self.tokenizer, [p.ids for p in prompts], self.n_candidates, self.generation_config,
             )
         except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
             if not is_out_of_memory(error):

@@ -20,7 +20,8 @@ from .selection import ScoredReply
 
 JOURNAL_GLOB = "journal.rank*.jsonl"
 STATUSES = ("accepted", "failed")
-REPLY_KEYS = {f.name: f.type for f in dataclasses.fields(ScoredReply)}
+# token_ids (the generated ids) may be missing: journals of older versions have no ids; their pairs train as text
+REPLY_KEYS = {f.name: f.type for f in dataclasses.fields(ScoredReply) if f.name != "token_ids"}
 
 
 def journal_path(folder: str | Path, rank: int) -> Path:
@@ -68,6 +69,11 @@ def _is(value, kind) -> bool:
     return isinstance(value, str)
 
 
+def _are_ids(value) -> bool:
+    """None (not recorded) or a list of token ids."""
+    return value is None or isinstance(value, list) and all(_is(i, int) for i in value)
+
+
 def record_problem(record) -> str | None:
     """What makes a journal line no settled prompt (None: it is one): the keys finalize and --reselect read."""
     if not isinstance(record, dict):
@@ -85,10 +91,12 @@ def record_problem(record) -> str | None:
         return "key 'rounds': expected a non-empty list of non-empty rounds"
     for round_at, round_ in enumerate(rounds):
         for reply_at, reply in enumerate(round_):
-            if not isinstance(reply, dict) or set(reply) != set(REPLY_KEYS) or not all(
-                    _is(reply[k], kind) for k, kind in REPLY_KEYS.items()):
+            if not isinstance(reply, dict) or set(reply) - {"token_ids"} != set(REPLY_KEYS) or not all(
+                    _is(reply[k], kind) for k, kind in REPLY_KEYS.items()) or not _are_ids(reply.get("token_ids")):
                 return (f"rounds[{round_at}][{reply_at}]: expected a scored reply with keys "
-                        f"{', '.join(REPLY_KEYS)} of their types")
+                        f"{', '.join(REPLY_KEYS)} of their types (and token_ids, a list of ids)")
+    if not _are_ids(record.get("prompt_ids")):
+        return "key 'prompt_ids': expected a list of token ids"
     if record["status"] == "accepted":
         last = len(rounds[-1])
         for key in ("chosen_at", "rejected_at"):

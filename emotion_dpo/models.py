@@ -8,7 +8,7 @@ import re
 import warnings
 from pathlib import Path
 
-from .chat import ChatFormat, install_chat_format, load_chat_format
+from .chat import ChatFormat, install_chat_format, load_chat_format, warn_if_shipped_template_differs
 from .errors import PipelineError
 
 GIBBERISH_LABELS = ("clean", "mild gibberish")  # the labels the gibberish reward names explicitly
@@ -51,9 +51,10 @@ def load_tokenizer(base_model: str, adapter: str, chat: ChatFormat):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(adapter)
+        tokenizer, where = AutoTokenizer.from_pretrained(adapter), adapter
     except (OSError, ValueError):
-        tokenizer = AutoTokenizer.from_pretrained(base_model)
+        tokenizer, where = AutoTokenizer.from_pretrained(base_model), base_model
+    warn_if_shipped_template_differs(tokenizer, where, chat)
     install_chat_format(tokenizer, chat)
     return tokenizer
 

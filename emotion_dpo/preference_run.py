@@ -109,10 +109,11 @@ def check_run_config(cfg, folder: Path) -> None:
 def settled_records(folder: Path, prompts) -> dict[int, dict]:
     records = {r["index"]: r for r in merge_journals(journal_files(folder))}
     for index, record in records.items():
-        if index < len(prompts) and record["prompt"] != prompts[index].text:
+        if index < len(prompts) and (record["prompt"], record.get("prompt_ids", prompts[index].ids)) != (
+                prompts[index].text, prompts[index].ids):
             raise PipelineError(
                 f"{folder}: prompt {index} in the journal differs from the one built now "
-                "(dataset, template or system prompt changed); use another output_dir"
+                "(dataset, template, tokenizer or system prompt changed); use another output_dir"
             )
     return records
 
@@ -130,7 +131,8 @@ def sample_pool(cfg, prompts, sampler, journal: Journal, metrics, progress) -> N
         retry = []
         for (prompt, rounds), new_round in zip(batch, new_rounds):
             rounds.append(new_round)
-            record = settle(prompt, rounds, cfg, final=gives_up(len(rounds), cfg.max_retries))
+            record = settle(prompt, rounds, cfg, final=gives_up(len(rounds), cfg.max_retries),
+                            eos_token_id=sampler.tokenizer.eos_token_id)
             if record is None:
                 retry.append((prompt, rounds))
                 continue
@@ -176,7 +178,7 @@ def warn_long_prompts(cfg, tokenizer, prompts, max_new_tokens: int | None) -> No
     except (OSError, ValueError, AttributeError):
         return  # no such figure to compare with; the load itself reports a missing model
     room = limit - (max_new_tokens or 0)
-    lengths = [len(ids) for ids in tokenizer([p.text for p in prompts], add_special_tokens=False)["input_ids"]]
+    lengths = [len(p.ids) for p in prompts]  # the ids the model is given
     over = [(p.index, n) for p, n in zip(prompts, lengths) if n > room]
     if over:
         longest = max(over, key=lambda pair: pair[1])
@@ -304,8 +306,9 @@ def reselect_run(cfg, out_dir: str) -> dict:
     length_of = None
     if run_config.get("length_unit") != cfg.length_unit:  # the stored lengths are in the run's unit
         length_of = reply_measure(cfg)
+    stored = merge_journals(files)
     out.mkdir(parents=True, exist_ok=True)
-    records = [reselect(r, cfg, cfg, length_of) for r in merge_journals(files)]
+    records = [reselect(r, cfg, cfg, length_of) for r in stored]
     save_config(cfg, out, CONFIG_NAME)
     with open(out / "journal.rank0.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)

@@ -7,11 +7,14 @@ from pathlib import Path
 
 from .selection import ScoredReply, pick_pair, rescore, round_failure
 
-COLUMNS = ("prompt", "chosen", "rejected", "chosen_score", "rejected_score")  # what TRL's DPOTrainer reads
+COLUMNS = ("prompt", "chosen", "rejected", "chosen_score", "rejected_score")
+# The token ids generation used, which fine_tune_dpo trains on as they are: the context the generator was
+# conditioned on, and each reply's generated ids followed by the EOS the SFT model learned to end with.
+ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 PARTS = ("emotion_reward", "length_reward", "gibberish_reward")
 
 
-def settle(prompt, rounds: list[list[ScoredReply]], selection, final: bool) -> dict | None:
+def settle(prompt, rounds: list[list[ScoredReply]], selection, final: bool, eos_token_id: int) -> dict | None:
     """The journal record for a prompt whose latest round passed, or that is given up (`final`); else None."""
     last = rounds[-1]
     reason = round_failure(last, prompt.target_emotion, selection)
@@ -22,6 +25,8 @@ def settle(prompt, rounds: list[list[ScoredReply]], selection, final: bool) -> d
         "index": prompt.index,
         "dialogue": prompt.dialogue,
         "prompt": prompt.text,
+        "prompt_ids": list(prompt.ids),
+        "eos_token_id": eos_token_id,
         "target_emotion": prompt.target_emotion,
         "status": "accepted" if reason is None else "failed",
         "reason": reason,
@@ -67,6 +72,8 @@ def preference_row(record: dict) -> dict:
         "rejected": rejected["text"],
         "chosen_score": chosen["total"],
         "rejected_score": rejected["total"],
+        **({"prompt_ids": record["prompt_ids"], "chosen_ids": chosen["token_ids"] + [record["eos_token_id"]],
+            "rejected_ids": rejected["token_ids"] + [record["eos_token_id"]]} if has_ids(record, chosen, rejected) else {}),
         "target_emotion": record["target_emotion"],
         "rounds": len(record["rounds"]),
         "index": record["index"],
@@ -75,6 +82,11 @@ def preference_row(record: dict) -> dict:
         row[f"chosen_{part}"] = chosen[part]
         row[f"rejected_{part}"] = rejected[part]
     return row
+
+
+def has_ids(record: dict, *replies: dict) -> bool:
+    return (record.get("prompt_ids") is not None and record.get("eos_token_id") is not None
+            and all(reply.get("token_ids") is not None for reply in replies))
 
 
 def failure_row(record: dict) -> dict:
@@ -97,6 +109,11 @@ def write_dataset(records: list[dict], folder: str | Path) -> dict:
     folder = Path(folder)
     rows = [preference_row(r) for r in records if r["status"] == "accepted"]
     failures = [failure_row(r) for r in records if r["status"] == "failed"]
+    without = sum(ID_COLUMNS[0] not in row for row in rows)
+    if without:  # one schema for all rows: text only (fine_tune_dpo tokenizes it as generation would)
+        print(f"{without} of {len(rows)} pairs come from journal lines without token ids (an older version wrote "
+              "them): the dataset holds text only")
+        rows = [{k: v for k, v in row.items() if k not in ID_COLUMNS} for row in rows]
     if rows:
         columns = {name: [row[name] for row in rows] for name in rows[0]}
         datasets.Dataset.from_dict(columns).save_to_disk(str(folder / "dataset"))
@@ -114,8 +131,9 @@ def preference_features():
 
     kinds = {"prompt": "string", "chosen": "string", "rejected": "string", "target_emotion": "string",
              "rounds": "int64", "index": "int64"}
-    return datasets.Features({name: datasets.Value(kinds.get(name, "float64")) for name in preference_row_columns()})
+    return datasets.Features({name: datasets.List(datasets.Value("int64")) if name in ID_COLUMNS
+                              else datasets.Value(kinds.get(name, "float64")) for name in preference_row_columns()})
 
 
 def preference_row_columns() -> list[str]:
-    return [*COLUMNS, "target_emotion", "rounds", "index", *(f"{s}_{p}" for p in PARTS for s in ("chosen", "rejected"))]
+    return [*COLUMNS, *ID_COLUMNS, "target_emotion", "rounds", "index", *(f"{s}_{p}" for p in PARTS for s in ("chosen", "rejected"))]

@@ -7,7 +7,7 @@ import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .chat import render_chat
+from .chat import check_context_ids, context_ids, render_chat
 from .errors import PipelineError
 
 
@@ -16,8 +16,9 @@ class Prompt:
     index: int  # position among the prompts of this run: the journal's key
     dialogue: int  # row of the dialogue dataset it came from
     target_emotion: str
-    messages: list  # system + history + open assistant header
-    text: str  # exactly what the model sees (chat-templated, special tokens kept)
+    messages: list  # system + history + the target's assistant turn (dialog empty)
+    text: str  # the rendered prompt, chat-templated with the generation prompt, special tokens kept
+    ids: list  # what the model is conditioned on: chat.context_ids(text), one BOS
 
 
 def load_rows(source: str, split: str, what: str):
@@ -106,9 +107,11 @@ def window_starts(turns: list, window: int, all_windows: bool) -> list[int]:
 
 
 def build_messages(turns: list, system_prompt: str) -> tuple[list, str]:
-    """The window without its last reply's text: (messages with the open header, target emotion)."""
+    """The window without its last reply's text: (messages, target emotion). As the reference lays them out
+    (data_process_dpo.py): always a system message (the template renders it only when non-empty), the
+    history, and the last assistant turn with the target emotion and an empty dialog."""
     target = turns[-1]["content"]["emotion"]
-    messages = [{"role": "system", "content": {"emotion": "", "dialog": system_prompt}}] if system_prompt else []
+    messages = [{"role": "system", "content": {"emotion": "", "dialog": system_prompt}}]
     messages += [{"role": t["role"], "content": dict(t["content"])} for t in turns[:-1]]
     messages.append({"role": "assistant", "content": {"emotion": target, "dialog": ""}})
     return messages, target
@@ -123,7 +126,8 @@ def build_prompts(dialogues, tokenizer, system_prompt: str, num_turns_history: i
             if num_prompts is not None and len(prompts) >= num_prompts:
                 return prompts
             messages, target = build_messages(turns[start:start + window], system_prompt)
-            prompts.append(Prompt(len(prompts), row, target, messages, render_chat(tokenizer, messages)))
+            text = render_chat(tokenizer, messages)
+            prompts.append(Prompt(len(prompts), row, target, messages, text, context_ids(tokenizer, text)))
     return prompts
 
 
@@ -149,4 +153,5 @@ def load_prompts(cfg):
             f"{cfg.dataset}: split {cfg.dataset_split!r} has no dialogue with the "
             f"{2 + 2 * cfg.num_turns_history} turns that num_turns_history={cfg.num_turns_history} needs"
         )
+    check_context_ids(tokenizer, prompts[0].text, f"{cfg.source}: keys chat_template ({cfg.chat_template}), adapter")
     return tokenizer, prompts

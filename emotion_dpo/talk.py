@@ -50,8 +50,9 @@ class ChatSession:
         if name == "/emotion" and not argument:
             print(f"requested emotion: {self.requested}")
         elif name == "/emotion":
-            if argument not in EMOTIONS:
-                print(f"error: unknown emotion {argument!r}; choose one of {', '.join(EMOTIONS)}", file=sys.stderr)
+            known = [label.lower() for label in self.cfg.emotion_labels]
+            if argument not in known:
+                print(f"error: unknown emotion {argument!r}; choose one of {', '.join(known)}", file=sys.stderr)
             else:
                 self.requested = argument
                 print(f"requested emotion: {self.requested}")
@@ -112,7 +113,7 @@ def chat(cfg, lines: Iterable[str], show_prompts: bool = False) -> None:
     check_adapter_path(cfg.adapter, "adapter", cfg.source)
     check_adapter_path(cfg.dpo_adapter, "dpo_adapter", cfg.source)
     generation_config = checked_generation_config(cfg.generation, cfg.source)
-    check_classifiers(cfg.emotion_classifier, cfg.gibberish_detector, EMOTIONS)
+    check_classifiers(cfg.emotion_classifier, cfg.gibberish_detector, cfg.emotion_labels)
     model, tokenizer = load_generator(cfg)  # the SFT adapter as "default"
     add_adapter(model, cfg.dpo_adapter, "dpo", cfg.source)
     session = ChatSession(cfg, model, tokenizer, Scorer(cfg, tokenizer), generation_config, show_prompts)

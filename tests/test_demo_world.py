@@ -41,7 +41,9 @@ def test_dialogues_are_in_the_reference_format(demo_world):
             assert turn["content"]["dialog"].strip()[-1] in "!.?"
 
 
-@pytest.mark.parametrize("name, column, labels", [("emotion_classifier", 0, EMOTIONS),
+# The emotion classifier is saved with generic names (ids in the reference's order), so that the pipeline's label
+# mapping runs in every demo and test; the gibberish detector with its own.
+@pytest.mark.parametrize("name, column, labels", [("emotion_classifier", 0, tuple(f"LABEL_{i}" for i in range(7))),
                                                    ("gibberish_detector", 2, ("clean", "mild gibberish", "word salad", "noise"))])
 def test_classifiers_reach_their_reported_accuracy_on_fresh_held_out_text(demo_world, name, column, labels):
     figures = json.loads((demo_world / "figures.json").read_text())
@@ -70,8 +72,8 @@ def test_sft_adapter_loads_on_the_base_and_replies_in_the_template_format(demo_w
                 {"role": "user", "content": {"emotion": "happiness", "dialog": "you made my day !"}},
                 {"role": "assistant", "content": {"emotion": "happiness", "dialog": ""}}]
     prompt = render_chat(tokenizer, messages)
-    assert prompt.endswith("[/INST] [EMOTION] happiness [/EMOTION]")
-    batch = tokenizer([prompt] * 8, return_tensors="pt", add_special_tokens=False)
+    assert prompt.endswith("[/INST] [EMOTION] happiness [/EMOTION] ")
+    batch = tokenizer([prompt[:-1]] * 8, return_tensors="pt", add_special_tokens=False)
     torch.manual_seed(0)
     out = model.generate(**batch, do_sample=True, max_new_tokens=20, pad_token_id=tokenizer.pad_token_id)
     replies = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -82,6 +84,23 @@ def test_sft_adapter_loads_on_the_base_and_replies_in_the_template_format(demo_w
         assert words and set(words) <= vocabulary  # plain words: no template tokens leak into replies
         complete += words[-1] in ("!", ".", "?")
     assert complete >= 4
+
+
+def test_the_base_tokenizer_behaves_like_llama_2_where_it_matters(demo_world):
+    """A BOS added by default, and SentencePiece-style spaces: a space at the prompt/reply boundary changes the
+    tokens, so a prompt that ends in its space gives the model a lone `▁` it never saw before a reply."""
+    from transformers import AutoTokenizer
+
+    base = AutoTokenizer.from_pretrained(demo_world / "base")
+    assert type(base).__name__ == "LlamaTokenizer"
+    assert base("i am so happy")["input_ids"] == [base.bos_token_id] + base.convert_tokens_to_ids(
+        ["▁i", "▁am", "▁so", "▁happy"])
+    sft = AutoTokenizer.from_pretrained(demo_world / "sft_adapter")
+    assert sft.convert_ids_to_tokens(sft("[/EMOTION] ", add_special_tokens=False)["input_ids"]) == ["[/EMOTION]", "▁"]
+    assert sft.convert_ids_to_tokens(sft("[/EMOTION] i am", add_special_tokens=False)["input_ids"]) == [
+        "[/EMOTION]", "▁i", "▁am"]
+    # the template's BOS text is the BOS token: with the tokenizer's defaults a second one is added
+    assert sft("<s>[INST]")["input_ids"][:2] == [sft.bos_token_id] * 2
 
 
 def test_sft_model_matches_the_requested_emotion_only_part_of_the_time(demo_world):

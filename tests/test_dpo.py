@@ -85,10 +85,10 @@ def test_c_at_step_0_the_policy_equals_the_reference(few_steps):
     assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-2)
 
 
-def sequence_logp(model, tokenizer, prompt, completion):
-    """Sum of log p(completion tokens | prompt), computed here independently of TRL."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]])
+def sequence_logp(model, prompt_ids, completion_ids):
+    """Sum of log p(completion tokens | prompt), computed here independently of TRL, on the ids generation kept
+    (the dataset's prompt_ids and chosen_ids / rejected_ids, which end in EOS)."""
+    ids = torch.tensor([prompt_ids + completion_ids])
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, :-1].float()
     token_logps = logits.log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
@@ -105,9 +105,8 @@ def test_c_precomputed_reference_log_probs_match_the_sft_adapter_loaded_on_its_o
     sft, tokenizer = load_generator(cfg)  # the original SFT adapter, on a base of its own
     raw, _ = load_preferences(cfg)
     for i in range(4):
-        eos = tokenizer.eos_token
-        expected_chosen = sequence_logp(sft, tokenizer, raw[i]["prompt"], raw[i]["chosen"] + eos)
-        expected_rejected = sequence_logp(sft, tokenizer, raw[i]["prompt"], raw[i]["rejected"] + eos)
+        expected_chosen = sequence_logp(sft, raw[i]["prompt_ids"], raw[i]["chosen_ids"])
+        expected_rejected = sequence_logp(sft, raw[i]["prompt_ids"], raw[i]["rejected_ids"])
         assert data[i]["ref_chosen_logps"] == pytest.approx(expected_chosen, rel=1e-4, abs=1e-4)
         assert data[i]["ref_rejected_logps"] == pytest.approx(expected_rejected, rel=1e-4, abs=1e-4)
     trainer.args.max_steps = 2
@@ -123,13 +122,12 @@ def test_c_after_training_the_reference_is_still_the_sft_adapter_and_the_policy_
     trainer.model.eval()
     ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
     sft, tokenizer = load_generator(cfg)  # the original SFT adapter, on a base of its own
-    eos = tokenizer.eos_token
     for i in range(3):
         assert float(ref_chosen[i]) == pytest.approx(
-            sequence_logp(sft, tokenizer, raw[i]["prompt"], raw[i]["chosen"] + eos), rel=1e-4, abs=1e-4)
+            sequence_logp(sft, raw[i]["prompt_ids"], raw[i]["chosen_ids"]), rel=1e-4, abs=1e-4)
         assert float(ref_rejected[i]) == pytest.approx(
-            sequence_logp(sft, tokenizer, raw[i]["prompt"], raw[i]["rejected"] + eos), rel=1e-4, abs=1e-4)
-    policy_chosen = sequence_logp(trainer.model, tokenizer, raw[0]["prompt"], raw[0]["chosen"] + eos)
+            sequence_logp(sft, raw[i]["prompt_ids"], raw[i]["rejected_ids"]), rel=1e-4, abs=1e-4)
+    policy_chosen = sequence_logp(trainer.model, raw[0]["prompt_ids"], raw[0]["chosen_ids"])
     assert policy_chosen != pytest.approx(float(ref_chosen[0]), abs=1e-3)  # "default" is the trained adapter
 
 

@@ -20,7 +20,8 @@ from emotion_dpo.journal import journal_files, merge_journals, read_journal, sha
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "args/demo/generate_preferences_arg.json"
-COLUMNS = ["prompt", "chosen", "rejected", "chosen_score", "rejected_score", "target_emotion", "rounds"]
+COLUMNS = ["prompt", "chosen", "rejected", "chosen_score", "rejected_score", "prompt_ids", "chosen_ids", "rejected_ids",
+           "target_emotion", "rounds"]
 
 
 def demo_overrides(demo_world, output_dir, num_prompts=16, extra=()):
@@ -64,8 +65,8 @@ def test_every_prompt_is_settled_exactly_once(finished_run):
 def test_prompts_are_stored_exactly_as_the_model_saw_them(finished_run):
     data = datasets.load_from_disk(str(finished_run.out / "dataset"))
     for prompt, emotion in zip(data["prompt"], data["target_emotion"]):
-        assert prompt.startswith("<s>") and "[INST]" in prompt
-        assert prompt.endswith(f"[EMOTION] {emotion} [/EMOTION]")
+        assert prompt.startswith("<s>[INST]")
+        assert prompt.endswith(f" [/INST] [EMOTION] {emotion} [/EMOTION] ")  # the reference's generation prompt
 
 
 def test_every_chosen_passes_the_filters_and_every_gap_reaches_the_target(finished_run):
@@ -391,16 +392,16 @@ from emotion_dpo.prompts import load_prompts
 
 cfg = load_config(GenerateConfig, sys.argv[1], sys.argv[2:])
 model, tokenizer = load_generator(cfg)
-texts = [p.text for p in load_prompts(cfg)[1][:8]]
+contexts = [p.ids for p in load_prompts(cfg)[1][:8]]
 settings = GenerationConfig(**cfg.generation)
-ids = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+ids = tokenizer.pad({"input_ids": contexts}, return_tensors="pt", padding=True)
 shared = (generation.shares_prefill(model, settings, 6, ids["input_ids"].shape[1])
           and generation.prefill_cache(model, ids["input_ids"], ids["attention_mask"], 6) is not None)
 torch.manual_seed(7)
-with_prefill = generation.generate_candidates(model, tokenizer, texts, 6, settings)
+with_prefill = generation.generate_candidates(model, tokenizer, contexts, 6, settings)
 generation.prefill_cache = lambda *args: None  # the plain call: num_return_sequences repeats each prompt
 torch.manual_seed(7)
-plain = generation.generate_candidates(model, tokenizer, texts, 6, settings)
+plain = generation.generate_candidates(model, tokenizer, contexts, 6, settings)
 print(json.dumps({"shared": shared, "with_prefill": with_prefill, "plain": plain}))
 """
 
@@ -419,7 +420,7 @@ def test_the_shared_prefill_samples_the_replies_the_plain_generate_call_samples(
     assert got["shared"], "the model should have handed back a full cache to share"
     assert len(got["plain"]) == 8 and all(len(group) == 6 for group in got["plain"])
     assert got["with_prefill"] == got["plain"]
-    assert len({reply for group in got["plain"] for reply in group}) > 8  # sampled, not one reply repeated
+    assert len({text for group in got["plain"] for text, _ in group}) > 8  # sampled, not one reply repeated
 
 
 def test_the_shared_prefill_is_skipped_where_it_would_not_pay_or_is_unchecked(demo_world, tmp_path):
@@ -451,18 +452,18 @@ def test_out_of_memory_halves_the_batch_and_every_prompt_still_gets_its_replies(
 
     calls = []
 
-    def generate_or_run_out(model, tokenizer, texts, n, settings):
-        calls.append(len(texts))
-        if len(texts) > 2:
+    def generate_or_run_out(model, tokenizer, contexts, n, settings):
+        calls.append(len(contexts))
+        if len(contexts) > 2:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return [[f"{t} reply {i}" for i in range(n)] for t in texts]
+        return [[f"{c} reply {i}" for i in range(n)] for c in contexts]
 
     class EchoScorer:
         def score(self, replies, targets):
             return list(zip(replies, targets))
 
     monkeypatch.setattr(generation, "generate_candidates", generate_or_run_out)
-    prompts = [SimpleNamespace(text=f"p{i}", target_emotion="joy") for i in range(8)]
+    prompts = [SimpleNamespace(ids=f"p{i}", target_emotion="joy") for i in range(8)]
     sampler = generation.CandidateSampler(None, None, EchoScorer(), 3, None, batch_prompts=8)
     rounds = sampler.sample(prompts)
     assert [group[0][0] for group in rounds] == [f"p{i} reply 0" for i in range(8)]  # all, in order

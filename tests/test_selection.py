@@ -17,7 +17,7 @@ SELECTION = SimpleNamespace(target_score_range=5.0, min_chosen_score=8.0, min_ch
 
 
 def reply(text="that is so wonderful , i love it !", emotion="happiness", conf=0.9, gib="clean", gconf=0.95):
-    return score_reply(text, emotion, conf, gib, gconf, len(text), "happiness", REWARDS)
+    return score_reply(text, emotion, conf, gib, gconf, len(text), "happiness", REWARDS, [len(text), 9])
 
 
 GOOD = reply()  # 34 characters, happy, clean: total 0.4*9 + 0.25*|5.8+0.7|*10 + 0.35*9.5 + 0.001
@@ -72,6 +72,7 @@ class ScriptedSampler:
 
     def __init__(self, rounds):
         self.rounds, self.batch_prompts, self.calls = list(rounds), 4, 0
+        self.tokenizer = SimpleNamespace(eos_token_id=2)
 
     def sample(self, prompts):
         self.calls += 1
@@ -88,7 +89,7 @@ def run_pool(tmp_path, sampler, prompts):
 
 
 def prompt(index=0):
-    return Prompt(index, index, "happiness", [], f"<s> prompt {index}")
+    return Prompt(index, index, "happiness", [], f"<s> prompt {index}", [1, 50 + index])
 
 
 def test_a_prompt_is_given_up_after_exactly_one_plus_max_retries_rounds(tmp_path):
@@ -106,6 +107,8 @@ def test_a_retried_prompt_is_accepted_with_the_round_that_passed(tmp_path):
     row = preference_row(record)
     assert (row["chosen"], row["rejected"]) == (GOOD.text, SHORT.text)
     assert row["chosen_score"] == pytest.approx(GOOD.total)
+    # the ids generation used: the prompt's context, each reply's generated ids and then EOS
+    assert (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) == ([1, 50], [34, 9, 2], [4, 9, 2])
 
 
 def test_every_round_and_candidate_is_journaled_with_its_components(tmp_path):
@@ -114,7 +117,7 @@ def test_every_round_and_candidate_is_journaled_with_its_components(tmp_path):
     stored = record["rounds"][0][0]
     assert set(stored) >= {"text", "emotion_label", "emotion_confidence", "gibberish_label",
                            "gibberish_confidence", "length", "emotion_reward", "length_reward",
-                           "gibberish_reward", "total"}
+                           "gibberish_reward", "total", "token_ids"}
     assert json.loads(json.dumps(record)) == record
 
 

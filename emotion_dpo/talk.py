@@ -4,6 +4,7 @@ generate_preferences builds its prompts (num_turns_history turn pairs, the share
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Iterable
 
@@ -69,7 +70,7 @@ class ChatSession:
         """Both models' scored replies to one user line; each model's history grows by the pair."""
         from transformers import set_seed
 
-        from .chat import render_chat
+        from .chat import context_ids, render_chat
         from .generation import generate_candidates
         from .prompts import build_messages
 
@@ -84,11 +85,12 @@ class ChatSession:
                                                 self.cfg.num_turns_history), self.cfg.system_prompt)
             prompt = render_chat(self.tokenizer, messages)
             if self.show_prompts:
-                print(f"  {name} prompt: {prompt}")
+                print(f"  {name} prompt: {json.dumps(prompt)}")  # one line: the template's newlines escaped
             self.model.set_adapter(adapter)
             set_seed(self.cfg.seed + self.turns)  # the same sampling noise for both models, as evaluate does
-            reply = generate_candidates(self.model, self.tokenizer, [prompt], 1, self.generation_config)[0][0]
-            scored = self.scorer.score([reply], [self.requested])[0]
+            context = context_ids(self.tokenizer, prompt)  # the ids generate_preferences conditions on
+            reply = generate_candidates(self.model, self.tokenizer, [context], 1, self.generation_config)[0][0]
+            scored = self.scorer.score([reply], [self.requested])[0]  # reply: (text, token ids)
             print(f"  {name}: {scored.text}\n  {' ' * len(name)}  {describe(scored)}")
             self.histories[name] += [user_turn, turn("assistant", self.requested, scored.text)]
             replies[name] = scored

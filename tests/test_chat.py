@@ -2,6 +2,7 @@
 and reward parts; /emotion switches the requested emotion; an unknown emotion is a clear error and the session goes
 on; each model's history is kept as num_turns_history says, in the chat template."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -80,8 +81,8 @@ def test_the_emotion_command_switches_what_both_models_are_asked_for(session):
     assert "  requested emotion: happiness" in turns[1] and "  requested emotion: happiness" in turns[2]
     for turn in turns[1:]:
         for name in ("SFT", "DPO"):
-            prompt = re.search(rf"^  {name} prompt: (.*)$", turn, re.M).group(1)
-            assert prompt.endswith("[/INST] [EMOTION] happiness [/EMOTION]")
+            prompt = json.loads(re.search(rf"^  {name} prompt: (.*)$", turn, re.M).group(1))
+            assert prompt.endswith(" [/INST] [EMOTION] happiness [/EMOTION] ")
 
 
 def test_an_unknown_emotion_is_a_clear_error_and_the_session_goes_on(session):
@@ -99,15 +100,18 @@ def test_each_model_keeps_its_own_history_in_the_template_as_num_turns_history_s
     user = [re.match(r"(\S+) [\d.]+\): (.*)", t).groups() for t in turns]  # (classified emotion, text)
     said = [{f[0]: f[1] for f in REPLY.findall(t)} for t in turns]
     for name in ("SFT", "DPO"):
-        prompts = [re.search(rf"^  {name} prompt: (.*)$", t, re.M).group(1) for t in turns]
-        # turn 1: the system prompt, the user turn, the open reply header: the template written out by hand
-        assert prompts[0] == (f"<s><<SYS>> {SYSTEM} <</SYS>> [INST] [EMOTION] {user[0][0]} [/EMOTION] {user[0][1]} "
-                              "[/INST] [EMOTION] neutral [/EMOTION]")
+        prompts = [json.loads(re.search(rf"^  {name} prompt: (.*)$", t, re.M).group(1)) for t in turns]
+        # the reference template's rules written out by hand (hermeschen1116/emotion-chat-bot 288acc1,
+        # Llama2_OUT_INST_UNI.json): the system prompt inside the first [INST], BOS before every user turn,
+        # ' ' + EOS + newline after a reply, the generation prompt ending in a space
+        opening = f"<s>[INST]<<SYS>>\n{SYSTEM}\n<</SYS>>\n\n"
+        # turn 1: the system prompt, the user turn, the open reply header
+        assert prompts[0] == f"{opening}[EMOTION] {user[0][0]} [/EMOTION] {user[0][1]} [/INST] [EMOTION] neutral [/EMOTION] "
         # turn 2: one earlier pair (num_turns_history 1), with this model's own reply
-        assert prompts[1] == (f"<s><<SYS>> {SYSTEM} <</SYS>> [INST] [EMOTION] {user[0][0]} [/EMOTION] {user[0][1]} "
-                              f"[/INST] [EMOTION] neutral [/EMOTION] {said[0][name]} </s>"
-                              f"[INST] [EMOTION] {user[1][0]} [/EMOTION] {user[1][1]} [/INST] [EMOTION] happiness "
-                              "[/EMOTION]")
+        assert prompts[1] == (f"{opening}[EMOTION] {user[0][0]} [/EMOTION] {user[0][1]} "
+                              f"[/INST] [EMOTION] neutral [/EMOTION] {said[0][name]} </s>\n"
+                              f"<s>[INST] [EMOTION] {user[1][0]} [/EMOTION] {user[1][1]} [/INST] [EMOTION] happiness "
+                              "[/EMOTION] ")
         # turn 3: the first pair has left the window
         assert user[0][1] not in prompts[2] and f"{user[1][1]} [/INST] [EMOTION] happiness [/EMOTION] " \
-                                                f"{said[1][name]} </s>" in prompts[2]
+                                                f"{said[1][name]} </s>\n" in prompts[2]

@@ -104,5 +104,34 @@ def test_the_base_tokenizer_behaves_like_llama_2_where_it_matters(demo_world):
 
 
 def test_sft_model_matches_the_requested_emotion_only_part_of_the_time(demo_world):
-    figures = json.loads((demo_world / "figures.json").read_text())
-    assert 0.2 <= figures["sft_emotion_accuracy"] <= 0.6
+    """Measured here, not read from figures.json: one sampled reply for each of 100 held-out prompts, from
+    transformers' generate on the prompt's ids, labelled by the classifier with the reference's names by position."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    from emotion_dpo.chat import install_chat_format, load_chat_format
+    from emotion_dpo.prompts import build_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_world / "sft_adapter")
+    install_chat_format(tokenizer, load_chat_format("args/chat_template.json"))
+    base = AutoModelForCausalLM.from_pretrained(demo_world / "base")
+    base.resize_token_embeddings(len(tokenizer))
+    model = PeftModel.from_pretrained(base, demo_world / "sft_adapter").eval()
+    test = datasets.load_from_disk(str(demo_world / "dialogues"))["test"]
+    prompts = build_prompts(test, tokenizer, DEMO_SYSTEM_PROMPT, 1, num_prompts=100)
+    torch.manual_seed(0)
+    replies = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt.ids])
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
+                                 max_new_tokens=20, min_new_tokens=3, pad_token_id=tokenizer.pad_token_id)
+        replies.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    names = ["neutral", "anger", "disgust", "fear", "happiness", "sadness", "surprise"]  # the reference's order
+    classify = pipeline("text-classification", model=str(demo_world / "emotion_classifier"), device="cpu",
+                        model_kwargs={"id2label": dict(enumerate(names)),
+                                      "label2id": {name: i for i, name in enumerate(names)}})
+    labels = [result["label"] for result in classify(replies, batch_size=50)]
+    accuracy = sum(label == p.target_emotion for label, p in zip(labels, prompts)) / len(prompts)
+    assert 0.2 <= accuracy <= 0.65, accuracy  # right only part of the time: DPO has work to do

@@ -62,11 +62,32 @@ def test_every_prompt_is_settled_exactly_once(finished_run):
     assert [r["index"] for r in records] == list(range(16))
 
 
-def test_prompts_are_stored_exactly_as_the_model_saw_them(finished_run):
-    data = datasets.load_from_disk(str(finished_run.out / "dataset"))
-    for prompt, emotion in zip(data["prompt"], data["target_emotion"]):
-        assert prompt.startswith("<s>[INST]")
-        assert prompt.endswith(f" [/INST] [EMOTION] {emotion} [/EMOTION] ")  # the reference's generation prompt
+def reference_rendering(system: str, turns: list, target: str) -> str:
+    """The rules of the reference's template (hermeschen1116/emotion-chat-bot 288acc1,
+    src/bot/response_generator/chat_template/Llama2_OUT_INST_UNI.json), written out: BOS before every user turn,
+    the system prompt inside the first [INST], stripped dialogs, ' ' + EOS + newline after every reply, and the
+    generation prompt ending in a space."""
+    text = ""
+    for at, turn in enumerate(turns):
+        emotion, dialog = turn["content"]["emotion"], turn["content"]["dialog"].strip()
+        if turn["role"] == "user":
+            head = f"[INST]<<SYS>>\n{system}\n<</SYS>>\n\n" if at == 0 and system else "[INST] "
+            text += f"<s>{head}[EMOTION] {emotion} [/EMOTION] {dialog}"
+        else:
+            text += f" [/INST] [EMOTION] {emotion} [/EMOTION] {dialog} </s>\n"
+    return text + f" [/INST] [EMOTION] {target} [/EMOTION] "
+
+
+def test_prompts_are_stored_exactly_as_the_model_saw_them(finished_run, demo_world):
+    cfg = finished_run.cfg  # the demo's: one turn pair of history, the last window of each dialogue
+    splits = datasets.load_from_disk(str(demo_world / "dialogues"))
+    rows = datasets.concatenate_datasets([splits["train"], splits["validation"]])["prompt"]
+    records = merge_journals(journal_files(finished_run.out))
+    assert records
+    for record in records:
+        window = rows[record["dialogue"]][-(2 + 2 * cfg.num_turns_history):]
+        assert window[-1]["content"]["emotion"] == record["target_emotion"]
+        assert record["prompt"] == reference_rendering(cfg.system_prompt, window[:-1], record["target_emotion"])
 
 
 def test_every_chosen_passes_the_filters_and_every_gap_reaches_the_target(finished_run):

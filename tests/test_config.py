@@ -305,7 +305,7 @@ def test_a_comment_in_generation_does_not_block_resuming_a_run(tmp_path):
     cfg = load_config(GenerateConfig, path)
     prepare_output_dir(cfg, fresh=False).release()
     reply = ScoredReply("fine .", "neutral", 0.9, "clean", 0.9, 6.0, 0.0, 0.0, 9.0, 3.0)
-    settled = settle(Prompt(0, 0, "happiness", [], "<s> hi"), [[reply, reply]], cfg, final=True)
+    settled = settle(Prompt(0, 0, "happiness", [], "<s> hi", [1, 7]), [[reply, reply]], cfg, final=True, eos_token_id=2)
     (out / "journal.rank0.jsonl").write_text(json.dumps(settled) + "\n")  # one settled prompt: a run to keep
     commented = write(tmp_path, {**MINIMAL, "output_dir": str(out), "_comment": "top",
                                  "generation": {"_comment": "the reference's sampling"}}, "commented.json")

@@ -70,7 +70,7 @@ def test_the_scorer_reads_the_emotion_labels_names(demo_world, tmp_path):
         f"emotion_classifier={folder}", f"emotion_labels={json.dumps(names)}"]))
     scorer = Scorer(cfg, load_tokenizer(cfg.base_model, cfg.adapter, load_chat_format(cfg.chat_template)))
     expected = [names[i] for i in predicted_positions(folder, TEXTS)]
-    assert [s.emotion_label for s in scorer.score(TEXTS, ["joy"] * len(TEXTS))] == expected
+    assert [s.emotion_label for s in scorer.score([(text, []) for text in TEXTS], ["joy"] * len(TEXTS))] == expected
 
 
 def test_a_classifier_whose_own_names_disagree_gets_a_warning_showing_both(demo_world, tmp_path):

@@ -197,17 +197,19 @@ def test_iteration_2_samples_from_iteration_1s_adapter(resumed_run):
     cfg = load_config(GenerateConfig, r.run / "iter-2/preferences/config.json")
     first_call = {rec["index"]: rec for rec in r.settled_before_kill if rec["index"] < BATCH}
     prompts = [first_call[i]["prompt"] if i in first_call else None for i in range(BATCH)]
-    journal = {rec["index"]: rec["prompt"] for rec in read_journal(r.run / "iter-2/preferences/journal.rank0.jsonl")}
-    texts = [journal[i] for i in range(BATCH)]
+    journal = {rec["index"]: rec for rec in read_journal(r.run / "iter-2/preferences/journal.rank0.jsonl")}
+    texts = [journal[i]["prompt"] for i in range(BATCH)]
     assert all(p is None or p == t for p, t in zip(prompts, texts))
+    contexts = [journal[i]["prompt_ids"] for i in range(BATCH)]  # the ids the generator conditioned on
 
     def first_round(adapter):  # what generate does before its first call: seed, load, scorer, generate
         source = load_config(GenerateConfig, r.run / "iter-2/preferences/config.json", [f"adapter={adapter}"])
         set_seed(source.seed)
         model, tokenizer = load_generator(source)
         Scorer(source, tokenizer)
-        return generate_candidates(model, tokenizer, texts, cfg.n_candidates, checked_generation_config(
+        groups = generate_candidates(model, tokenizer, contexts, cfg.n_candidates, checked_generation_config(
             cfg.generation, "test"))
+        return [[text for text, _ in group] for group in groups]
 
     from_previous, from_sft = first_round(previous), first_round(sft)
     for i, record in first_call.items():

@@ -108,8 +108,9 @@ def test_the_dataset_card_holds_the_config_and_the_statistics_written(finalized)
     # the resolved config: models, template, reward weights, thresholds
     text = card.text
     for value in ("demo_world/base", "demo_world/sft_adapter", "demo_world/emotion_classifier",
-                  "demo_world/gibberish_detector", "[0.5, 0.2, 0.3]", "[INST] [EMOTION]"):
+                  "demo_world/gibberish_detector", "[0.5, 0.2, 0.3]"):
         assert value in text, value
+    assert json.loads((ROOT / "args/chat_template.json").read_text())["chat_template"] in text  # the template itself
     assert "0.5 x emotion + 0.2 x length + 0.3 x gibberish + 0.001" in text  # the rules paragraph
     assert "below 4.0 (target_score_range)" in text and "below 7.5 (min_chosen_score)" in text
     assert json.loads(text.split("```json\n")[1].split("```")[0]) == cfg.model_dump(mode="json")  # the whole of it

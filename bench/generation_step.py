@@ -173,12 +173,12 @@ def main() -> None:
             overrides += [f"{k}={v}" for k, v in build_world(Path(args.world or tmp), args.synthetic).items()]
         cfg = load_config(GenerateConfig, args.config, overrides + args.set)
         _, prompts = load_prompts(cfg)
-    texts = [p.text for p in prompts[:args.prompts]]
+    contexts = [p.ids for p in prompts[:args.prompts]]  # what the pipeline conditions on (chat.context_ids)
     n = cfg.n_candidates
     model, tokenizer = load_generator(cfg)
     settings = GenerationConfig(**cfg.generation)
     print(json.dumps({"step": "loaded", "device": str(model.device), "four_bit": cfg.load_in_4bit,
-                      "prompts": len(texts), "candidates": n}), flush=True)
+                      "prompts": len(contexts), "candidates": n}), flush=True)
 
     def static(compiled: bool):
         from transformers import CompileConfig
@@ -192,9 +192,9 @@ def main() -> None:
         return s
 
     merged = None
-    runners = {"plain": lambda: generate_candidates(model, tokenizer, texts, n, settings),
-               "static-cache": lambda: generate_candidates(model, tokenizer, texts, n, static(False)),
-               "static-cache-compiled": lambda: generate_candidates(model, tokenizer, texts, n, static(True))}
+    runners = {"plain": lambda: generate_candidates(model, tokenizer, contexts, n, settings),
+               "static-cache": lambda: generate_candidates(model, tokenizer, contexts, n, static(False)),
+               "static-cache-compiled": lambda: generate_candidates(model, tokenizer, contexts, n, static(True))}
     paths = args.paths.split(",")
     results = {}
     # transformers compiles the decode step only where the quantizer allows it (bitsandbytes 4-bit does not:
@@ -205,7 +205,7 @@ def main() -> None:
     results["static-cache-compiled"] = {"compiles": quantizer is None or bool(quantizer.is_compileable)}
     if any(p.startswith("merged") for p in paths):
         seconds, merged = timed(lambda: merged_dequantized_copy(model))
-        batch = tokenizer(texts[:8], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        batch = tokenizer.pad({"input_ids": contexts[:8]}, padding=True, return_tensors="pt").to(model.device)
         with torch.inference_mode():
             a = model(**batch).logits[:, -1].float()
             b = merged(**batch).logits[:, -1].float()
@@ -213,8 +213,8 @@ def main() -> None:
         results["merged-dequantized"] = {
             "build_s": seconds, "max_abs_logit_diff_over_max_abs_logit": float((a - b).abs().max() / a.abs().max()),
             "same_top_token": float((a.argmax(-1) == b.argmax(-1)).float().mean())}
-        runners["merged-dequantized"] = lambda: generate_candidates(merged, tokenizer, texts, n, settings)
-        runners["merged-static-compiled"] = lambda: generate_candidates(merged, tokenizer, texts, n, static(True))
+        runners["merged-dequantized"] = lambda: generate_candidates(merged, tokenizer, contexts, n, settings)
+        runners["merged-static-compiled"] = lambda: generate_candidates(merged, tokenizer, contexts, n, static(True))
         print(json.dumps({"step": "merged copy", **results["merged-dequantized"]}), flush=True)
 
     def seeded(name):
@@ -244,14 +244,14 @@ def main() -> None:
     # the decode profile: prefill + one token vs the whole round
     one = copy.deepcopy(settings)
     one.update(max_new_tokens=1, min_new_tokens=None)
-    first_token = min(timed(lambda: generate_candidates(model, tokenizer, texts, n, one))[0]
+    first_token = min(timed(lambda: generate_candidates(model, tokenizer, contexts, n, one))[0]
                       for _ in range(args.repeats))
     new_tokens = settings.max_new_tokens
-    prompt_length = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)["input_ids"].shape[1]
+    prompt_length = max(len(ids) for ids in contexts)
     profile = {"round_s": best.get("plain"), "prefill_and_first_token_s": first_token,
                "per_decode_step_ms": 1000 * (best["plain"] - first_token) / (new_tokens - 1) if "plain" in best else None,
                "padded_prompt_tokens": prompt_length,
-               **processors_profile(model, tokenizer, settings, len(texts) * n, prompt_length)}
+               **processors_profile(model, tokenizer, settings, len(contexts) * n, prompt_length)}
     print(json.dumps({"step": "decode profile", **profile}), flush=True)
     print(json.dumps({"paths": results, "decode_profile": profile, "device": torch.cuda.get_device_name()
                       if torch.cuda.is_available() else "cpu", "four_bit": cfg.load_in_4bit,

@@ -57,11 +57,13 @@ def check_preferences(dataset, source: str, template_markers=(), allow_unmarked:
     if len(dataset) == 0:
         raise PipelineError(f"0 pairs in {source}: nothing to train on (a generate_preferences run that accepted "
                             "none: see its statistics.txt and failed.jsonl)")
+    with_ids = has_token_ids(dataset)
     for column in REQUIRED:
         for row, value in enumerate(dataset[column]):
             if not isinstance(value, str):
                 raise PipelineError(f"{source}: row {row}, column {column!r}: expected a string, got {type(value).__name__}")
-            if not value.strip():
+            # with token ids, those are trained on: a reply of special tokens only decodes to "" but has its ids
+            if not value.strip() and not (with_ids and column != "prompt"):
                 raise PipelineError(f"{source}: row {row}, column {column!r}: empty")
     if template_markers:
         unmarked = [row for row, p in enumerate(dataset["prompt"]) if not all(m in p for m in template_markers)]
@@ -447,6 +449,11 @@ def restore_trained_adapter(trainer, checkpoint: Path) -> None:
                   if not k.endswith((".original_module.weight", ".modules_to_save.weight"))]
     if unexpected:
         raise PipelineError(f"{checkpoint}: adapter weights do not fit the model ({unexpected[:3]} ...)")
+    # The Trainer reloads the checkpoint's ref/ into "ref" as it resumes: load it now, so that the guard checks the
+    # reference that training will use (against the adapter the run started from), not the one built from SFT.
+    saved_reference = checkpoint / REFERENCE_ADAPTER / "adapter_model.safetensors"
+    if saved_reference.is_file():
+        set_peft_model_state_dict(trainer.model, load_file(str(saved_reference)), adapter_name=REFERENCE_ADAPTER)
     keep_trainable_in_fp32(trainer)
 
 

@@ -296,6 +296,27 @@ def test_e_resume_checks_the_reference_against_the_adapter_the_run_started_from(
         train(cfg, resume=True)
 
 
+def test_e_resume_checks_the_reference_the_checkpoint_hands_back(saved_run, demo_world, demo_preferences, tmp_path):
+    """The Trainer reloads checkpoint-*/ref/ into the reference as it resumes: a ref there that is not the adapter
+    the run started from (here one LoRA weight moved) must be refused, not trained against."""
+    from safetensors.torch import load_file, save_file
+
+    first, _ = saved_run
+    resumed = tmp_path / "dpo"
+    resumed.mkdir()
+    shutil.copytree(first / "checkpoint-4", resumed / "checkpoint-4")
+    saved = resumed / "checkpoint-4" / REFERENCE_ADAPTER / "adapter_model.safetensors"
+    weights = load_file(str(saved))
+    name = next(k for k in weights if "lora_B" in k)
+    weights[name] = weights[name] + 0.01
+    save_file(weights, str(saved))
+    cfg, _ = config(demo_world, demo_preferences, resumed, "dpo.max_steps=6", "dpo.per_device_train_batch_size=4",
+                    "eval_fraction=0.0", "dpo.eval_strategy=no")
+    with pytest.raises(PipelineError, match=r"differs from the adapter the run started from \(start_adapter.json\)"):
+        train(cfg, resume=True)
+    assert not (resumed / "checkpoint-6").exists()  # refused before any step
+
+
 def test_e_resuming_with_a_changed_setting_warns(saved_run):
     from emotion_dpo.dpo import resolve_resume
 
@@ -367,6 +388,19 @@ def no_model_loading(monkeypatch):
         raise AssertionError("a model was loaded before the input was checked")
 
     monkeypatch.setattr("emotion_dpo.models.load_generator", refuse)
+
+
+def test_a_reply_of_special_tokens_only_is_trained_by_its_ids():
+    """Its text decodes (special tokens skipped, stripped) to "", but DPO trains on the stored ids: not refused."""
+    import datasets
+
+    from emotion_dpo.dpo import check_preferences
+
+    row = {"prompt": "<s>[INST] [EMOTION] joy [/EMOTION] hi [/INST] [EMOTION] joy [/EMOTION] ", "chosen": "great !",
+           "rejected": "", "prompt_ids": [1, 5, 6], "chosen_ids": [7, 8, 2], "rejected_ids": [3, 3, 2]}
+    assert check_preferences(datasets.Dataset.from_list([row]), "pairs", ("[INST]", "[EMOTION]")) == []
+    with pytest.raises(PipelineError, match="row 0, column 'rejected': empty"):  # text only: nothing to train on
+        check_preferences(datasets.Dataset.from_list([{k: row[k] for k in ("prompt", "chosen", "rejected")}]), "pairs")
 
 
 @pytest.mark.parametrize("rows, message", [

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -23,8 +22,9 @@ import time
 from pathlib import Path
 
 from . import config as config_module
-from .config import differing_keys, differing_keys_except, load_config, to_dict
+from .config import differing_keys, differing_keys_except, load_config, save_config, to_dict
 from .errors import PipelineError
+from .files import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 FINAL_ADAPTER = "final_adapter"  # fine_tune_dpo's output_dir/final_adapter
@@ -155,19 +155,10 @@ def plan(cfg) -> list[Stage]:
 
 # ------------------------------------------------------------------ running one stage
 
-def write_atomically(path: Path, text: str) -> None:
-    """Written whole or not at all: a kill mid-write leaves no half marker that would read as finished."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-
-
 def mark_finished(stage: Stage) -> None:
-    write_atomically(stage.marker, json.dumps({"stage": stage.kind.script, "iteration": stage.iteration,
-                                               "config": stage.resolved}, indent=2, sort_keys=True) + "\n")
+    # whole or not at all: a kill mid-write leaves no half marker that would read as finished
+    write_text_atomic(stage.marker, json.dumps({"stage": stage.kind.script, "iteration": stage.iteration,
+                                                "config": stage.resolved}, indent=2, sort_keys=True) + "\n")
 
 
 def refuse_changed(stage: Stage, saved: dict, what: str) -> None:
@@ -335,8 +326,8 @@ def write_iterations(run: Path, stages: list[Stage]) -> dict | None:
     table = iterations_table(stages)
     if not table["iterations"]:
         return None
-    write_atomically(run / "iterations.json", json.dumps(table, indent=2) + "\n")
-    write_atomically(run / "iterations.md", format_iterations(table))
+    write_text_atomic(run / "iterations.json", json.dumps(table, indent=2) + "\n")
+    write_text_atomic(run / "iterations.md", format_iterations(table))
     plot_iterations(table, run / "iterations.png")
     return table
 
@@ -356,7 +347,7 @@ def run_pipeline(cfg) -> dict | None:
                    if not k.startswith("iterations:")]  # more iterations extend a run; the stages check the rest
         if changed:
             print("pipeline config differs from the run's (each stage checks its own):\n  " + "\n  ".join(changed))
-    write_atomically(saved, json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
+    save_config(cfg, run, saved.name)
     for stage in stages:
         run_stage(stage)
         if stage.kind is EVALUATE:

@@ -22,7 +22,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     def stages(cfg):
-        from emotion_dpo.talk import chat
+        from emotion_dpo.chat import chat
 
         chat(cfg, sys.stdin, show_prompts=args.show_prompts)
 

@@ -26,7 +26,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     def stages(cfg):
-        from emotion_dpo.dpo import train
+        from emotion_dpo.dpo_train import train
 
         train(cfg, resume=args.resume)
 

@@ -40,7 +40,7 @@ def cpu_world(folder: Path) -> tuple[Path, Path]:
     sys.path.insert(0, str(ROOT / "bench"))
     from synthetic import SPECIALS, word_tokenizer
 
-    from emotion_dpo.chat import install_chat_format, load_chat_format
+    from emotion_dpo.template import install_chat_format, load_chat_format
 
     torch.manual_seed(0)
     tokenizer = word_tokenizer(CPU_SHAPE["vocab_size"], SPECIALS, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
@@ -94,7 +94,7 @@ def held_tensors(models, optimizer) -> dict:
             held[kind] = held.get(kind, 0) + tensor.untyped_storage().nbytes() / 2**30
 
     for model in models:
-        # buffers too: frozen modules_to_save copies are buffers (emotion_dpo.dpo.freeze_modules_to_save)
+        # buffers too: frozen modules_to_save copies are buffers (emotion_dpo.dpo_train.freeze_modules_to_save)
         tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
         for name, tensor in tensors:
             part = ("modules_to_save copies" if "modules_to_save" in name else "LoRA" if "lora_" in name
@@ -149,7 +149,7 @@ def main() -> None:
 
     from trl import DPOConfig
 
-    from emotion_dpo.dpo import freeze_modules_to_save, keep_trainable_in_fp32, trl_defaults_for_unset
+    from emotion_dpo.dpo_train import freeze_modules_to_save, keep_trainable_in_fp32, trl_defaults_for_unset
 
     if args.build_cpu_world:  # in its own process, so the build does not count in the measured peak
         cpu_world(Path(args.world))

@@ -72,7 +72,7 @@ def realistic_pairs(tokenizer, n: int, seed: int = 0):
     two-turn history (user, assistant, user; about 100 tokens), replies of 5 to 20 tokens."""
     import datasets
 
-    from emotion_dpo.chat import render_chat
+    from emotion_dpo.template import render_chat
 
     rng = random.Random(seed)
     vocab = tokenizer.get_vocab()  # a hash map: its order changes from process to process, so sort by id
@@ -105,7 +105,7 @@ def measure(args) -> dict:
     sys.path.insert(0, str(ROOT / "bench"))
     from dpo_memory import load, step_clock
 
-    from emotion_dpo.dpo import freeze_modules_to_save, keep_trainable_in_fp32, trl_defaults_for_unset
+    from emotion_dpo.dpo_train import freeze_modules_to_save, keep_trainable_in_fp32, trl_defaults_for_unset
 
     cuda = torch.cuda.is_available()
     if args.candidate.endswith("chunked-logps-only"):

@@ -173,7 +173,7 @@ def main() -> None:
             overrides += [f"{k}={v}" for k, v in build_world(Path(args.world or tmp), args.synthetic).items()]
         cfg = load_config(GenerateConfig, args.config, overrides + args.set)
         _, prompts = load_prompts(cfg)
-    contexts = [p.ids for p in prompts[:args.prompts]]  # what the pipeline conditions on (chat.context_ids)
+    contexts = [p.ids for p in prompts[:args.prompts]]  # what the pipeline conditions on (template.context_ids)
     n = cfg.n_candidates
     model, tokenizer = load_generator(cfg)
     settings = GenerationConfig(**cfg.generation)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from emotion_dpo import EMOTIONS
-from emotion_dpo.chat import install_chat_format, load_chat_format
+from emotion_dpo.template import install_chat_format, load_chat_format
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {

@@ -99,7 +99,7 @@ def dataset_card(cfg, summary: dict):
     """The card for a finished dataset: `summary` is the statistics written next to it (stats.summarize)."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
-    from .chat import load_chat_format
+    from .template import load_chat_format
 
     config = to_dict(cfg)
     setup = [("base model", cfg.base_model), ("adapter sampled from", cfg.adapter),

@@ -1,148 +1,124 @@
-"""The chat template shared by every script: loading it, installing it on a tokenizer, rendering, and the token
-ids a prompt gives the model."""
+"""chat.py's session: the SFT and DPO adapters side by side on one base model, each reply shown with its classifier
+labels and reward parts. Each model keeps its own side of the conversation, windowed and rendered exactly as
+generate_preferences builds its prompts (num_turns_history turn pairs, the shared chat template)."""
 
 from __future__ import annotations
 
 import json
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
+import sys
+from typing import Iterable
 
-from .errors import PipelineError
+from . import EMOTIONS
 
-
-@dataclass(frozen=True)
-class ChatFormat:
-    template: str  # jinja, rendered by the tokenizer's apply_chat_template
-    special_tokens: tuple[str, ...]
-    pad_token: str
-    source: str = ""  # the file it came from, named in every error about it
+MODELS = (("SFT", "default"), ("DPO", "dpo"))  # (shown name, adapter name on the one base)
+HELP = ("type a line to talk to both models; /emotion NAME sets the emotion they are asked to reply in "
+        f"({', '.join(EMOTIONS)}); /emotion shows it; /reset forgets the conversation; /quit ends")
 
 
-def load_chat_format(path: str | Path) -> ChatFormat:
-    """The project's format (`chat_template`, `special_tokens`, `pad_token`) or the reference project's, as it is
-    (`template`, `instruction`, `response`, `special_tokens: {pad_token, additional_special_tokens}`)."""
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: chat template file not found") from None
-    except json.JSONDecodeError as e:
-        raise PipelineError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    if not isinstance(doc, dict):
-        raise PipelineError(f"{path}: expected a JSON object with a chat template")
-    if "template" in doc and "chat_template" not in doc:  # the reference's format
-        template, tokens = doc.get("template"), doc.get("special_tokens")
-        template_key, tokens_key, pad_key = "template", "special_tokens.additional_special_tokens", "special_tokens.pad_token"
-        tokens = tokens if isinstance(tokens, dict) else {}
-        special, pad = tokens.get("additional_special_tokens"), tokens.get("pad_token")
-    else:
-        template, special, pad = doc.get("chat_template"), doc.get("special_tokens"), doc.get("pad_token")
-        template_key, tokens_key, pad_key = "chat_template", "special_tokens", "pad_token"
-    problems = []
-    if not isinstance(template, str) or not template:
-        problems.append(f"key '{template_key}': expected a non-empty jinja string")
-    if not (isinstance(special, list) and all(isinstance(t, str) and t for t in special)):
-        problems.append(f"key '{tokens_key}': expected a list of non-empty strings")
-    if not isinstance(pad, str) or not pad:
-        problems.append(f"key '{pad_key}': expected a non-empty string")
-    if problems:
-        raise PipelineError("\n".join(f"{path}: {p}" for p in problems))
-    check_jinja_syntax(template, f"{path}: key '{template_key}'")
-    return ChatFormat(template, tuple(special), pad, str(path))
+def turn(role: str, emotion: str, dialog: str) -> dict:
+    """One turn in the dialogue datasets' format, which the template renders."""
+    return {"role": role, "content": {"emotion": emotion, "dialog": dialog}}
 
 
-def check_jinja_syntax(template: str, where: str) -> None:
-    import jinja2
-
-    try:
-        jinja2.Environment().parse(template)
-    except jinja2.TemplateSyntaxError as e:
-        raise PipelineError(f"{where}: jinja syntax error at line {e.lineno}: {e.message}") from None
+def window(history: list[dict], user_turn: dict, requested: str, num_turns_history: int) -> list[dict]:
+    """The last num_turns_history user/assistant pairs, the new user turn and the open reply in the requested
+    emotion: the window generate_preferences cuts from a dialogue."""
+    kept = history[len(history) - 2 * num_turns_history:] if num_turns_history else []
+    return kept + [user_turn, turn("assistant", requested, "")]
 
 
-def install_chat_format(tokenizer, chat: ChatFormat) -> int:
-    """Give the tokenizer the template, its special tokens and pad token; returns how many tokens were new.
-
-    The SFT adapter was trained after exactly this step (the reference adds the template file's special_tokens
-    the same way), so the embeddings must be resized to len(tokenizer) whenever the result is non-zero.
-    """
-    tokenizer.chat_template = chat.template
-    tokenizer.chat_template_file = chat.source  # named when rendering fails
-    added = tokenizer.add_special_tokens(
-        {"pad_token": chat.pad_token, "additional_special_tokens": list(chat.special_tokens)}
-    )
-    # Decoder-only generation of a batch needs the padding on the left.
-    tokenizer.padding_side = "left"
-    return added
+def describe(reply) -> str:
+    return (f"emotion {reply.emotion_label} {reply.emotion_confidence:.2f} | gibberish {reply.gibberish_label} "
+            f"{reply.gibberish_confidence:.2f} | length {reply.length:g} | reward: emotion {reply.emotion_reward:.2f}, "
+            f"length {reply.length_reward:.2f}, gibberish {reply.gibberish_reward:.2f}, total {reply.total:.2f}")
 
 
-def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """The exact string the model sees: special tokens kept, no tokenization. With the generation prompt, as the
-    reference renders its prompts (the last assistant turn's dialog is then not rendered)."""
-    import jinja2
+class ChatSession:
+    def __init__(self, cfg, model, tokenizer, scorer, generation_config, show_prompts: bool = False):
+        self.cfg, self.model, self.tokenizer, self.scorer = cfg, model, tokenizer, scorer
+        self.generation_config = generation_config
+        self.show_prompts = show_prompts
+        self.requested = "neutral"
+        self.histories = {name: [] for name, _ in MODELS}
+        self.turns = 0
 
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except jinja2.TemplateError as e:
-        where = getattr(tokenizer, "chat_template_file", "") or "the chat template"
-        raise PipelineError(f"{where}: the template failed to render a conversation: {e}") from None
+    def command(self, line: str) -> bool:
+        """A /command; False for /quit."""
+        name, _, argument = line.partition(" ")
+        argument = argument.strip().lower()
+        if name == "/quit":
+            return False
+        if name == "/emotion" and not argument:
+            print(f"requested emotion: {self.requested}")
+        elif name == "/emotion":
+            known = [label.lower() for label in self.cfg.emotion_labels]
+            if argument not in known:
+                print(f"error: unknown emotion {argument!r}; choose one of {', '.join(known)}", file=sys.stderr)
+            else:
+                self.requested = argument
+                print(f"requested emotion: {self.requested}")
+        elif name == "/reset":
+            self.histories = {name: [] for name, _ in MODELS}
+            print("conversation forgotten")
+        elif name == "/help":
+            print(HELP)
+        else:
+            print(f"error: unknown command {name!r}; {HELP}", file=sys.stderr)
+        return True
+
+    def say(self, text: str) -> dict:
+        """Both models' scored replies to one user line; each model's history grows by the pair."""
+        from transformers import set_seed
+
+        from .template import context_ids, render_chat
+        from .generation import generate_candidates
+        from .prompts import build_messages
+
+        user = self.scorer.classify(self.scorer.emotion, [text])[0]
+        user_turn = turn("user", str(user["label"]).lower(), text)
+        print(f"you ({user_turn['content']['emotion']} {user['score']:.2f}): {text}")
+        print(f"  requested emotion: {self.requested}")
+        self.turns += 1
+        replies = {}
+        for name, adapter in MODELS:
+            messages, _ = build_messages(window(self.histories[name], user_turn, self.requested,
+                                                self.cfg.num_turns_history), self.cfg.system_prompt)
+            prompt = render_chat(self.tokenizer, messages)
+            if self.show_prompts:
+                print(f"  {name} prompt: {json.dumps(prompt)}")  # one line: the template's newlines escaped
+            self.model.set_adapter(adapter)
+            set_seed(self.cfg.seed + self.turns)  # the same sampling noise for both models, as evaluate does
+            context = context_ids(self.tokenizer, prompt)  # the ids generate_preferences conditions on
+            reply = generate_candidates(self.model, self.tokenizer, [context], 1, self.generation_config)[0][0]
+            scored = self.scorer.score([reply], [self.requested])[0]  # reply: (text, token ids)
+            print(f"  {name}: {scored.text}\n  {' ' * len(name)}  {describe(scored)}")
+            self.histories[name] += [user_turn, turn("assistant", self.requested, scored.text)]
+            replies[name] = scored
+        return replies
+
+    def run(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if not self.command(line):
+                    return
+                continue
+            self.say(line)
 
 
-# A conversation that shows what a template does with history, system prompt and generation prompt.
-PROBE = [{"role": "system", "content": {"emotion": "", "dialog": "be kind ."}},
-         {"role": "user", "content": {"emotion": "neutral", "dialog": " hello . "}},
-         {"role": "assistant", "content": {"emotion": "happiness", "dialog": "hi !"}},
-         {"role": "user", "content": {"emotion": "sadness", "dialog": "i am sad ."}},
-         {"role": "assistant", "content": {"emotion": "sadness", "dialog": ""}}]
-_warned: set = set()
+def chat(cfg, lines: Iterable[str], show_prompts: bool = False) -> None:
+    from .generation import Scorer, checked_generation_config
+    from .models import add_adapter, check_adapter_path, check_classifiers, load_generator
 
-
-def warn_if_shipped_template_differs(tokenizer, where: str, chat: ChatFormat) -> None:
-    """Once per (tokenizer folder, template file): the tokenizer's own chat template, when it renders the probe
-    conversation otherwise than the configured one (the configured one is used)."""
-    shipped = getattr(tokenizer, "chat_template", None)
-    if not isinstance(shipped, str) or not shipped or (where, chat.source) in _warned:
-        return
-    try:
-        same = (tokenizer.apply_chat_template(PROBE, tokenize=False, add_generation_prompt=True, chat_template=shipped)
-                == tokenizer.apply_chat_template(PROBE, tokenize=False, add_generation_prompt=True,
-                                                 chat_template=chat.template))
-    except Exception:  # noqa: BLE001  (a template that fails on the probe differs too)
-        same = False
-    if not same:
-        _warned.add((where, chat.source))
-        warnings.warn(f"{where}: its tokenizer ships a chat template that renders differently from "
-                      f"{chat.source}; using {chat.source}. Shipped: {shipped[:200]!r}"
-                      + ("..." if len(shipped) > 200 else ""), stacklevel=2)
-
-
-# ------------------------------------------------------------------ the ids a prompt gives the model
-
-def context_ids(tokenizer, prompt: str) -> list[int]:
-    """The ids the model is conditioned on for a rendered prompt: the prompt without its final space.
-
-    The SFT model learned whole conversations, where the generation prompt's final space and the reply's first
-    word are one token (`[/EMOTION] ` + `hi` is `[/EMOTION]`, `▁hi` on Llama-2); the prompt alone would end in a
-    lone `▁` it never saw before a reply. Without that space the ids are the training sequence's prefix up to
-    the reply's first token. The text already holds its BOS (`<s>`), so the tokenizer adds none."""
-    text = prompt[:-1] if prompt.endswith(" ") else prompt
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def check_context_ids(tokenizer, prompt: str, where: str) -> None:
-    """On one prompt: its context ids are a prefix of prompt + reply, and the reply starts with a word, not with
-    a lone space token. Otherwise the tokenizer splits at the boundary in a way this pipeline cannot follow."""
-    ids = context_ids(tokenizer, prompt)
-    whole = tokenizer(prompt + "word", add_special_tokens=False)["input_ids"]
-    if whole[:len(ids)] != ids or len(whole) == len(ids):
-        raise PipelineError(
-            f"{where}: the prompt's tokens are not a prefix of prompt + reply under this tokenizer "
-            f"({tokenizer.convert_ids_to_tokens(ids[-3:])} vs {tokenizer.convert_ids_to_tokens(whole[len(ids) - 3:])})"
-        )
-    first = whole[len(ids)]
-    if not tokenizer.decode([first]).strip():
-        raise PipelineError(
-            f"{where}: under this tokenizer a reply after the prompt starts with a lone space token "
-            f"{tokenizer.convert_ids_to_tokens([first])}; the prompt should end where a reply's first word begins"
-        )
+    check_adapter_path(cfg.adapter, "adapter", cfg.source)
+    check_adapter_path(cfg.dpo_adapter, "dpo_adapter", cfg.source)
+    generation_config = checked_generation_config(cfg.generation, cfg.source)
+    check_classifiers(cfg.emotion_classifier, cfg.gibberish_detector, cfg.emotion_labels)
+    model, tokenizer = load_generator(cfg)  # the SFT adapter as "default"
+    add_adapter(model, cfg.dpo_adapter, "dpo", cfg.source)
+    session = ChatSession(cfg, model, tokenizer, Scorer(cfg, tokenizer), generation_config, show_prompts)
+    if sys.stdin.isatty():
+        print(HELP)
+    session.run(lines)

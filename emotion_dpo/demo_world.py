@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from . import EMOTIONS
-from .chat import context_ids, install_chat_format, load_chat_format, render_chat
+from .template import context_ids, install_chat_format, load_chat_format, render_chat
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DIR = ROOT / "demo_world"

@@ -84,7 +84,7 @@ def prefill_cache(model, input_ids, attention_mask, n_candidates: int):
 
 
 def generate_candidates(model, tokenizer, contexts: Sequence[Sequence[int]], n_candidates: int, generation_config):
-    """n_candidates sampled replies for each prompt's context ids (chat.context_ids), from one left-padded
+    """n_candidates sampled replies for each prompt's context ids (template.context_ids), from one left-padded
     `generate` call: per prompt, a list of (text, token ids). The ids are what was generated up to, not
     including, the first EOS (DPO trains on exactly them); the text is their decoding, stripped.
 

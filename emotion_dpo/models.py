@@ -8,7 +8,7 @@ import re
 import warnings
 from pathlib import Path
 
-from .chat import ChatFormat, install_chat_format, load_chat_format, warn_if_shipped_template_differs
+from .template import ChatFormat, install_chat_format, load_chat_format, warn_if_shipped_template_differs
 from .errors import PipelineError
 
 GIBBERISH_LABELS = ("clean", "mild gibberish")  # the labels the gibberish reward names explicitly

@@ -187,7 +187,7 @@ def finished_unmarked(stage: Stage) -> bool:
 def resume_flags(stage: Stage) -> list[str]:
     """How the stage's own resume continues an interrupted run in its folder."""
     if stage.kind is DPO:
-        from .dpo import last_checkpoint
+        from .dpo_train import last_checkpoint
 
         saved = saved_config(stage.folder)
         if saved is not None:  # fine_tune_dpo only warns on a changed config; the pipeline refuses, as for the rest

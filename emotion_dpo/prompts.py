@@ -7,7 +7,7 @@ import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .chat import check_context_ids, context_ids, render_chat
+from .template import check_context_ids, context_ids, render_chat
 from .errors import PipelineError
 
 
@@ -18,7 +18,7 @@ class Prompt:
     target_emotion: str
     messages: list  # system + history + the target's assistant turn (dialog empty)
     text: str  # the rendered prompt, chat-templated with the generation prompt, special tokens kept
-    ids: list  # what the model is conditioned on: chat.context_ids(text), one BOS
+    ids: list  # what the model is conditioned on: template.context_ids(text), one BOS
 
 
 def load_rows(source: str, split: str, what: str):
@@ -134,7 +134,7 @@ def build_prompts(dialogues, tokenizer, system_prompt: str, num_turns_history: i
 def load_prompts(cfg):
     """(tokenizer, prompts) for generate_preferences and evaluate alike: dialogues, their emotions, the
     classifiers' labels and the template checked, prompts rendered; no model weights loaded."""
-    from .chat import load_chat_format
+    from .template import load_chat_format
     from .models import check_classifiers, load_tokenizer
 
     dialogues = load_dialogues(cfg.dataset, cfg.dataset_split)

@@ -7,7 +7,7 @@ import statistics
 from collections import Counter
 from pathlib import Path
 
-from .preferences import PARTS  # in reward_weights' order
+from .dataset import PARTS  # in reward_weights' order
 
 
 def pair_of(record: dict) -> tuple[dict, dict]:

@@ -141,7 +141,7 @@ def test_a_missing_required_key_does_not_hide_the_other_problems(tmp_path):
 
 
 def test_comment_keys_are_allowed_in_the_sections_and_left_out_of_what_the_libraries_receive(tmp_path):
-    from emotion_dpo.dpo import build_dpo_config
+    from emotion_dpo.dpo_train import build_dpo_config
     from emotion_dpo.generation import checked_generation_config
 
     train = write(tmp_path, {"base_model": "b", "adapter": "a", "dataset": "d", "output_dir": str(tmp_path / "out"),
@@ -295,8 +295,8 @@ def test_a_whole_number_is_taken_for_a_float(tmp_path):
 
 
 def test_a_comment_in_generation_does_not_block_resuming_a_run(tmp_path):
-    from emotion_dpo.preference_run import prepare_output_dir
-    from emotion_dpo.preferences import settle
+    from emotion_dpo.generate import prepare_output_dir
+    from emotion_dpo.dataset import settle
     from emotion_dpo.prompts import Prompt
     from emotion_dpo.selection import ScoredReply
 
@@ -318,7 +318,7 @@ def test_a_comment_in_dpo_is_no_config_change_on_resume(tmp_path):
     import warnings
 
     from emotion_dpo.config import save_config
-    from emotion_dpo.dpo import CONFIG_NAME, check_config_changes
+    from emotion_dpo.dpo_train import CONFIG_NAME, check_config_changes
 
     checkpoint = tmp_path / "checkpoint-2"
     checkpoint.mkdir()

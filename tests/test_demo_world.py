@@ -60,7 +60,7 @@ def test_sft_adapter_loads_on_the_base_and_replies_in_the_template_format(demo_w
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from emotion_dpo.chat import install_chat_format, load_chat_format, render_chat
+    from emotion_dpo.template import install_chat_format, load_chat_format, render_chat
 
     tokenizer = AutoTokenizer.from_pretrained(demo_world / "sft_adapter")
     install_chat_format(tokenizer, load_chat_format("args/chat_template.json"))
@@ -110,7 +110,7 @@ def test_sft_model_matches_the_requested_emotion_only_part_of_the_time(demo_worl
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-    from emotion_dpo.chat import install_chat_format, load_chat_format
+    from emotion_dpo.template import install_chat_format, load_chat_format
     from emotion_dpo.prompts import build_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(demo_world / "sft_adapter")

@@ -16,8 +16,9 @@ import torch
 import trl
 
 from emotion_dpo.config import TrainConfig, load_config
-from emotion_dpo.dpo import (FINAL_ADAPTER, REFERENCE_ADAPTER, START_ADAPTER, build_dpo_config, load_preferences,
-                             make_trainer, train, trl_defaults_for_unset)
+from emotion_dpo.dpo_data import load_preferences
+from emotion_dpo.dpo_guard import REFERENCE_ADAPTER, START_ADAPTER
+from emotion_dpo.dpo_train import FINAL_ADAPTER, build_dpo_config, make_trainer, train, trl_defaults_for_unset
 from emotion_dpo.errors import PipelineError
 from emotion_dpo.models import load_generator
 
@@ -244,7 +245,7 @@ def test_the_reference_guard_is_recorded_and_the_start_adapter_is_the_sft_adapte
 @pytest.mark.parametrize("part", ["lora_B", "modules_to_save"])
 def test_the_reference_guard_refuses_a_perturbed_reference_weight(demo_world, demo_preferences, tmp_path,
                                                                   monkeypatch, part):
-    import emotion_dpo.dpo as dpo
+    import emotion_dpo.dpo_train as dpo
 
     built = dpo.make_trainer
 
@@ -268,7 +269,7 @@ def test_the_reference_guard_refuses_a_reference_pass_that_falls_back_to_the_bas
     """The known silent failure: the weights are right, but the reference log-probs come from the bare base."""
     import trl.trainer.dpo_trainer as dpo_trainer
 
-    from emotion_dpo.dpo import check_reference_weights
+    from emotion_dpo.dpo_guard import check_reference_weights
 
     use_adapter = dpo_trainer.use_adapter
     monkeypatch.setattr(dpo_trainer, "use_adapter", lambda model, adapter_name: use_adapter(model, None))
@@ -318,7 +319,7 @@ def test_e_resume_checks_the_reference_the_checkpoint_hands_back(saved_run, demo
 
 
 def test_e_resuming_with_a_changed_setting_warns(saved_run):
-    from emotion_dpo.dpo import resolve_resume
+    from emotion_dpo.dpo_train import resolve_resume
 
     _, sets = saved_run
     cfg = load_config(TrainConfig, DEMO_CONFIG, [*sets, "dpo.beta=0.5"])
@@ -328,7 +329,7 @@ def test_e_resuming_with_a_changed_setting_warns(saved_run):
 
 def test_e_resuming_with_the_modules_to_save_frozen_instead_of_trained_is_refused(saved_run):
     """The frozen copies are shared with the reference: loading the checkpoint's trained ones would move it."""
-    from emotion_dpo.dpo import resolve_resume
+    from emotion_dpo.dpo_train import resolve_resume
 
     out, sets = saved_run
     cfg = load_config(TrainConfig, DEMO_CONFIG, [*sets, "train_modules_to_save=false"])
@@ -360,7 +361,7 @@ def test_e_an_existing_run_is_not_overwritten_without_resume(saved_run):
 
 
 def test_e_a_start_that_stopped_before_its_first_checkpoint_does_not_block_the_next(demo_world, tmp_path):
-    from emotion_dpo.dpo import resolve_resume
+    from emotion_dpo.dpo_train import resolve_resume
 
     out = tmp_path / "dpo"
     (out / "wandb").mkdir(parents=True)
@@ -394,7 +395,7 @@ def test_a_reply_of_special_tokens_only_is_trained_by_its_ids():
     """Its text decodes (special tokens skipped, stripped) to "", but DPO trains on the stored ids: not refused."""
     import datasets
 
-    from emotion_dpo.dpo import check_preferences
+    from emotion_dpo.dpo_data import check_preferences
 
     row = {"prompt": "<s>[INST] [EMOTION] joy [/EMOTION] hi [/INST] [EMOTION] joy [/EMOTION] ", "chosen": "great !",
            "rejected": "", "prompt_ids": [1, 5, 6], "chosen_ids": [7, 8, 2], "rejected_ids": [3, 3, 2]}
@@ -633,7 +634,9 @@ if use_unsloth:
 import torch
 from emotion_dpo.config import TrainConfig, load_config
 from pathlib import Path
-from emotion_dpo.dpo import build_dpo_config, guard_reference, load_preferences, make_trainer, save_final_adapter
+from emotion_dpo.dpo_data import load_preferences
+from emotion_dpo.dpo_guard import guard_reference
+from emotion_dpo.dpo_train import build_dpo_config, make_trainer, save_final_adapter
 from emotion_dpo.models import load_generator
 
 cfg = load_config(TrainConfig, config_path, sets)

@@ -4,7 +4,7 @@ often than the SFT model, without more cut-off or less clean replies."""
 from pathlib import Path
 
 from emotion_dpo.config import EvaluateConfig, TrainConfig, load_config
-from emotion_dpo.dpo import FINAL_ADAPTER, train
+from emotion_dpo.dpo_train import FINAL_ADAPTER, train
 from emotion_dpo.evaluation import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -91,7 +91,7 @@ KILLED_IN_SAVE = """
 import os, signal, sys, json
 from transformers import Trainer
 from emotion_dpo.config import TrainConfig, load_config
-from emotion_dpo.dpo import train
+from emotion_dpo.dpo_train import train
 
 save_rng_state = Trainer._save_rng_state
 def killed_at_step_4(self, output_dir):  # the Trainer writes trainer_state.json after this: a save cut short
@@ -157,7 +157,7 @@ def test_a_config_write_cut_short_leaves_the_old_config_json_whole(demo_world, t
 
 
 def test_a_torn_config_json_is_a_clear_error_and_fresh_or_deleting_it_gets_out(demo_world, tmp_path, settled_record):
-    from emotion_dpo.preference_run import prepare_output_dir
+    from emotion_dpo.generate import prepare_output_dir
 
     out = tmp_path / "run"
     cfg = generate_config(demo_world, out)
@@ -181,7 +181,7 @@ def test_a_torn_config_json_is_a_clear_error_and_fresh_or_deleting_it_gets_out(d
 # ---------------------------------------------------------------- 4. DPO pairs too long for max_length
 
 def test_pairs_too_long_are_counted_before_training_and_all_too_long_is_a_clear_error(demo_world, tmp_path, capsys):
-    from emotion_dpo.dpo import train
+    from emotion_dpo.dpo_train import train
 
     long_prompt = lambda i: ("that is a long story . " * 450 if i % 2 else f"hello {i} .")  # noqa: E731  ~10k chars
     pairs = preference_pairs(tmp_path / "pairs.jsonl", 20, long_prompt)
@@ -199,7 +199,7 @@ def test_pairs_too_long_are_counted_before_training_and_all_too_long_is_a_clear_
 
 
 def test_generate_preferences_warns_about_a_long_turn_and_prompts_longer_than_the_model_takes(demo_world, tmp_path):
-    from emotion_dpo.preference_run import generate
+    from emotion_dpo.generate import generate
 
     turns = [turn("user"), turn("assistant"), turn("user", "hello there . " * 715), turn("assistant")]  # 10,010 chars
     data = tmp_path / "dialogues.jsonl"
@@ -218,8 +218,8 @@ def test_generate_preferences_warns_about_a_long_turn_and_prompts_longer_than_th
 # ---------------------------------------------------------------- 5. every prompt failed: a 0-pair dataset
 
 def test_a_run_whose_every_prompt_failed_writes_a_readable_empty_dataset(demo_world, tmp_path, settled_record):
-    from emotion_dpo.dpo import train
-    from emotion_dpo.preference_run import finalize
+    from emotion_dpo.dpo_train import train
+    from emotion_dpo.generate import finalize
 
     out = tmp_path / "run"
     write_journal(out, [settled_record(i, accepted=False) for i in range(3)])
@@ -264,7 +264,7 @@ CRASHING_FINALIZE = """
 import os, signal, sys
 from pathlib import Path
 from emotion_dpo.config import GenerateConfig, load_config
-from emotion_dpo.preference_run import finalize
+from emotion_dpo.generate import finalize
 
 def die(original):
     def dying(*args, **kwargs):
@@ -295,7 +295,7 @@ def output_set(folder: Path) -> dict:
 
 @pytest.mark.parametrize("crash_point", ["between the dataset and the statistics", "after the switch"])
 def test_a_crash_inside_finalize_leaves_the_old_set_or_the_new_one(demo_world, tmp_path, settled_record, crash_point):
-    from emotion_dpo.preference_run import finalize
+    from emotion_dpo.generate import finalize
 
     out = tmp_path / "run"
     write_journal(out, [settled_record(i, accepted=i % 3 != 0) for i in range(12)])
@@ -335,7 +335,7 @@ def turn(role, dialog="hi .", emotion="neutral"):
     (None, r"row 0: 'prompt' is null, expected a list of turns"),
 ])
 def test_bad_dialogue_rows_are_refused_before_generation(demo_world, tmp_path, row, message):
-    from emotion_dpo.preference_run import generate
+    from emotion_dpo.generate import generate
 
     rows = [row] if row is not None else [None]
     cfg = generate_config(demo_world, tmp_path / "out", [f"dataset={dialogue_file(tmp_path, rows)}"])
@@ -345,7 +345,7 @@ def test_bad_dialogue_rows_are_refused_before_generation(demo_world, tmp_path, r
 
 
 def test_identical_and_repeated_dpo_pairs_are_dropped_with_a_count_and_never_held_out(demo_world, tmp_path, capsys):
-    from emotion_dpo.dpo import load_preferences
+    from emotion_dpo.dpo_data import load_preferences
 
     rows = [{"prompt": f"<s>[INST] [EMOTION] joy [/EMOTION] hi {i} . [/INST] [EMOTION] joy [/EMOTION]",
              "chosen": f"yay {i} !", "rejected": f"no {i}"} for i in range(20)]
@@ -361,7 +361,7 @@ def test_identical_and_repeated_dpo_pairs_are_dropped_with_a_count_and_never_hel
 
 
 def test_finalize_with_another_n_candidates_or_reward_weights_names_the_keys(demo_world, tmp_path, settled_record):
-    from emotion_dpo.preference_run import finalize_run, prepare_output_dir
+    from emotion_dpo.generate import finalize_run, prepare_output_dir
 
     out = tmp_path / "run"
     prepare_output_dir(generate_config(demo_world, out), fresh=False).release()
@@ -401,8 +401,8 @@ def test_a_full_disk_during_generation_says_the_data_is_safe_and_how_to_resume(d
 
 
 def test_an_output_dir_that_is_a_file_is_one_clear_line_in_generate_and_dpo(demo_world, tmp_path):
-    from emotion_dpo.dpo import train
-    from emotion_dpo.preference_run import generate
+    from emotion_dpo.dpo_train import train
+    from emotion_dpo.generate import generate
 
     (tmp_path / "out").write_text("")
     with pytest.raises(PipelineError, match="output_dir is a file, expected a folder"):

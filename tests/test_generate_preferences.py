@@ -155,7 +155,7 @@ def test_statistics_are_reported(finished_run):
 def test_num_prompts_lowered_after_a_run_gives_a_dataset_of_the_first_num_prompts(finished_run, demo_world, tmp_path):
     import shutil
 
-    from emotion_dpo.preference_run import finalize
+    from emotion_dpo.generate import finalize
 
     copy = tmp_path / "run"
     shutil.copytree(finished_run.out, copy)
@@ -177,7 +177,7 @@ def test_reselect_with_the_original_settings_reproduces_the_dataset(finished_run
 
 
 def reselected(finished_run, demo_world, tmp_path, extra):
-    from emotion_dpo.preference_run import reselect_run
+    from emotion_dpo.generate import reselect_run
 
     cfg = load_config(GenerateConfig, DEMO_CONFIG, demo_overrides(demo_world, finished_run.out, extra=extra))
     reselect_run(cfg, str(tmp_path / "reselected"))
@@ -256,7 +256,7 @@ def test_a_different_config_on_an_existing_run_is_refused_with_the_differing_key
 # ---------------------------------------------------------------- bad input, refused before generation
 
 def check_refused(demo_world, output_dir, extra, message):
-    from emotion_dpo.preference_run import generate
+    from emotion_dpo.generate import generate
 
     cfg = load_config(GenerateConfig, DEMO_CONFIG, demo_overrides(demo_world, output_dir, extra=extra))
     with pytest.raises(PipelineError, match=message):
@@ -318,7 +318,7 @@ def test_a_refused_start_leaves_no_folder_that_blocks_the_corrected_run(demo_wor
 
 
 def test_a_start_that_settled_no_prompt_does_not_block_another_config(demo_world, tmp_path):
-    from emotion_dpo.preference_run import prepare_output_dir
+    from emotion_dpo.generate import prepare_output_dir
 
     out = tmp_path / "out"
     failed_start = load_config(GenerateConfig, DEMO_CONFIG, demo_overrides(demo_world, out, extra=["n_candidates=3"]))
@@ -386,7 +386,7 @@ def test_the_4bit_generator_paths_run_end_to_end(demo_world, tmp_path, use_unslo
 
 
 def test_batched_classification_returns_what_the_pipeline_returns(demo_world):
-    from emotion_dpo.chat import load_chat_format
+    from emotion_dpo.template import load_chat_format
     from emotion_dpo.generation import Scorer
     from emotion_dpo.models import load_tokenizer
 

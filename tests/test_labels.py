@@ -60,7 +60,7 @@ def test_a_classifier_saved_with_generic_labels_is_named_by_emotion_labels_silen
 
 
 def test_the_scorer_reads_the_emotion_labels_names(demo_world, tmp_path):
-    from emotion_dpo.chat import load_chat_format
+    from emotion_dpo.template import load_chat_format
     from emotion_dpo.generation import Scorer
     from emotion_dpo.models import load_tokenizer
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from emotion_dpo.chat import load_chat_format
+from emotion_dpo.template import load_chat_format
 from emotion_dpo.errors import PipelineError
 from emotion_dpo.models import load_tokenizer, use_unsloth
 from emotion_dpo.prompts import build_prompts, window_starts

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 
 from emotion_dpo.journal import Journal, read_journal
-from emotion_dpo.preference_run import sample_pool
-from emotion_dpo.preferences import preference_row, reselect
+from emotion_dpo.generate import sample_pool
+from emotion_dpo.dataset import preference_row, reselect
 from emotion_dpo.prompts import Prompt
 from emotion_dpo.selection import pick_pair, round_failure, score_reply
 

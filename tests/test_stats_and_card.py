@@ -73,7 +73,7 @@ def test_reward_parts_of_chosen_and_rejected_on_a_hand_made_journal():
 
 @pytest.fixture(scope="module")
 def finalized(tmp_path_factory):
-    from emotion_dpo.preference_run import finalize
+    from emotion_dpo.generate import finalize
 
     folder = tmp_path_factory.mktemp("card") / "run"
     folder.mkdir()

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from emotion_dpo.config import EvaluateConfig, GenerateConfig, TrainConfig, load_config
-from emotion_dpo.dpo import build_dpo_config, load_preferences, make_trainer
+from emotion_dpo.dpo_data import load_preferences
+from emotion_dpo.dpo_train import build_dpo_config, make_trainer
 from emotion_dpo.models import load_generator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +92,7 @@ def overrides(demo_world, adapter, output_dir, *extra):
 
 @pytest.fixture(scope="module")
 def generated(demo_world, adapter, tmp_path_factory):
-    from emotion_dpo.preference_run import generate
+    from emotion_dpo.generate import generate
 
     out = tmp_path_factory.mktemp("exact") / "preferences"
     cfg = load_config(GenerateConfig, ROOT / "args/demo/generate_preferences_arg.json",
@@ -141,7 +142,7 @@ def test_dpo_trains_on_the_ids_generate_preferences_sampled(generated, demo_worl
 
 
 def test_a_reselected_dataset_trains_on_the_same_ids(generated, demo_world, adapter, tmp_path):
-    from emotion_dpo.preference_run import reselect_run
+    from emotion_dpo.generate import reselect_run
 
     cfg, out, spy = generated
     lenient = load_config(GenerateConfig, ROOT / "args/demo/generate_preferences_arg.json",

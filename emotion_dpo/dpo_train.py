@@ -1,4 +1,4 @@
-"""fine_tune_dpo.py's stages: check the preference data, load ONE 4-bit base with the SFT adapter, let TRL add
+"""fine_tune_dpo.py's stages: TRL's config, the run folder and resume, load ONE 4-bit base with the SFT adapter, let TRL add
 the frozen reference copy of that adapter, train, and save the trained adapter alone.
 
 TRL 1.x replaced the reference project's `model_adapter_name` / `ref_adapter_name` with the same idea built in:
@@ -17,143 +17,18 @@ import warnings
 from pathlib import Path
 
 from .config import differing_keys_except, save_config, to_dict, without_comments
+from .dpo_data import fully_truncated, load_preferences, report_overlong, token_id_rows
+from .dpo_guard import REFERENCE_ADAPTER, START_ADAPTER, guard_reference
 from .errors import PipelineError
 from .files import run_folder_exists, write_text_atomic
 
-REQUIRED = ("prompt", "chosen", "rejected")
-ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")  # generate_preferences' token ids, trained on as they are
-REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy
 FINAL_ADAPTER = "final_adapter"
 METRICS_NAME = "metrics.json"
-START_ADAPTER = "start_adapter.json"  # a sha256 per tensor of the adapter the run started from: `ref` on resume
 STARTED_ONLY = {"config.json", "wandb", START_ADAPTER}  # what train() writes before training starts
 CONFIG_NAME = "training_config.json"  # the resolved config, in every checkpoint and in the final adapter
 # Keys that may change when a run is resumed without a warning: they do not change what is trained.
 RESUMABLE_CHANGES = {"resume_from_checkpoint", "output_dir", "wandb", "dpo.logging_steps", "dpo.save_steps", "dpo.save_total_limit",
                      "dpo.per_device_eval_batch_size", "dpo.eval_strategy"}
-
-
-# ------------------------------------------------------------------ the preference data, before any model
-
-def read_preferences(source: str, split: str):
-    from .prompts import has_a_line, load_rows
-
-    path = Path(source)
-    if path.suffix in (".jsonl", ".json") and path.is_file() and not has_a_line(path):
-        raise PipelineError(f"0 pairs in {source}: the file is empty")
-    return load_rows(source, split, "preference data")
-
-
-def check_preferences(dataset, source: str, template_markers=(), allow_unmarked: bool = False) -> list[str]:
-    """Required columns present, every value a non-empty string, every prompt in the chat template's format
-    (unless `allow_unmarked`), the token id columns (when there are all three) lists of ids; returns the extra
-    columns (kept out of training)."""
-    missing = [c for c in REQUIRED if c not in dataset.column_names]
-    if missing:
-        raise PipelineError(
-            f"{source}: missing column {', '.join(repr(m) for m in missing)} "
-            f"(has {', '.join(dataset.column_names)}; needs prompt, chosen, rejected)"
-        )
-    if len(dataset) == 0:
-        raise PipelineError(f"0 pairs in {source}: nothing to train on (a generate_preferences run that accepted "
-                            "none: see its statistics.txt and failed.jsonl)")
-    with_ids = has_token_ids(dataset)
-    for column in REQUIRED:
-        for row, value in enumerate(dataset[column]):
-            if not isinstance(value, str):
-                raise PipelineError(f"{source}: row {row}, column {column!r}: expected a string, got {type(value).__name__}")
-            # with token ids, those are trained on: a reply of special tokens only decodes to "" but has its ids
-            if not value.strip() and not (with_ids and column != "prompt"):
-                raise PipelineError(f"{source}: row {row}, column {column!r}: empty")
-    if template_markers:
-        unmarked = [row for row, p in enumerate(dataset["prompt"]) if not all(m in p for m in template_markers)]
-        if unmarked:
-            # e.g. Shotaro30678/rlhf-RG-trl-style-v3: its prompts were decoded with the special tokens stripped
-            problem = (f"{source}: {len(unmarked)} of {len(dataset)} prompts lack the chat template's markers "
-                       f"({' '.join(template_markers)}; row {unmarked[0]}: {dataset[unmarked[0]]['prompt'][:60]!r}); "
-                       "DPO would train the SFT model on a context it was never trained or sampled in")
-            if not allow_unmarked:
-                raise PipelineError(
-                    f"{problem}. Build the pairs with generate_preferences.py (it stores prompts as the model saw "
-                    "them), or set allow_unmarked_prompts to true to train on them anyway")
-            warnings.warn(f"{problem} (allow_unmarked_prompts is true: training on them anyway)", stacklevel=2)
-    kept = REQUIRED + (ID_COLUMNS if has_token_ids(dataset) else ())
-    if kept != REQUIRED:
-        for column in ID_COLUMNS:
-            for row, value in enumerate(dataset[column]):
-                if not (isinstance(value, list) and value and all(isinstance(i, int) for i in value)):
-                    raise PipelineError(f"{source}: row {row}, column {column!r}: expected a non-empty list of token ids")
-    return [c for c in dataset.column_names if c not in kept]
-
-
-def has_token_ids(dataset) -> bool:
-    return all(c in dataset.column_names for c in ID_COLUMNS)
-
-
-def without_repeats(dataset, source: str):
-    """Pairs whose chosen equals rejected (nothing to learn) and repeated rows (a held-out copy of a training row
-    would read as learned) are dropped, with a count; none left is an error."""
-    seen, keep = set(), []
-    same = repeated = 0
-    for i, row in enumerate(zip(dataset["prompt"], dataset["chosen"], dataset["rejected"])):
-        if row[1] == row[2]:
-            same += 1
-        elif row in seen:
-            repeated += 1
-        else:
-            seen.add(row)
-            keep.append(i)
-    if same or repeated:
-        print(f"{source}: dropped {same} pairs whose chosen equals rejected and {repeated} repeated rows; "
-              f"{len(keep)} of {len(dataset)} pairs left")
-    if not keep:
-        raise PipelineError(f"0 pairs in {source} once pairs whose chosen equals rejected and repeated rows are dropped")
-    return dataset.select(keep) if len(keep) < len(dataset) else dataset
-
-
-def load_preferences(cfg, template_markers=()):
-    """(train, eval or None): checked, extra columns dropped, split by eval_fraction with the config's seed."""
-    dataset = read_preferences(cfg.dataset, cfg.dataset_split)
-    extra = check_preferences(dataset, cfg.dataset, template_markers, cfg.allow_unmarked_prompts)
-    if extra:
-        print(f"{cfg.dataset}: {len(dataset)} pairs; columns kept out of training: {', '.join(extra)}")
-    dataset = without_repeats(dataset.remove_columns(extra), cfg.dataset)
-    if cfg.eval_fraction == 0 or len(dataset) < 10:
-        return dataset, None
-    split = dataset.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
-    return split["train"], split["test"]
-
-
-def overlong_pairs(dataset, tokenizer, max_length: int | None, truncation_mode: str) -> tuple[int, int, int]:
-    """(dropped, truncated, longest prompt) by TRL's own rules, before it applies them silently: a pair whose
-    prompt alone holds max_length tokens is dropped (fully_truncated); one whose prompt + completion (EOS
-    included) exceeds max_length is cut. On the ids the trainer is given (token_id_rows)."""
-    if max_length is None or len(dataset) == 0:
-        return 0, 0, 0
-    rows = token_id_rows(dataset, tokenizer, "the")
-    dropped = truncated = 0
-    for prompt, chosen, rejected in zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"]):
-        if fully_truncated(prompt, max_length, truncation_mode):
-            dropped += 1
-        elif len(prompt) + max(len(chosen), len(rejected)) > max_length:
-            truncated += 1
-    return dropped, truncated, max(len(ids) for ids in rows["prompt_ids"])
-
-
-def report_overlong(splits: dict, tokenizer, dpo_args, source: str, say=print) -> None:
-    """Say how many pairs TRL will drop or cut at dpo.max_length; a split it would empty is an error."""
-    for name, dataset in splits.items():
-        if dataset is None:
-            continue
-        dropped, truncated, longest = overlong_pairs(dataset, tokenizer, dpo_args.max_length, dpo_args.truncation_mode)
-        if dropped == len(dataset):
-            raise PipelineError(
-                f"{source}: every {name} pair's prompt has at least dpo.max_length = {dpo_args.max_length} tokens "
-                f"(the longest: {longest}), so TRL would drop all {len(dataset)}; raise dpo.max_length or shorten the "
-                "prompts")
-        if dropped or truncated:
-            say(f"{source}: {name}: {dropped} of {len(dataset)} pairs dropped (prompt alone >= dpo.max_length = "
-                f"{dpo_args.max_length} tokens), {truncated} truncated to max_length")
 
 
 # ------------------------------------------------------------------ TRL's config
@@ -352,45 +227,6 @@ def freeze_modules_to_save(model) -> int:
     return frozen
 
 
-def text_row_ids(tokenizer, prompt: str, reply: str, where: str) -> dict:
-    """A text pair's ids as generation would have them: the prompt's context ids (chat.context_ids) and the
-    reply's ids after them in prompt + reply, then EOS."""
-    from .chat import context_ids
-
-    context = context_ids(tokenizer, prompt)
-    whole = tokenizer(prompt + reply, add_special_tokens=False)["input_ids"]
-    if whole[:len(context)] != context:
-        raise PipelineError(f"{where}: the prompt's tokens are not a prefix of prompt + reply under this tokenizer "
-                            "(the reply does not start where a generated reply would)")
-    return {"context": context, "completion": whole[len(context):] + [tokenizer.eos_token_id]}
-
-
-def tokenize_text_pair(example: dict, row: int, tokenizer, name: str) -> dict:
-    chosen = text_row_ids(tokenizer, example["prompt"], example["chosen"], f"{name} row {row}, column 'chosen'")
-    rejected = text_row_ids(tokenizer, example["prompt"], example["rejected"], f"{name} row {row}, column 'rejected'")
-    return {"prompt_ids": chosen["context"], "chosen_ids": chosen["completion"], "rejected_ids": rejected["completion"]}
-
-
-def fully_truncated(prompt_ids, max_length: int | None, truncation_mode: str) -> bool:
-    """TRL's own rule (DPOTrainer._prepare_dataset): with `keep_start` truncation a pair whose prompt alone fills
-    max_length would keep no completion token, so it is dropped."""
-    return max_length is not None and truncation_mode == "keep_start" and len(prompt_ids) >= max_length
-
-
-def token_id_rows(dataset, tokenizer, name: str):
-    """The dataset with prompt_ids / chosen_ids / rejected_ids: generate_preferences' own (checked on row 0 against
-    this tokenizer), or, for text only, tokenized the way generation conditions and continues (tokenize_text_pair)."""
-    from .chat import context_ids
-
-    if has_token_ids(dataset):
-        first = dataset[0]
-        if first["prompt_ids"] != context_ids(tokenizer, first["prompt"]):
-            raise PipelineError(f"{name} dataset: row 0's prompt_ids are not its prompt's tokens under this "
-                                "adapter's tokenizer; the preference data was generated with another one")
-        return dataset
-    return dataset.map(tokenize_text_pair, with_indices=True, fn_kwargs={"tokenizer": tokenizer,
-                                                                         "name": f"{name} dataset"})
-
 
 def dpo_trainer_class():
     """TRL's DPOTrainer, given token ids instead of text.
@@ -457,173 +293,6 @@ def restore_trained_adapter(trainer, checkpoint: Path) -> None:
     keep_trainable_in_fp32(trainer)
 
 
-# ------------------------------------------------------------------ the guard on the reference
-
-# Largest |policy - reference| sequence log-prob allowed on the first batch: in float32 the two passes are the same
-# computation on the same weights; under bf16/fp16 autocast, or with a 4-bit base (TRL rounds the trainable copy
-# to bf16), they differ by rounding.
-REFERENCE_TOLERANCE = {"exact": 1e-3, "rounded": 5e-2}
-
-
-def adapter_tensors(model, adapter: str) -> dict:
-    """An adapter's tensors (LoRA matrices and modules_to_save copies, parameters or frozen buffers), keyed by
-    their names without the adapter's."""
-    import itertools
-
-    marker = f".{adapter}."
-    named = itertools.chain(model.named_parameters(remove_duplicate=False),
-                            model.named_buffers(remove_duplicate=False))
-    return {name.replace(marker, "."): tensor.detach() for name, tensor in named if marker in name}
-
-
-def tensor_digest(tensor) -> str:
-    """dtype, shape and the sha256 of the bytes: equal digests, bitwise equal tensors."""
-    import hashlib
-
-    import torch
-
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return f"{flat.dtype} {list(tensor.shape)} " + hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
-def adapter_digests(model, adapter: str) -> dict:
-    return {name: tensor_digest(tensor) for name, tensor in sorted(adapter_tensors(model, adapter).items())}
-
-
-def read_start_digests(checkpoint: Path, folder: Path) -> dict | None:
-    """The start adapter's digests a resumed run checks `ref` against: the checkpoint's copy, else the run's."""
-    for path in (checkpoint / START_ADAPTER, folder / START_ADAPTER):
-        if path.is_file():
-            return json.loads(path.read_text())
-    warnings.warn(f"{checkpoint}: no {START_ADAPTER} (a run started before it was recorded): the reference adapter "
-                  "cannot be checked against the adapter the run started from", stacklevel=2)
-    return None
-
-
-def is_quantized(model) -> bool:
-    """TRL's own test (DPOTrainer.__init__): on such a model it casts the trainable weights to bf16."""
-    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
-
-
-def check_reference_weights(model, resumed: bool = False, start_digests: dict | None = None) -> dict:
-    """Before training: `ref` exists, is frozen, and equals the adapter the run starts from, bitwise,
-    modules_to_save included. On a fresh start that is the trainable `default`, compared at the dtype TRL gave
-    it (bf16 on a quantized base, which TRL casts to bf16; the reference keeps the loaded values); on resume,
-    `default` is the trained adapter, so `ref` is compared with the digests recorded when the run started."""
-    import torch
-
-    if REFERENCE_ADAPTER not in model.peft_config:
-        raise PipelineError(f"the model has no reference adapter {REFERENCE_ADAPTER!r} (adapters: "
-                            f"{', '.join(model.peft_config)}): DPO would have no reference; refusing to train")
-    ref = adapter_tensors(model, REFERENCE_ADAPTER)
-    trainable = sorted(name for name, p in model.named_parameters()
-                       if f".{REFERENCE_ADAPTER}." in name and p.requires_grad)
-    if trainable:
-        raise PipelineError(f"the reference adapter is not frozen ({trainable[0]} requires grad); refusing to train")
-    if resumed and start_digests is None:
-        return {"adapter": REFERENCE_ADAPTER, "frozen": True, "tensors": len(ref),
-                "equal_to": f"not checked: the run recorded no {START_ADAPTER}"}
-    if not resumed:
-        default = adapter_tensors(model, "default")
-        dtype = torch.bfloat16 if is_quantized(model) else None
-        against = "the trainable adapter 'default'"
-        compared_at = "bfloat16 (TRL casts a quantized model's trainable weights to it)" if dtype else "their own dtype"
-        differing = sorted(set(ref) ^ set(default)) or [
-            name for name, value in default.items()
-            if not torch.equal(ref[name].to(dtype or value.dtype), value.to(dtype or value.dtype))]
-    else:
-        digests = {name: tensor_digest(tensor) for name, tensor in ref.items()}
-        against = f"the adapter the run started from ({START_ADAPTER})"
-        compared_at = "their own dtype (sha256 of each tensor's bytes)"
-        differing = sorted(name for name in set(digests) | set(start_digests)
-                           if digests.get(name) != start_digests.get(name))
-    if differing:
-        raise PipelineError(f"the reference adapter {REFERENCE_ADAPTER!r} differs from {against} in {len(differing)} "
-                            f"of {len(ref)} tensors (first: {differing[0]}); DPO would train against a wrong "
-                            "reference; refusing to train")
-    return {"adapter": REFERENCE_ADAPTER, "frozen": True, "tensors": len(ref), "equal_to": against,
-            "compared_at": compared_at}
-
-
-def sequence_log_probs(trainer, model, inputs, adapter: str):
-    """Summed completion log-probs of a collated DPO batch through `adapter`, the way DPOTrainer computes the
-    policy's: the same model call, TRL's selective_log_softmax over the completion mask."""
-    from trl.models.utils import disable_gradient_checkpointing
-    from trl.trainer.utils import selective_log_softmax, use_adapter
-
-    kwargs = {k: v for k, v in inputs.items()
-              if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
-    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    with use_adapter(unwrapped, adapter), disable_gradient_checkpointing(
-            trainer.model, trainer.args.gradient_checkpointing_kwargs):
-        logits = model(**kwargs, use_cache=False).logits[..., :-1, :]
-    completion = inputs["completion_mask"][..., 1:]
-    return selective_log_softmax(logits, inputs["input_ids"][..., 1:], row_mask=completion).sum(1)
-
-
-def check_first_batch(trainer, model, inputs, rounded: bool) -> dict:
-    """On the first training batch, before any optimizer step: the policy's log-probs equal the reference's as
-    DPOTrainer computes them (its compute_ref_log_probs, or the precomputed columns), so every reward margin is 0.
-    Dropout off for both passes."""
-    import torch
-
-    if trainer.ld_alpha is not None:  # the reference log-probs are weighted then; the weights check still ran
-        return {"skipped": "ld_alpha weights the log-probs"}
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            if trainer.precompute_ref_logps:
-                reference = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
-            else:
-                reference = torch.cat(trainer.compute_ref_log_probs(model, inputs))
-            policy = sequence_log_probs(trainer, model, inputs, "default")
-    finally:
-        model.train(training)
-    logratios = (policy.float() - reference.float().to(policy.device))
-    chosen, rejected = logratios.chunk(2)
-    margins = trainer.beta * (chosen - rejected)
-    tolerance = REFERENCE_TOLERANCE["rounded" if rounded else "exact"]
-    worst = float(logratios.abs().max())
-    record = {"pairs": len(chosen), "max_abs_logratio": worst, "max_abs_margin": float(margins.abs().max()),
-              "tolerance": tolerance}
-    if not worst <= tolerance:
-        raise PipelineError(f"on the first batch the policy and the reference disagree by up to {worst:.4g} nats of "
-                            f"log-prob (allowed: {tolerance}); before training they are one adapter, so the "
-                            "reference pass is not computing through the SFT adapter's copy; refusing to train")
-    return record
-
-
-def guard_reference(trainer, folder: Path, checkpoint: Path | None, main_process: bool) -> dict:
-    """The guard on the reference, before the first optimizer step; returns the record train() writes to
-    metrics.json as `reference_check` (its first batch filled in when training computes its first loss).
-
-    A fresh run: `ref` equals `default` (check_reference_weights), their digests are recorded in output_dir (and
-    copied into every checkpoint), and the first batch's margins are 0 (check_first_batch). A resumed run: `ref`
-    equals the recorded start adapter; the policy is trained, so its margins are not 0 and are not checked."""
-    start_digests = read_start_digests(checkpoint, folder) if checkpoint else None
-    record = check_reference_weights(trainer.model, checkpoint is not None, start_digests)
-    # a fresh start replaces what an earlier start that stopped before its first checkpoint left
-    if main_process and (not checkpoint or not (folder / START_ADAPTER).exists()):
-        digests = start_digests or adapter_digests(trainer.model, REFERENCE_ADAPTER)
-        write_text_atomic(folder / START_ADAPTER, json.dumps(digests, indent=1) + "\n")
-    if checkpoint:
-        record["first_batch"] = {"skipped": "resumed: the policy is the trained adapter"}
-        return record
-    args = trainer.args
-    rounded = bool(args.bf16 or args.fp16 or is_quantized(trainer.model))
-    compute_loss = trainer.compute_loss
-
-    def checked_compute_loss(model, inputs, *rest, **kwargs):
-        if model.training and "first_batch" not in record:
-            record["first_batch"] = check_first_batch(trainer, model, inputs, rounded)
-            del trainer.compute_loss  # the class's own again
-        return compute_loss(model, inputs, *rest, **kwargs)
-
-    trainer.compute_loss = checked_compute_loss
-    return record
-
-
 def embeddings_in_modules_to_save(model) -> bool:
     from peft.utils import ModulesToSaveWrapper
 
@@ -647,8 +316,8 @@ def train(cfg, resume: bool = False) -> dict:
     import torch
     from accelerate import PartialState
 
-    from .chat import load_chat_format
     from .models import check_adapter_path, load_generator, load_tokenizer
+    from .template import load_chat_format
     from .tracking import start_wandb
 
     # ---- inputs, checked before any model loads

@@ -16,7 +16,7 @@ from .config import differing_keys_except, save_config, to_dict
 from .errors import PipelineError
 from .files import FINALIZE_LOCK, FolderLock, folder_entries, publish_set, run_folder_exists
 from .journal import Journal, journal_files, journal_path, merge_journals, shard
-from .preferences import reselect, settle, write_dataset
+from .dataset import reselect, settle, write_dataset
 from .prompts import load_prompts
 from .selection import gives_up
 from .stats import format_summary, write_report
@@ -321,7 +321,7 @@ def reply_measure(cfg):
 
     count_tokens = None
     if cfg.length_unit == "tokens":
-        from .chat import load_chat_format
+        from .template import load_chat_format
         from .generation import token_counter
         from .models import load_tokenizer
 

@@ -1,0 +1,175 @@
+"""fine_tune_dpo's preference data, before any model: read and check it, drop repeats, split it, and give TRL the
+token ids the generator saw (generate_preferences' own, or a text pair tokenized the way generation conditions)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from .errors import PipelineError
+
+REQUIRED = ("prompt", "chosen", "rejected")
+ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")  # generate_preferences' token ids, trained on as they are
+
+
+def read_preferences(source: str, split: str):
+    from .prompts import has_a_line, load_rows
+
+    path = Path(source)
+    if path.suffix in (".jsonl", ".json") and path.is_file() and not has_a_line(path):
+        raise PipelineError(f"0 pairs in {source}: the file is empty")
+    return load_rows(source, split, "preference data")
+
+
+def check_preferences(dataset, source: str, template_markers=(), allow_unmarked: bool = False) -> list[str]:
+    """Required columns present, every value a non-empty string, every prompt in the chat template's format
+    (unless `allow_unmarked`), the token id columns (when there are all three) lists of ids; returns the extra
+    columns (kept out of training)."""
+    missing = [c for c in REQUIRED if c not in dataset.column_names]
+    if missing:
+        raise PipelineError(
+            f"{source}: missing column {', '.join(repr(m) for m in missing)} "
+            f"(has {', '.join(dataset.column_names)}; needs prompt, chosen, rejected)"
+        )
+    if len(dataset) == 0:
+        raise PipelineError(f"0 pairs in {source}: nothing to train on (a generate_preferences run that accepted "
+                            "none: see its statistics.txt and failed.jsonl)")
+    with_ids = has_token_ids(dataset)
+    for column in REQUIRED:
+        for row, value in enumerate(dataset[column]):
+            if not isinstance(value, str):
+                raise PipelineError(f"{source}: row {row}, column {column!r}: expected a string, got {type(value).__name__}")
+            # with token ids, those are trained on: a reply of special tokens only decodes to "" but has its ids
+            if not value.strip() and not (with_ids and column != "prompt"):
+                raise PipelineError(f"{source}: row {row}, column {column!r}: empty")
+    if template_markers:
+        unmarked = [row for row, p in enumerate(dataset["prompt"]) if not all(m in p for m in template_markers)]
+        if unmarked:
+            # e.g. Shotaro30678/rlhf-RG-trl-style-v3: its prompts were decoded with the special tokens stripped
+            problem = (f"{source}: {len(unmarked)} of {len(dataset)} prompts lack the chat template's markers "
+                       f"({' '.join(template_markers)}; row {unmarked[0]}: {dataset[unmarked[0]]['prompt'][:60]!r}); "
+                       "DPO would train the SFT model on a context it was never trained or sampled in")
+            if not allow_unmarked:
+                raise PipelineError(
+                    f"{problem}. Build the pairs with generate_preferences.py (it stores prompts as the model saw "
+                    "them), or set allow_unmarked_prompts to true to train on them anyway")
+            warnings.warn(f"{problem} (allow_unmarked_prompts is true: training on them anyway)", stacklevel=2)
+    kept = REQUIRED + (ID_COLUMNS if has_token_ids(dataset) else ())
+    if kept != REQUIRED:
+        for column in ID_COLUMNS:
+            for row, value in enumerate(dataset[column]):
+                if not (isinstance(value, list) and value and all(isinstance(i, int) for i in value)):
+                    raise PipelineError(f"{source}: row {row}, column {column!r}: expected a non-empty list of token ids")
+    return [c for c in dataset.column_names if c not in kept]
+
+
+def has_token_ids(dataset) -> bool:
+    return all(c in dataset.column_names for c in ID_COLUMNS)
+
+
+def without_repeats(dataset, source: str):
+    """Pairs whose chosen equals rejected (nothing to learn) and repeated rows (a held-out copy of a training row
+    would read as learned) are dropped, with a count; none left is an error."""
+    seen, keep = set(), []
+    same = repeated = 0
+    for i, row in enumerate(zip(dataset["prompt"], dataset["chosen"], dataset["rejected"])):
+        if row[1] == row[2]:
+            same += 1
+        elif row in seen:
+            repeated += 1
+        else:
+            seen.add(row)
+            keep.append(i)
+    if same or repeated:
+        print(f"{source}: dropped {same} pairs whose chosen equals rejected and {repeated} repeated rows; "
+              f"{len(keep)} of {len(dataset)} pairs left")
+    if not keep:
+        raise PipelineError(f"0 pairs in {source} once pairs whose chosen equals rejected and repeated rows are dropped")
+    return dataset.select(keep) if len(keep) < len(dataset) else dataset
+
+
+def load_preferences(cfg, template_markers=()):
+    """(train, eval or None): checked, extra columns dropped, split by eval_fraction with the config's seed."""
+    dataset = read_preferences(cfg.dataset, cfg.dataset_split)
+    extra = check_preferences(dataset, cfg.dataset, template_markers, cfg.allow_unmarked_prompts)
+    if extra:
+        print(f"{cfg.dataset}: {len(dataset)} pairs; columns kept out of training: {', '.join(extra)}")
+    dataset = without_repeats(dataset.remove_columns(extra), cfg.dataset)
+    if cfg.eval_fraction == 0 or len(dataset) < 10:
+        return dataset, None
+    split = dataset.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
+    return split["train"], split["test"]
+
+
+def overlong_pairs(dataset, tokenizer, max_length: int | None, truncation_mode: str) -> tuple[int, int, int]:
+    """(dropped, truncated, longest prompt) by TRL's own rules, before it applies them silently: a pair whose
+    prompt alone holds max_length tokens is dropped (fully_truncated); one whose prompt + completion (EOS
+    included) exceeds max_length is cut. On the ids the trainer is given (token_id_rows)."""
+    if max_length is None or len(dataset) == 0:
+        return 0, 0, 0
+    rows = token_id_rows(dataset, tokenizer, "the")
+    dropped = truncated = 0
+    for prompt, chosen, rejected in zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"]):
+        if fully_truncated(prompt, max_length, truncation_mode):
+            dropped += 1
+        elif len(prompt) + max(len(chosen), len(rejected)) > max_length:
+            truncated += 1
+    return dropped, truncated, max(len(ids) for ids in rows["prompt_ids"])
+
+
+def report_overlong(splits: dict, tokenizer, dpo_args, source: str, say=print) -> None:
+    """Say how many pairs TRL will drop or cut at dpo.max_length; a split it would empty is an error."""
+    for name, dataset in splits.items():
+        if dataset is None:
+            continue
+        dropped, truncated, longest = overlong_pairs(dataset, tokenizer, dpo_args.max_length, dpo_args.truncation_mode)
+        if dropped == len(dataset):
+            raise PipelineError(
+                f"{source}: every {name} pair's prompt has at least dpo.max_length = {dpo_args.max_length} tokens "
+                f"(the longest: {longest}), so TRL would drop all {len(dataset)}; raise dpo.max_length or shorten the "
+                "prompts")
+        if dropped or truncated:
+            say(f"{source}: {name}: {dropped} of {len(dataset)} pairs dropped (prompt alone >= dpo.max_length = "
+                f"{dpo_args.max_length} tokens), {truncated} truncated to max_length")
+
+
+
+def text_row_ids(tokenizer, prompt: str, reply: str, where: str) -> dict:
+    """A text pair's ids as generation would have them: the prompt's context ids (template.context_ids) and the
+    reply's ids after them in prompt + reply, then EOS."""
+    from .template import context_ids
+
+    context = context_ids(tokenizer, prompt)
+    whole = tokenizer(prompt + reply, add_special_tokens=False)["input_ids"]
+    if whole[:len(context)] != context:
+        raise PipelineError(f"{where}: the prompt's tokens are not a prefix of prompt + reply under this tokenizer "
+                            "(the reply does not start where a generated reply would)")
+    return {"context": context, "completion": whole[len(context):] + [tokenizer.eos_token_id]}
+
+
+def tokenize_text_pair(example: dict, row: int, tokenizer, name: str) -> dict:
+    chosen = text_row_ids(tokenizer, example["prompt"], example["chosen"], f"{name} row {row}, column 'chosen'")
+    rejected = text_row_ids(tokenizer, example["prompt"], example["rejected"], f"{name} row {row}, column 'rejected'")
+    return {"prompt_ids": chosen["context"], "chosen_ids": chosen["completion"], "rejected_ids": rejected["completion"]}
+
+
+def fully_truncated(prompt_ids, max_length: int | None, truncation_mode: str) -> bool:
+    """TRL's own rule (DPOTrainer._prepare_dataset): with `keep_start` truncation a pair whose prompt alone fills
+    max_length would keep no completion token, so it is dropped."""
+    return max_length is not None and truncation_mode == "keep_start" and len(prompt_ids) >= max_length
+
+
+def token_id_rows(dataset, tokenizer, name: str):
+    """The dataset with prompt_ids / chosen_ids / rejected_ids: generate_preferences' own (checked on row 0 against
+    this tokenizer), or, for text only, tokenized the way generation conditions and continues (tokenize_text_pair)."""
+    from .template import context_ids
+
+    if has_token_ids(dataset):
+        first = dataset[0]
+        if first["prompt_ids"] != context_ids(tokenizer, first["prompt"]):
+            raise PipelineError(f"{name} dataset: row 0's prompt_ids are not its prompt's tokens under this "
+                                "adapter's tokenizer; the preference data was generated with another one")
+        return dataset
+    return dataset.map(tokenize_text_pair, with_indices=True, fn_kwargs={"tokenizer": tokenizer,
+                                                                         "name": f"{name} dataset"})
+

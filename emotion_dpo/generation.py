@@ -6,7 +6,7 @@ import copy
 import inspect
 from typing import Sequence
 
-from .config import generation_config
+from .config import generation_problems
 from .errors import PipelineError
 from .models import load_classifier
 from .rewards import reply_length
@@ -14,12 +14,14 @@ from .selection import ScoredReply, score_reply
 
 
 def checked_generation_config(settings: dict, source: str):
-    """transformers.GenerationConfig from a config's `generation` section, checked before any model loads (see
-    config.generation_config: what `generate` would refuse only after the models load is refused now, named)."""
-    config, problems = generation_config(settings)
+    """transformers.GenerationConfig from a config's `generation` section (checked as the config loaded: types and
+    ranges that `generate` would refuse only after the models load, or never)."""
+    from transformers import GenerationConfig
+
+    problems = generation_problems(settings)
     if problems:
-        raise PipelineError("\n".join(f"{source}: key {key}: {text}" for key, text in problems))
-    return config
+        raise PipelineError("\n".join(f"{source}: key generation.{key}: {text}" for key, text in problems))
+    return GenerationConfig(**settings)
 
 
 def is_out_of_memory(error: BaseException) -> bool:

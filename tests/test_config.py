@@ -68,7 +68,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
     assert lines == [
         f"{path}: key bogus: unknown key",
         f"{path}: key seed: expected a value >= 0, got -1",
-        f"{path}: key wandb.mode: expected one of 'offline', 'online', 'disabled', got \"cloud\"",
+        f"{path}: key wandb.mode: expected 'offline', 'online' or 'disabled', got \"cloud\"",
         f"{path}: key generation.temprature: unknown key (did you mean 'temperature'?)",
     ]
 
@@ -128,8 +128,7 @@ def test_dpo_section_takes_every_value_trl_takes(tmp_path):
 @pytest.mark.parametrize("value", [1, 0, "true"])
 def test_a_choice_key_takes_only_its_choices_by_type_too(tmp_path, value):
     path = write(tmp_path, {**MINIMAL, "use_unsloth": value})
-    assert error_of(path) == (f"{path}: key use_unsloth: expected one of 'auto', True, False, "
-                              f"got {json.dumps(value)}")
+    assert error_of(path) == f"{path}: key use_unsloth: expected 'auto' or true or false, got {json.dumps(value)}"
 
 
 def test_a_missing_required_key_does_not_hide_the_other_problems(tmp_path):
@@ -185,8 +184,7 @@ def test_an_unknown_top_level_key_does_not_hide_a_section_problem(tmp_path):
     lines = error_of(path, ["max_retires=2", "generation.temperature=-1"]).splitlines()
     assert lines == [
         f"{path}: key max_retires: unknown key (did you mean 'max_retries'?)",
-        f"{path}: key generation.temperature: `temperature` (=-1.0) has to be a strictly positive float, otherwise "
-        "your next token scores will be invalid.",
+        f"{path}: key generation.temperature: expected a value > 0, got -1",
     ]
 
 

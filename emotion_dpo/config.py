@@ -51,7 +51,8 @@ def number(value) -> str:
 
 def _problem(key: str, value, text: str) -> dict:
     """A pydantic line error carrying our own message (a library's complaint, a cross-field rule)."""
-    return {"type": PydanticCustomError("problem", "{text}", {"text": text}), "loc": (key,), "input": value}
+    return {"type": PydanticCustomError("problem", "{text}", {"text": text}), "loc": (key,) if key else (),
+            "input": value}
 
 
 def _raise_if(errors: list, title: str) -> None:
@@ -116,14 +117,20 @@ class WandbConfig(Section):
 # ---------------------------------------------------------------- sections passed to a library as they are
 
 
-def _keys_named(text: str, keys: typing.Iterable[str]) -> list[str]:
-    return [k for k in keys if re.search(rf"\b{re.escape(k)}\b", text)]
+def library_problems(error: Exception, keys: typing.Iterable[str], default: str = "") -> list[tuple[str, str]]:
+    """A library's complaint as (key, one line): a list of "- `key`: ..." lines split by key, else the first key
+    it names, else `default`."""
+    text = str(error)
+    listed = re.findall(r"^- `(\w+)`: (.*)$", text, re.MULTILINE)
+    named = [k for k in keys if re.search(rf"\b{re.escape(k)}\b", text)]
+    return listed or [(named[0] if named else default, " ".join(text.split()))]
 
 
-def _checked_section(name: str, section: dict, typed: type[BaseModel], known: typing.Collection[str],
-                     library_problems) -> dict:
-    """A section a library receives: unknown keys, then types and ranges (`typed`), then the library's own checks
-    on the keys that passed (`library_problems(values) -> [(key, text)]`); every problem raised at once."""
+def _checked_section(name: str, section: dict, defaults: dict, typed: type[BaseModel], known: typing.Collection[str],
+                     library_check) -> dict:
+    """A section a library receives, over our defaults: unknown keys, types and ranges (`typed`), then the library's
+    own checks (`library_check(values) -> [(key, text)]`) with a failed key at its default; all problems at once."""
+    section = {**defaults, **without_comments(section)}
     errors = [{"type": "extra_forbidden", "loc": (k,), "input": v} for k, v in section.items() if k not in known]
     section = {k: v for k, v in section.items() if k in known}
     try:
@@ -131,8 +138,8 @@ def _checked_section(name: str, section: dict, typed: type[BaseModel], known: ty
     except ValidationError as error:
         errors += [{k: e[k] for k in ("type", "loc", "input", "ctx") if k in e} for e in error.errors()]
         failed = {e["loc"][0] for e in error.errors()}
-        values = {k: v for k, v in section.items() if k not in failed}
-    errors += [_problem(key, values.get(key), text) for key, text in library_problems(values)]
+        values = {k: defaults[k] if k in failed else v for k, v in section.items() if k not in failed or k in defaults}
+    errors += [_problem(key, values.get(key), text) for key, text in library_check(values)]
     _raise_if(errors, name)
     return values
 
@@ -172,14 +179,13 @@ def generation_problems(values: dict) -> list[tuple[str, str]]:
     try:
         GenerationConfig(**values).validate(strict=True)
     except (ValueError, TypeError) as e:
-        return [((_keys_named(str(e), values) or [""])[0], str(e))]
+        return library_problems(e, values)
     return []
 
 
 def _checked_generation(section: dict) -> dict:
-    section = {**REFERENCE_GENERATION, **without_comments(section)}
-    return {**section, **_checked_section("generation", section, GenerationSettings, generation_keys(),
-                                          generation_problems)}
+    return {**REFERENCE_GENERATION, **without_comments(section), **_checked_section(
+        "generation", section, REFERENCE_GENERATION, GenerationSettings, generation_keys(), generation_problems)}
 
 
 DPO_DEFAULTS = {
@@ -230,29 +236,26 @@ def dpo_problems(values: dict) -> list[tuple[str, str]]:
     """trl.DPOConfig built from each key alone (each problem named by its key), then from all of them."""
     import trl
 
-    def built(**settings) -> str | None:
+    def built(settings: dict, key: str = "") -> list[tuple[str, str]]:
         with warnings.catch_warnings():  # its deprecation notes come again when training starts
             warnings.simplefilter("ignore")
             try:
                 trl.DPOConfig(**{**settings, "output_dir": "unused", "report_to": "none", **DEVICE_KEYS})
             except (ValueError, TypeError, KeyError) as e:
-                return str(e)
-        return None
+                return library_problems(e, settings, key)
+        return []
 
-    problems = [(k, text) for k, v in values.items() if k not in DEVICE_KEYS and (text := built(**{k: v}))]
+    problems = [p for k, v in values.items() if k not in DEVICE_KEYS for p in built({k: v}, k)]
     for name in [values["loss_type"]] if isinstance(values.get("loss_type"), str) else values.get("loss_type", []):
         if name not in dpo_loss_types():
             problems.append(("loss_type", f"expected one of TRL's loss types {', '.join(dpo_loss_types())}, "
                                           f"got {dumps(name)}{closest(name, dpo_loss_types())}"))
-    if not problems and (text := built(**values)):
-        problems = [(key, text) for key in _keys_named(text, values) or [""]]
-    return problems
+    return problems or built(values)
 
 
 def _checked_dpo(section: dict) -> dict:
-    section = {**DPO_DEFAULTS, **without_comments(section)}
-    _checked_section("dpo", section, dpo_section_model(), dpo_section_model().model_fields, dpo_problems)
-    return section
+    _checked_section("dpo", section, DPO_DEFAULTS, dpo_section_model(), dpo_section_model().model_fields, dpo_problems)
+    return {**DPO_DEFAULTS, **without_comments(section)}  # as written: the saved config compares with older runs
 
 
 GenerationSection = Annotated[dict[str, Any], AfterValidator(_checked_generation)]
@@ -404,6 +407,22 @@ class PipelineConfig(Section):
                 for name in ("generate", "dpo", "evaluate")
                 if name in values and not isinstance(values[name].get("config"), str)]
 
+    @classmethod
+    def stage_problems(cls, data: dict, source: str) -> list[str]:
+        """The stages' problems (run_pipeline's plan) when the pipeline's own keys have some too: all in one run."""
+        from .pipeline import plan
+
+        stages = {k: v for k, v in data.items() if k in ("generate", "dpo", "evaluate")}
+        if not all(isinstance(v, dict) and isinstance(v.get("config"), str) for v in stages.values()):
+            return []  # a stage section without its file: named by `rules`
+        config = cls.model_construct(**stages)
+        config.source = source
+        try:
+            plan(config)
+        except PipelineError as e:
+            return str(e).splitlines()
+        return []
+
 
 # ---------------------------------------------------------------- loading, with pydantic's errors as short lines
 
@@ -454,8 +473,10 @@ def problems_of(cls, error: ValidationError, data: dict) -> list[str]:
             text = f"expected a value {BOUNDS[kind][1]} {number(ctx[BOUNDS[kind][0]])}, got {dumps(e['input'])}"
         elif kind == "finite_number":
             text = f"expected a finite number, got {dumps(e['input'])}"
-        elif kind in ("too_short", "string_too_short"):
+        elif kind == "too_short":
             text = f"expected at least {ctx['min_length']} item(s), got {dumps(e['input'])}"
+        elif kind == "string_too_short":
+            text = f"expected at least {ctx['min_length']} character(s), got {dumps(e['input'])}"
         else:
             text = e["msg"]
         lines.setdefault(f"{key}: {text}", key)
@@ -483,15 +504,21 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def read_json(path: str | Path) -> dict:
     """A JSON object from a file; a key given twice (JSON keeps the last one, silently) is refused, named."""
-    path, repeated = Path(path), []
+    path, repeated = Path(path), {}  # id of an object -> its keys given twice
 
     def refuse_repeats(pairs):
-        seen = set()
-        repeated.extend(k for k, _ in pairs if k in seen or seen.add(k))
-        return dict(pairs)
+        seen, obj = set(), dict(pairs)
+        repeated[id(obj)] = [k for k, _ in pairs if k in seen or seen.add(k)]
+        return obj
+
+    def repeats(value, prefix=""):  # "section.key" of each key given twice
+        for k, v in value.items() if isinstance(value, dict) else ():
+            yield from repeats(v, f"{prefix}{k}.")
+        yield from (prefix + k for k in repeated.get(id(value), ()))
 
     try:
         data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=refuse_repeats)
+        repeated = list(dict.fromkeys(repeats(data)))
     except FileNotFoundError:
         raise PipelineError(f"{path}: config file not found") from None
     except IsADirectoryError:
@@ -505,7 +532,7 @@ def read_json(path: str | Path) -> dict:
         raise PipelineError(f"{path}: nested too deeply to be a config") from None
     if repeated:
         raise PipelineError("\n".join(f"{path}: key {k}: given more than once (JSON would keep only the last one)"
-                                      for k in dict.fromkeys(repeated)))
+                                      for k in repeated))
     if not isinstance(data, dict):
         raise PipelineError(f"{path}: expected a JSON object at the top level")
     return data
@@ -525,7 +552,8 @@ def load_config(cls, path: str | Path, overrides: typing.Sequence[str] = ()):
     try:
         config = cls.model_validate(data)
     except ValidationError as error:
-        raise PipelineError("\n".join(f"{path}: key {p}" for p in problems_of(cls, error, data))) from None
+        more = cls.stage_problems(data, str(path)) if hasattr(cls, "stage_problems") else []
+        raise PipelineError("\n".join([f"{path}: key {p}" for p in problems_of(cls, error, data)] + more)) from None
     except RecursionError:
         raise PipelineError(f"{path}: nested too deeply to be a config") from None
     config.source = str(path)

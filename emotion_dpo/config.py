@@ -512,9 +512,9 @@ def read_json(path: str | Path) -> dict:
         return obj
 
     def repeats(value, prefix=""):  # "section.key" of each key given twice
+        yield from (prefix + k for k in repeated.get(id(value), ()))
         for k, v in value.items() if isinstance(value, dict) else ():
             yield from repeats(v, f"{prefix}{k}.")
-        yield from (prefix + k for k in repeated.get(id(value), ()))
 
     try:
         data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=refuse_repeats)

@@ -407,13 +407,13 @@ def test_the_dpo_section_is_built_as_trl_dpoconfig_and_every_problem_named_at_on
     with pytest.raises(PipelineError) as caught:
         load_config(TrainConfig, path, ["dpo.optim=sgdx", "dpo.lr_scheduler_type=zigzag", "dpo.eval_strategy=sometimes",
                                         "dpo.warmup_steps=-5"])
-    lines = str(caught.value).splitlines()
-    assert [line.split(": ")[1] for line in lines] == ["key dpo.warmup_steps", "key dpo.optim", "key dpo.lr_scheduler_type",
-                                                      "key dpo.eval_strategy"]
-    assert lines[0] == f"{path}: key dpo.warmup_steps: expected a value >= 0, got -5"
+    lines = {line.split(": ")[1]: line for line in str(caught.value).splitlines()}
+    assert len(lines) == 4 and all(line.startswith(f"{path}: ") for line in lines.values())
+    assert lines["key dpo.warmup_steps"] == f"{path}: key dpo.warmup_steps: expected a value >= 0, got -5"
     # TRL's own words (transformers' enums list the valid names)
-    assert "sgdx is not a valid OptimizerNames" in lines[1] and "'adamw_torch'" in lines[1]
-    assert "zigzag is not a valid SchedulerType" in lines[2] and "sometimes is not a valid IntervalStrategy" in lines[3]
+    assert "sgdx is not a valid OptimizerNames" in lines["key dpo.optim"] and "'adamw_torch'" in lines["key dpo.optim"]
+    assert "zigzag is not a valid SchedulerType" in lines["key dpo.lr_scheduler_type"]
+    assert "sometimes is not a valid IntervalStrategy" in lines["key dpo.eval_strategy"]
 
 
 def test_a_dpo_problem_between_keys_names_them_in_one_line(tmp_path):

@@ -146,3 +146,18 @@ def test_the_scripts_report_them_so_too(tmp_path, kind):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     message = result.stderr.strip().removeprefix("error: ")
     assert named("\n".join(l for l in message.splitlines() if not l.startswith("[transformers]")), str(path)) == expected
+
+
+def test_run_pipeline_names_the_problems_of_every_stage_and_its_own_together(tmp_path):
+    # it named only its own problems, or only the first stage's
+    stages = {name: tmp_path / f"{name}.json" for name in VALID}
+    for name, path in stages.items():
+        path.write_text(json.dumps(VALID[name]))
+    path = tmp_path / "pipeline.json"
+    path.write_text(json.dumps({"iterations": 0, "generate": {"config": str(stages["generate"]), "n_candidates": 1},
+                                "dpo": {"config": str(stages["dpo"]), "dpo": {"optim": "sgdx"}},
+                                "evaluate": {"config": str(stages["evaluate"]), "clean_confidence": 2}}))
+    with pytest.raises(PipelineError) as caught:
+        load("pipeline", path)
+    assert named(str(caught.value), str(path)) == {(None, "iterations"), ("generate", "n_candidates"),
+                                                   ("dpo", "dpo.optim"), ("evaluate", "clean_confidence")}

@@ -6,7 +6,7 @@ import copy
 import inspect
 from typing import Sequence
 
-from .config import generation_problems
+from .config import GenerationSettings, generation_problems
 from .errors import PipelineError
 from .models import load_classifier
 from .rewards import reply_length
@@ -14,14 +14,21 @@ from .selection import ScoredReply, score_reply
 
 
 def checked_generation_config(settings: dict, source: str):
-    """transformers.GenerationConfig from a config's `generation` section (checked as the config loaded: types and
-    ranges that `generate` would refuse only after the models load, or never)."""
+    """transformers.GenerationConfig from a config's `generation` section, checked as config.py checks it when the
+    config loads (types and ranges `generate` would refuse only after the models load; a whole number for a float
+    setting is read as a float: generate's TemperatureLogitsWarper refuses int 2)."""
+    from pydantic import ValidationError
     from transformers import GenerationConfig
 
-    problems = generation_problems(settings)
+    try:
+        typed = GenerationSettings.model_validate(settings).model_dump(exclude_unset=True)
+    except ValidationError as error:
+        raise PipelineError("\n".join(f"{source}: key generation.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                      for e in error.errors())) from None
+    problems = generation_problems({**settings, **typed})
     if problems:
         raise PipelineError("\n".join(f"{source}: key generation.{key}: {text}" for key, text in problems))
-    return GenerationConfig(**settings)
+    return GenerationConfig(**{**settings, **typed})
 
 
 def is_out_of_memory(error: BaseException) -> bool:

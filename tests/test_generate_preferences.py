@@ -302,6 +302,7 @@ def test_whole_numbers_for_float_sampling_settings_are_taken_as_floats():
 
     config = checked_generation_config({"do_sample": True, "temperature": 2, "top_p": 1, "max_new_tokens": 4}, "x")
     assert (config.temperature, config.top_p) == (2.0, 1.0)  # generate's TemperatureLogitsWarper refuses int 2
+    assert type(config.temperature) is float and type(config.top_p) is float
 
 
 def test_a_foreign_non_empty_output_folder_is_refused(demo_world, tmp_path):

@@ -499,6 +499,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
+    except RecursionError:
+        raise PipelineError(f"--set {key}: the value is nested too deeply to be a setting") from None
     return key.strip().split("."), value
 
 

@@ -481,6 +481,11 @@ def test_a_config_nested_100k_levels_deep_is_one_line(tmp_path, text):
     assert error_of(write(tmp_path, text)) == f"{tmp_path / 'cfg.json'}: nested too deeply to be a config"
 
 
+def test_a_set_value_nested_100k_levels_deep_is_one_line(tmp_path):
+    assert error_of(write(tmp_path, MINIMAL), ["seed=" + "[" * 100_000 + "]" * 100_000]) == (
+        "--set seed: the value is nested too deeply to be a setting")
+
+
 @pytest.mark.parametrize("script", ["generate_preferences.py", "evaluate.py"])
 def test_the_scripts_say_one_line_for_a_file_that_is_not_utf8_or_too_deep(tmp_path, script):
     for name, content in [("latin1.json", b'{"base_model": "caf\xe9"}'), ("deep.json", b"[" * 100_000 + b"]" * 100_000)]:

@@ -427,8 +427,8 @@ class PipelineConfig(Section):
 # ---------------------------------------------------------------- loading, with pydantic's errors as short lines
 
 # pydantic's error types -> what the key expected
-EXPECTED = {"int_type": "an integer", "int_from_float": "an integer", "float_type": "a number", "string_type": "a string",
-            "bool_type": "true or false", "list_type": "a list", "dict_type": "an object", "model_type": "an object",
+EXPECTED = {"int_type": "an integer", "int_from_float": "an integer", "float_type": "a number",
+            "string_type": "a string", "bool_type": "true or false", "list_type": "a list", "dict_type": "an object", "model_type": "an object",
             "none_required": "null", "literal_error": "{expected}", "enum": "a string", "is_instance_of": "a string"}
 BOUNDS = {"greater_than_equal": ("ge", ">="), "less_than_equal": ("le", "<="), "greater_than": ("gt", ">"),
           "less_than": ("lt", "<")}
@@ -480,8 +480,8 @@ def problems_of(cls, error: ValidationError, data: dict) -> list[str]:
         else:
             text = e["msg"]
         lines.setdefault(f"{key}: {text}", key)
-    lines = [f"{key}: expected {' or '.join(expected[key][1])}, got {dumps(expected[key][0])}" if line == f"{key}: {key}"
-             else line for line, key in lines.items()]
+    lines = [f"{key}: expected {' or '.join(expected[key][1])}, got {dumps(expected[key][0])}"
+             if line == f"{key}: {key}" else line for line, key in lines.items()]
     # the cross-field rules on the keys that passed their own checks: pydantic runs them only when every key does
     failed = {e["loc"][0] for e in error.errors() if e["loc"]}
     defaults = {name: field.get_default(call_default_factory=True) for name, field in cls.model_fields.items()

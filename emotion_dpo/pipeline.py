@@ -48,8 +48,10 @@ class StageKind:
 
 GENERATE = StageKind("generate", "preferences", "generate_preferences.py", "GenerateConfig",
                      frozenset({"output_dir", "skip_prompts"}))
-DPO = StageKind("dpo", "dpo", "fine_tune_dpo.py", "TrainConfig", frozenset({"output_dir", "dataset", "resume_from_checkpoint"}))
-EVALUATE = StageKind("evaluate", "evaluation", "evaluate.py", "EvaluateConfig", frozenset({"output_dir", "dpo_adapter"}))
+DPO = StageKind("dpo", "dpo", "fine_tune_dpo.py", "TrainConfig",
+                frozenset({"output_dir", "dataset", "resume_from_checkpoint"}))
+EVALUATE = StageKind("evaluate", "evaluation", "evaluate.py", "EvaluateConfig",
+                     frozenset({"output_dir", "dpo_adapter"}))
 KINDS = (GENERATE, DPO, EVALUATE)
 SHARED_KEYS = ("base_model", "adapter", "chat_template")  # one generator: the three stages must agree
 
@@ -132,7 +134,8 @@ def plan(cfg) -> list[Stage]:
             problems[str(e)] = None
 
     base = {kind.name: checked(user_overrides, cfg, kind) for kind in KINDS}
-    first = {kind.name: checked(resolve_stage, cfg, kind, base[kind.name]) for kind in KINDS if base[kind.name] is not None}
+    first = {kind.name: checked(resolve_stage, cfg, kind, base[kind.name])
+             for kind in KINDS if base[kind.name] is not None}
     if all(first.get(kind.name) for kind in KINDS):
         checked(check_one_generator, cfg, first)
     stages = []

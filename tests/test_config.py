@@ -488,7 +488,8 @@ def test_a_set_value_nested_100k_levels_deep_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("script", ["generate_preferences.py", "evaluate.py"])
 def test_the_scripts_say_one_line_for_a_file_that_is_not_utf8_or_too_deep(tmp_path, script):
-    for name, content in [("latin1.json", b'{"base_model": "caf\xe9"}'), ("deep.json", b"[" * 100_000 + b"]" * 100_000)]:
+    for name, content in [("latin1.json", b'{"base_model": "caf\xe9"}'),
+                          ("deep.json", b"[" * 100_000 + b"]" * 100_000)]:
         path = tmp_path / name
         path.write_bytes(content)
         result = subprocess.run([sys.executable, str(ROOT / script), "--config", str(path)],
@@ -507,7 +508,8 @@ def test_the_pipeline_lets_a_finished_stage_differ_in_the_keys_its_script_resume
     run makes is one the pipeline takes on a finished stage. The pipeline's DPO list lacked dpo.eval_strategy."""
     from emotion_dpo import pipeline
 
-    minimal = {pipeline.GENERATE: MINIMAL, pipeline.DPO: TRAIN_MINIMAL, pipeline.EVALUATE: {**MINIMAL, "dpo_adapter": "x"}}
+    minimal = {pipeline.GENERATE: MINIMAL, pipeline.DPO: TRAIN_MINIMAL,
+               pipeline.EVALUATE: {**MINIMAL, "dpo_adapter": "x"}}
     changed_values = {"output_dir": "elsewhere", "wandb": {"mode": "disabled"}, "batch_prompts": 3,
                       "classifier_batch_size": 3, "push_to_hub": "me/data", "resume_from_checkpoint": True,
                       "dpo.logging_steps": 3, "dpo.save_steps": 7, "dpo.save_total_limit": 1,

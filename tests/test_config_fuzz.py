@@ -54,7 +54,8 @@ PROBLEMS = {
         ("dpo_adapter", 5), ("batch_prompts", 0)],
 }
 # keys run_pipeline sets in the stages (refused there: PIPELINE_PROBLEMS) and num_prompts, which iteration 2 needs
-PIPELINE_SET = ("output_dir", "dataset", "dpo_adapter", "adapter", "skip_prompts", "resume_from_checkpoint", "num_prompts")
+PIPELINE_SET = ("output_dir", "dataset", "dpo_adapter", "adapter", "skip_prompts", "resume_from_checkpoint",
+                "num_prompts")
 PIPELINE_PROBLEMS = [("iterations", 0), ("iteratons", 2), ("output_dir", ""), ("fresh_prompts_per_iteration", "yes"),
                      ("generate.output_dir", "x"), ("dpo.dataset", "x"), ("evaluate.dpo_adapter", "x")]
 
@@ -145,7 +146,8 @@ def test_the_scripts_report_them_so_too(tmp_path, kind):
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     message = result.stderr.strip().removeprefix("error: ")
-    assert named("\n".join(l for l in message.splitlines() if not l.startswith("[transformers]")), str(path)) == expected
+    lines = [line for line in message.splitlines() if not line.startswith("[transformers]")]  # its logger's notes
+    assert named("\n".join(lines), str(path)) == expected
 
 
 def test_run_pipeline_names_the_problems_of_every_stage_and_its_own_together(tmp_path):

@@ -99,9 +99,13 @@ class Section(BaseModel):
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs):  # help(cls) lists every key with its type, default and help
         super().__pydantic_init_subclass__(**kwargs)
-        lines = [f"  {name}: {getattr(f.annotation, '__name__', None) or f.annotation}, "
-                 f"{'required' if f.is_required() else f'default {dumps(f.get_default(call_default_factory=True))}'}"
-                 f"\n      {f.description}" for name, f in cls.model_fields.items()]
+        def text(field) -> str:
+            tp, default = field.annotation, field.get_default(call_default_factory=True)
+            default = default.model_dump() if isinstance(default, BaseModel) else default
+            return (f"{tp.__name__ if isinstance(tp, type) else str(tp).replace('typing.', '')}, "
+                    f"{'required' if field.is_required() else f'default {dumps(default)}'}\n      {field.description}")
+
+        lines = [f"  {name}: {text(field)}" for name, field in cls.model_fields.items()]
         cls.__doc__ = (cls.__dict__.get("__doc__") or cls.__name__).strip() + "\n\nKeys:\n" + "\n".join(lines)
 
 

@@ -1,33 +1,33 @@
 """Strict, typed configs loaded from JSON: defaults -> file -> `--set key=value` overrides.
 
 The configs are pydantic models: strict types (no `true` for a number, no `"2"` for an integer; a whole number
-is fine for a float), no NaN or Infinity, no unknown key (keys starting with "_" are comments, dropped).
-Every problem (unknown key, wrong type, out-of-range value, broken cross-field rule) is collected and
-reported at once, naming the file and the dotted key, before any model or dataset is touched.
+is fine for a float), no NaN or Infinity, no unknown key (keys starting with "_" are comments, dropped). The
+`dpo` section is typed by trl.DPOConfig's own fields and then built as a DPOConfig key by key; `generation` is typed
+and bounded here, then checked by transformers.GenerationConfig. Every problem is collected and reported at once,
+naming the file and the dotted key, before any model or dataset is touched.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-import enum
 import functools
-import inspect
 import json
-import math
 import re
-import types
 import typing
+import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, TypeAdapter,
-                      ValidationError, model_validator)
-from pydantic_core import PydanticCustomError, PydanticUndefined
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 
 from . import EMOTIONS
 from .errors import PipelineError
 
-STRICT = ConfigDict(strict=True, allow_inf_nan=False, arbitrary_types_allowed=True)
+STRICT = ConfigDict(strict=True, allow_inf_nan=False, arbitrary_types_allowed=True, extra="forbid")
+Folder = Annotated[str, Field(min_length=1)]  # "" would silently mean the current folder
 
 
 def without_comments(section: dict) -> dict:
@@ -40,23 +40,6 @@ def closest(name: str, valid: typing.Iterable[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-def type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(dict.fromkeys(type_name(a) for a in typing.get_args(tp)))
-    if origin is list:
-        return f"a list of {type_name(typing.get_args(tp)[0])}"
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):  # transformers' OptimizerNames etc. are named by strings
-        return "a string"
-    if origin is dict or tp is dict or (isinstance(tp, type) and issubclass(tp, BaseModel)):
-        return "an object"
-    if tp is type(None):
-        return "null"
-    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(tp, str(tp))
-
-
 def dumps(value) -> str:
     return json.dumps(value, default=str)
 
@@ -66,67 +49,26 @@ def number(value) -> str:
     return str(int(value)) if isinstance(value, float) and value.is_integer() else dumps(value)
 
 
-def is_finite(value) -> bool:
-    """No NaN or ±Infinity anywhere in a JSON value (Python's json reads them, and they pass every comparison)."""
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, dict):
-        return all(is_finite(v) for v in value.values())
-    if isinstance(value, list):
-        return all(is_finite(v) for v in value)
-    return True
+def _problem(key: str, value, text: str) -> dict:
+    """A pydantic line error carrying our own message (a library's complaint, a cross-field rule)."""
+    return {"type": PydanticCustomError("problem", "{text}", {"text": text}), "loc": (key,) if key else (),
+            "input": value}
 
 
-@functools.cache
-def _adapter(tp) -> TypeAdapter:
-    return TypeAdapter(tp, config=STRICT)
-
-
-def value_problem(value, tp) -> str | None:
-    """Why `value` is no `tp` under the configs' strict rule, or None. HF configs take one item for a list."""
-    if not is_finite(value):
-        return f"expected a finite number, got {dumps(value)}"
-    for kind in (tp, *([typing.get_args(tp)[0]] if typing.get_origin(tp) is list else [])):
-        try:
-            _adapter(kind).validate_python(value)
-            return None
-        except ValidationError:
-            pass
-    return f"expected {type_name(tp)}, got {dumps(value)}"
-
-
-def _problem(loc: tuple, value, text: str) -> dict:
-    """A pydantic line error carrying our own message (section and cross-field checks)."""
-    return {"type": PydanticCustomError("problem", "{text}", {"text": text}), "loc": loc, "input": value}
-
-
-def _raise_if(errors: list[dict], title: str) -> None:
+def _raise_if(errors: list, title: str) -> None:
     if errors:
         raise ValidationError.from_exception_data(title, errors)
-
-
-def choice(*values):
-    """Literal[values], by type too: 1 == True, but `"use_unsloth": 1` is no choice the key offers."""
-    def exact(value):
-        if not any(value == v and type(value) is type(v) for v in values):
-            raise ValueError("not one of the choices")
-        return value
-    return Annotated[Literal[values], BeforeValidator(exact)]
-
-
-def option(default=PydanticUndefined, help: str = "", *, low=None, high=None, factory=None):
-    """A key in one line, as declared before the configs moved onto pydantic: a Field with its help and inclusive
-    range (`Field(..., description=..., ge=..., le=...)` is the same)."""
-    if factory is not None:
-        return Field(default_factory=factory, description=help, ge=low, le=high)
-    return Field(default, description=help, ge=low, le=high)
 
 
 class Section(BaseModel):
     """A config or one of its sections; see the module docstring for its rules."""
 
-    model_config = ConfigDict(STRICT, extra="forbid")
+    model_config = STRICT
     _source: str = PrivateAttr("")
+    # keys that change nothing a run makes (they may differ from a finished run's config), and those a resumed
+    # run may change: the one home of both lists, read by the scripts' resume checks and by run_pipeline
+    unchanged_results: ClassVar[frozenset[str]] = frozenset()
+    resumable_changes: ClassVar[frozenset[str]] = frozenset()
 
     @model_validator(mode="before")
     @classmethod
@@ -141,7 +83,7 @@ class Section(BaseModel):
 
     @model_validator(mode="after")
     def _cross_field_rules(self):
-        _raise_if([_problem((k,), getattr(self, k), text) for k, text in self.rule_problems(vars(self))],
+        _raise_if([_problem(k, getattr(self, k), text) for k, text in self.rule_problems(vars(self))],
                   type(self).__name__)
         return self
 
@@ -155,18 +97,16 @@ class Section(BaseModel):
         self._source = path
 
     @classmethod
-    def __pydantic_init_subclass__(cls, **kwargs):  # help(cls) lists every key with its help
+    def __pydantic_init_subclass__(cls, **kwargs):  # help(cls) lists every key with its type, default and help
         super().__pydantic_init_subclass__(**kwargs)
-        lines = []
-        for name, field in cls.model_fields.items():
-            default = ("required" if field.is_required()
-                       else f"default {dumps(_plain(field.get_default(call_default_factory=True)))}")
-            lines.append(f"  {name}: {type_name(field.annotation)}, {default}\n      {field.description}")
-        cls.__doc__ = inspect.cleandoc(cls.__dict__.get("__doc__") or cls.__name__) + "\n\nKeys:\n" + "\n".join(lines)
+        def text(field) -> str:
+            tp, default = field.annotation, field.get_default(call_default_factory=True)
+            default = default.model_dump() if isinstance(default, BaseModel) else default
+            return (f"{tp.__name__ if isinstance(tp, type) else str(tp).replace('typing.', '')}, "
+                    f"{'required' if field.is_required() else f'default {dumps(default)}'}\n      {field.description}")
 
-
-def _plain(value):
-    return value.model_dump() if isinstance(value, BaseModel) else value
+        lines = [f"  {name}: {text(field)}" for name, field in cls.model_fields.items()]
+        cls.__doc__ = (cls.__dict__.get("__doc__") or cls.__name__).strip() + "\n\nKeys:\n" + "\n".join(lines)
 
 
 class WandbConfig(Section):
@@ -180,14 +120,54 @@ class WandbConfig(Section):
 
 # ---------------------------------------------------------------- sections passed to a library as they are
 
+
+def library_problems(error: Exception, keys: typing.Iterable[str], default: str = "") -> list[tuple[str, str]]:
+    """A library's complaint as (key, one line): a list of "- `key`: ..." lines split by key, else the first key
+    it names, else `default`."""
+    text = str(error)
+    listed = re.findall(r"^- `(\w+)`: (.*)$", text, re.MULTILINE)
+    named = [k for k in keys if re.search(rf"\b{re.escape(k)}\b", text)]
+    return listed or [(named[0] if named else default, " ".join(text.split()))]
+
+
+def _checked_section(name: str, section: dict, defaults: dict, typed: type[BaseModel], known: typing.Collection[str],
+                     library_check) -> dict:
+    """A section a library receives, over our defaults: unknown keys, types and ranges (`typed`), then the library's
+    own checks (`library_check(values) -> [(key, text)]`) with a failed key at its default; all problems at once."""
+    section = {**defaults, **without_comments(section)}
+    errors = [{"type": "extra_forbidden", "loc": (k,), "input": v} for k, v in section.items() if k not in known]
+    section = {k: v for k, v in section.items() if k in known}
+    try:
+        values = typed.model_validate(section).model_dump(exclude_unset=True)
+    except ValidationError as error:
+        errors += [{k: e[k] for k in ("type", "loc", "input", "ctx") if k in e} for e in error.errors()]
+        failed = {e["loc"][0] for e in error.errors()}
+        values = {k: defaults[k] if k in failed else v for k, v in section.items() if k not in failed or k in defaults}
+    errors += [_problem(key, values.get(key), text) for key, text in library_check(values)]
+    _raise_if(errors, name)
+    return values
+
+
 # The reference project's sampling settings.
 REFERENCE_GENERATION = {"do_sample": True, "min_new_tokens": 5, "max_new_tokens": 20, "repetition_penalty": 1.5,
                         "top_k": 5, "top_p": 1.0, "temperature": 2.0}
-# GenerationConfig keeps these as given; generate's logits processors take floats (int 2 fails) and ints only.
-GENERATION_NUMBERS = {"temperature": float, "top_p": float, "repetition_penalty": float, "min_p": float,
-                      "typical_p": float, "top_k": int,
-                      # the reference's code passed do_sample "False", a string, truthy: only true or false is taken
-                      "do_sample": bool}
+
+
+class GenerationSettings(Section):
+    """Types and ranges of the sampling keys; transformers checks them only inside `generate`, after the models
+    load, or not at all (top_p 2.0). The processors take floats: a JSON 2 is read as 2.0."""
+
+    model_config = ConfigDict(STRICT, extra="allow")  # the other GenerationConfig keys: checked by it
+    do_sample: bool = True  # the reference passed "False", a string: only true or false is taken
+    max_new_tokens: int | None = Field(None, ge=1)
+    min_new_tokens: int | None = Field(None, ge=0)
+    temperature: float | None = Field(None, gt=0)
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    typical_p: float | None = Field(None, gt=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    num_beams: int | None = Field(None, ge=1)
 
 
 @functools.cache
@@ -197,60 +177,19 @@ def generation_keys() -> frozenset[str]:
     return frozenset(GenerationConfig().to_dict())
 
 
-def generation_config(settings: dict):
-    """(transformers.GenerationConfig or None, [(dotted key, problem)]) for a `generation` section.
-
-    `validate()` leaves temperature, top_k, top_p, repetition_penalty, min_p and typical_p to the logits
-    processors that `generate` builds, after the models have loaded (a negative temperature passed it); they are
-    built here under generate's own conditions, so a bad value fails at once, named."""
+def generation_problems(values: dict) -> list[tuple[str, str]]:
     from transformers import GenerationConfig
-    from transformers.generation import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                                         TopKLogitsWarper, TopPLogitsWarper, TypicalLogitsWarper)
 
-    settings, problems = without_comments(settings), []
-    for key, kind in GENERATION_NUMBERS.items():
-        if settings.get(key) is not None:
-            if problem := value_problem(settings[key], kind):
-                problems.append((f"generation.{key}", problem))
-            else:
-                settings[key] = kind(settings[key])  # "temperature": 2 in JSON is 2.0
-    if problems:
-        return None, problems
     try:
-        config = GenerationConfig(**settings)
-        config.validate(strict=True)
+        GenerationConfig(**values).validate(strict=True)
     except (ValueError, TypeError) as e:
-        return None, [("generation", str(e))]
-    sampling = config.do_sample
-    processors = [  # (key, processor, whether generate builds it)
-        ("repetition_penalty", RepetitionPenaltyLogitsProcessor, config.repetition_penalty not in (None, 1.0)),
-        ("temperature", TemperatureLogitsWarper, sampling and config.temperature not in (None, 1.0)),
-        ("top_k", TopKLogitsWarper, sampling and config.top_k not in (None, 0)),
-        ("top_p", TopPLogitsWarper, sampling and config.top_p is not None and config.top_p < 1.0),
-        ("min_p", MinPLogitsWarper, sampling and config.min_p is not None),
-        ("typical_p", TypicalLogitsWarper, sampling and config.typical_p is not None and config.typical_p < 1.0),
-    ]
-    for key, processor, built in processors:
-        try:
-            if built:
-                processor(getattr(config, key))
-        except (ValueError, TypeError) as e:
-            problems.append((f"generation.{key}", str(e)))
-    return (None if problems else config), problems
+        return library_problems(e, values)
+    return []
 
 
 def _checked_generation(section: dict) -> dict:
-    """The generation section over the reference's settings, key by key; checked against GenerationConfig."""
-    section = {**REFERENCE_GENERATION, **without_comments(section)}
-    errors = [{"type": "extra_forbidden", "loc": (k,), "input": v} for k, v in section.items()
-              if k not in generation_keys()]
-    errors += [_problem((k,), v, f"expected a finite number, got {dumps(v)}")
-               for k, v in section.items() if not is_finite(v)]
-    if not errors:
-        _, problems = generation_config(section)
-        errors = [_problem(tuple(key.split(".")[1:]), section.get(key.split(".")[-1]), text) for key, text in problems]
-    _raise_if(errors, "generation")
-    return {k: GENERATION_NUMBERS[k](v) if k in GENERATION_NUMBERS and v is not None else v for k, v in section.items()}
+    return {**REFERENCE_GENERATION, **without_comments(section), **_checked_section(
+        "generation", section, REFERENCE_GENERATION, GenerationSettings, generation_keys(), generation_problems)}
 
 
 DPO_DEFAULTS = {
@@ -262,71 +201,71 @@ DPO_DEFAULTS = {
     "logging_steps": 10, "save_steps": 100, "save_total_limit": 3, "eval_strategy": "epoch",
     "optim": "adamw_torch",
 }
-
-# (key, bound, strictly above): values of the dpo section that TRL accepts but that cannot train as meant
-DPO_RANGES = [("beta", 0, True), ("learning_rate", 0, False), ("per_device_train_batch_size", 1, False),
-              ("per_device_eval_batch_size", 1, False), ("gradient_accumulation_steps", 1, False),
-              ("max_length", 1, False), ("save_steps", 0, True)]
+# Values TRL accepts that cannot train as meant (a negative beta trains towards `rejected`)
+DPO_BOUNDS = {"beta": Field(gt=0), "learning_rate": Field(ge=0), "warmup_steps": Field(ge=0),
+              "per_device_train_batch_size": Field(ge=1), "per_device_eval_batch_size": Field(ge=1),
+              "gradient_accumulation_steps": Field(ge=1), "max_length": Field(ge=1), "save_steps": Field(gt=0)}
 # Set elsewhere: one output folder, one switch for wandb.
-DPO_SET_ELSEWHERE = {"output_dir": "set the top-level output_dir instead",
-                     "report_to": 'set wandb.mode instead ("disabled" turns wandb off)'}
+SET_ELSEWHERE = {"dpo.output_dir": "set the top-level output_dir instead",
+                 "dpo.report_to": 'set wandb.mode instead ("disabled" turns wandb off)'}
+# Chosen by device when training starts (dpo_train.build_dpo_config): checked there, not on the machine that loads
+DEVICE_KEYS = {"bf16": False, "fp16": False, "bf16_full_eval": False, "fp16_full_eval": False, "tf32": None}
 
 
 @functools.cache
-def dpo_fields() -> dict[str, Any]:
-    """trl.DPOConfig's keys and their types."""
-    import dataclasses
-
+def dpo_section_model() -> type[BaseModel]:
+    """trl.DPOConfig's own fields and types (a list field takes one item, as TRL does), with DPO_BOUNDS."""
     import trl
 
     hints = typing.get_type_hints(trl.DPOConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(trl.DPOConfig) if f.init}
+    fields = {}
+    for f in dataclasses.fields(trl.DPOConfig):
+        if f.init and f"dpo.{f.name}" not in SET_ELSEWHERE:
+            hint = hints[f.name]
+            hint = hint | typing.get_args(hint)[0] if typing.get_origin(hint) is list else hint
+            fields[f.name] = (Annotated[hint, DPO_BOUNDS.get(f.name, Field())], None)
+    return create_model("DpoSection", __config__=ConfigDict(STRICT, extra="allow"), **fields)
 
 
 @functools.cache
 def dpo_loss_types() -> tuple[str, ...]:
     """The loss types TRL accepts, as its DPOConfig lists them (it checks them only at the first training step)."""
-    import dataclasses
-
     import trl
 
     field = next(f for f in dataclasses.fields(trl.DPOConfig) if f.name == "loss_type")
     return tuple(re.findall(r"`'(\w+)'`", field.metadata["help"]))
 
 
-def _dpo_value_problem(key: str, value) -> str | None:
-    if key in DPO_SET_ELSEWHERE:
-        return DPO_SET_ELSEWHERE[key]
-    if problem := value_problem(value, dpo_fields()[key]):
-        return problem
-    for name, bound, strict in DPO_RANGES:  # TRL checks none of these; a negative beta trains towards `rejected`
-        if key == name and isinstance(value, (int, float)) and (value <= bound if strict else value < bound):
-            return f"expected a value {'>' if strict else '>='} {bound}, got {dumps(value)}"
-    if key == "loss_type":
-        for name in [value] if isinstance(value, str) else value:
-            if name not in dpo_loss_types():
-                return (f"expected one of TRL's loss types {', '.join(dpo_loss_types())}, got {dumps(name)}"
-                        + closest(name, dpo_loss_types()))
-    return None
+def dpo_problems(values: dict) -> list[tuple[str, str]]:
+    """trl.DPOConfig built from each key alone (each problem named by its key), then from all of them."""
+    import trl
+
+    def built(settings: dict, key: str = "") -> list[tuple[str, str]]:
+        with warnings.catch_warnings():  # its deprecation notes come again when training starts
+            warnings.simplefilter("ignore")
+            try:
+                trl.DPOConfig(**{**settings, "output_dir": "unused", "report_to": "none", **DEVICE_KEYS})
+            except (ValueError, TypeError, KeyError) as e:
+                return library_problems(e, settings, key)
+        return []
+
+    problems = [p for k, v in values.items() if k not in DEVICE_KEYS for p in built({k: v}, k)]
+    for name in [values["loss_type"]] if isinstance(values.get("loss_type"), str) else values.get("loss_type", []):
+        if name not in dpo_loss_types():
+            problems.append(("loss_type", f"expected one of TRL's loss types {', '.join(dpo_loss_types())}, "
+                                          f"got {dumps(name)}{closest(name, dpo_loss_types())}"))
+    return problems or built(values)
 
 
 def _checked_dpo(section: dict) -> dict:
-    """The dpo section over DPO_DEFAULTS, key by key; checked against trl.DPOConfig's keys, types and sane ranges."""
-    section = {**DPO_DEFAULTS, **without_comments(section)}
-    errors = []
-    for key, value in section.items():
-        if key not in dpo_fields():
-            errors.append({"type": "extra_forbidden", "loc": (key,), "input": value})
-        elif problem := _dpo_value_problem(key, value):
-            errors.append(_problem((key,), value, problem))
-    _raise_if(errors, "dpo")
-    return section
+    _checked_section("dpo", section, DPO_DEFAULTS, dpo_section_model(), dpo_section_model().model_fields, dpo_problems)
+    return {**DPO_DEFAULTS, **without_comments(section)}  # as written: the saved config compares with older runs
 
 
 GenerationSection = Annotated[dict[str, Any], AfterValidator(_checked_generation)]
 DpoSection = Annotated[dict[str, Any], AfterValidator(_checked_dpo)]
 # The keys of the sections that a library receives, for "did you mean" and misplaced keys.
-SECTION_KEYS = {"generation": generation_keys, "dpo": lambda: frozenset(dpo_fields())}
+SECTION_KEYS = {"generation": generation_keys, "dpo": lambda: frozenset(dpo_section_model().model_fields)}
 
 
 # ---------------------------------------------------------------- the scripts' configs
@@ -339,7 +278,7 @@ class GeneratorSource(Section):
     adapter: str = Field(description="Hub id or local folder of the SFT LoRA adapter")
     chat_template: str = Field("args/chat_template.json", description="the chat template file shared by every script")
     load_in_4bit: bool = Field(True, description="load the base in 4-bit NF4 (bitsandbytes) to fit a 24 GB GPU")
-    use_unsloth: choice("auto", True, False) = Field(
+    use_unsloth: Literal["auto"] | bool = Field(
         "auto", description='"auto": unsloth where it imports and a GPU is present; true: required; false: never')
     seed: int = Field(42, ge=0, description="seed for sampling and data order")
     wandb: WandbConfig = Field(default_factory=WandbConfig, description="wandb settings")
@@ -398,7 +337,11 @@ class SelectionConfig(Section):
 
 
 class GenerateConfig(GeneratorSource, PromptSource, RewardConfig, SelectionConfig):
-    output_dir: str = Field("outputs/preferences", description="run folder: journal, dataset, statistics")
+    unchanged_results: ClassVar = frozenset({"output_dir", "wandb", "batch_prompts", "classifier_batch_size",
+                                             "push_to_hub"})
+    # more prompts only add to the journal; a finished run's dataset holds its own number of them
+    resumable_changes: ClassVar = unchanged_results | {"num_prompts"}
+    output_dir: Folder = Field("outputs/preferences", description="run folder: journal, dataset, statistics")
     n_candidates: int = Field(6, ge=2, description="replies sampled per prompt per round")
     batch_prompts: int = Field(16, ge=1, description="prompts per generate call (x n_candidates sequences)")
     generation: GenerationSection = Field(default_factory=lambda: dict(REFERENCE_GENERATION),
@@ -407,6 +350,10 @@ class GenerateConfig(GeneratorSource, PromptSource, RewardConfig, SelectionConfi
 
 
 class TrainConfig(GeneratorSource):
+    unchanged_results: ClassVar = frozenset({"resume_from_checkpoint", "output_dir", "wandb", "dpo.logging_steps",
+                                             "dpo.save_steps", "dpo.save_total_limit", "dpo.per_device_eval_batch_size",
+                                             "dpo.eval_strategy"})
+    resumable_changes: ClassVar = unchanged_results
     dataset: str = Field(description="preference data: Hub id, local save_to_disk folder, or JSONL "
                                      "(columns prompt, chosen, rejected)")
     dataset_split: str = Field("train", description="split of a Hub dataset or DatasetDict folder")
@@ -414,7 +361,7 @@ class TrainConfig(GeneratorSource):
     allow_unmarked_prompts: bool = Field(
         False, description="true: train on prompts that lack the chat template's markers (e.g. decoded with the "
         "special tokens stripped, as Shotaro30678/rlhf-RG-trl-style-v3), with a warning; false: refuse them")
-    output_dir: str = Field("outputs/dpo", description="checkpoints, the final adapter, metrics")
+    output_dir: Folder = Field("outputs/dpo", description="checkpoints, the final adapter, metrics")
     resume_from_checkpoint: bool | str | None = Field(
         None, description="true: the last checkpoint in output_dir; a path: that checkpoint")
     train_modules_to_save: bool = Field(
@@ -424,11 +371,13 @@ class TrainConfig(GeneratorSource):
 
 
 class EvaluateConfig(GeneratorSource, PromptSource, RewardConfig):
+    unchanged_results: ClassVar = frozenset({"output_dir", "wandb", "batch_prompts", "classifier_batch_size"})
+    resumable_changes: ClassVar = unchanged_results
     dpo_adapter: str = Field(description="the DPO-trained adapter (fine_tune_dpo.py's output_dir/final_adapter)")
     # held-out prompts: generate_preferences' default (train+validation) would score the models on what DPO saw
     dataset_split: str = Field("test", description="split of held-out dialogues, never seen in SFT or DPO")
     include_base: bool = Field(False, description="also evaluate the base model with adapters disabled")
-    output_dir: str = Field("outputs/evaluation", description="results.md, results.json, replies.jsonl, chart")
+    output_dir: Folder = Field("outputs/evaluation", description="results.md, results.json, replies.jsonl, chart")
     batch_prompts: int = Field(32, ge=1, description="prompts per generate call")
     generation: GenerationSection = Field(
         default_factory=lambda: dict(REFERENCE_GENERATION),
@@ -440,24 +389,21 @@ class EvaluateConfig(GeneratorSource, PromptSource, RewardConfig):
     bootstrap_samples: int = Field(2000, ge=100, description="resamples for the win-rate interval")
 
 
-def stage_section(script_config: str) -> dict:
-    return {"config": script_config}
-
-
 class PipelineConfig(Section):
     """run_pipeline.py: the three scripts' configs, each named by its JSON file plus keys that override it."""
 
-    generate: dict = option(factory=lambda: stage_section("args/generate_preferences_arg.json"),
-                            help='generate_preferences: {"config": its JSON file, any of its keys to override}')
-    dpo: dict = option(factory=lambda: stage_section("args/dpo_arg.json"),
-                       help='fine_tune_dpo: {"config": its JSON file, any of its keys to override}')
-    evaluate: dict = option(factory=lambda: stage_section("args/evaluate_arg.json"),
-                            help='evaluate: {"config": its JSON file, any of its keys to override}')
-    iterations: int = option(1, "rounds of generate -> DPO -> evaluate; round k >= 2 samples from round k-1's "
-                                "adapter", low=1)
-    fresh_prompts_per_iteration: bool = option(True, "each iteration generates from prompts the earlier ones did "
-                                                     "not use (false: the same prompts again)")
-    output_dir: str = option("outputs/pipeline", "the run folder: iter-k/{preferences,dpo,evaluation}, iterations.*")
+    generate: dict = Field(default_factory=lambda: {"config": "args/generate_preferences_arg.json"},
+                           description='generate_preferences: {"config": its JSON file, any of its keys to override}')
+    dpo: dict = Field(default_factory=lambda: {"config": "args/dpo_arg.json"},
+                      description='fine_tune_dpo: {"config": its JSON file, any of its keys to override}')
+    evaluate: dict = Field(default_factory=lambda: {"config": "args/evaluate_arg.json"},
+                           description='evaluate: {"config": its JSON file, any of its keys to override}')
+    iterations: int = Field(1, ge=1, description="rounds of generate -> DPO -> evaluate; round k >= 2 samples from "
+                                                 "round k-1's adapter")
+    fresh_prompts_per_iteration: bool = Field(True, description="each iteration generates from prompts the earlier "
+                                                                "ones did not use (false: the same prompts again)")
+    output_dir: Folder = Field("outputs/pipeline",
+                               description="the run folder: iter-k/{preferences,dpo,evaluation}, iterations.*")
 
     @staticmethod
     def rules(values: dict) -> list[tuple[str, str]]:
@@ -465,19 +411,38 @@ class PipelineConfig(Section):
                 for name in ("generate", "dpo", "evaluate")
                 if name in values and not isinstance(values[name].get("config"), str)]
 
+    @classmethod
+    def stage_problems(cls, data: dict, source: str) -> list[str]:
+        """The stages' problems (run_pipeline's plan) when the pipeline's own keys have some too: all in one run."""
+        from .pipeline import plan
+
+        stages = {k: v for k, v in data.items() if k in ("generate", "dpo", "evaluate")}
+        if not all(isinstance(v, dict) and isinstance(v.get("config"), str) for v in stages.values()):
+            return []  # a stage section without its file: named by `rules`
+        config = cls.model_construct(**stages)
+        config.source = source
+        try:
+            plan(config)
+        except PipelineError as e:
+            return str(e).splitlines()
+        return []
+
 
 # ---------------------------------------------------------------- loading, with pydantic's errors as short lines
+
+# pydantic's error types -> what the key expected
+EXPECTED = {"int_type": "an integer", "int_from_float": "an integer", "float_type": "a number",
+            "string_type": "a string", "bool_type": "true or false", "list_type": "a list", "dict_type": "an object", "model_type": "an object",
+            "none_required": "null", "literal_error": "{expected}", "enum": "a string", "is_instance_of": "a string"}
+BOUNDS = {"greater_than_equal": ("ge", ">="), "less_than_equal": ("le", "<="), "greater_than": ("gt", ">"),
+          "less_than": ("lt", "<")}
 
 
 def _sections_of(cls) -> dict[str, typing.Callable[[], typing.Iterable[str]]]:
     """Each section of a config class -> its keys (nested configs and the sections a library receives)."""
-    sections = {}
-    for name, field in cls.model_fields.items():
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            sections[name] = field.annotation.model_fields.keys
-        elif name in SECTION_KEYS:
-            sections[name] = SECTION_KEYS[name]
-    return sections
+    return {name: (f.annotation.model_fields.keys if isinstance(f.annotation, type) and issubclass(
+        f.annotation, BaseModel) else SECTION_KEYS[name]) for name, f in cls.model_fields.items()
+        if name in SECTION_KEYS or isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
 
 
 def _unknown_key(cls, loc: tuple) -> str:
@@ -492,63 +457,41 @@ def _unknown_key(cls, loc: tuple) -> str:
     return f"unknown key{closest(key, sections[where[0]]() if where else cls.model_fields)}"
 
 
-def _field_path(cls, loc: tuple):
-    """The field names along `loc` (union branches and list indexes left out) and the last one's FieldInfo."""
-    path, field, current = [], None, cls
-    for part in loc:
-        if not (isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields):
-            break
-        path.append(part)
-        field = current.model_fields[part]
-        current = field.annotation
-    return path, field
-
-
-def _lookup(data, path: list[str]):
-    for part in path:
-        data = data.get(part) if isinstance(data, dict) else None
-    return data
-
-
-RANGES = {"greater_than_equal": ("ge", ">="), "less_than_equal": ("le", "<="), "greater_than": ("gt", ">"),
-          "less_than": ("lt", "<")}
-
-
-def _message(cls, error: dict, data: dict) -> tuple[str, str]:
-    """(dotted key, what was expected) for one pydantic error."""
-    kind, loc, ctx = error["type"], error["loc"], error.get("ctx", {})
-    if kind == "problem":
-        return ".".join(map(str, loc)), error["msg"]
-    if kind == "extra_forbidden":
-        return ".".join(map(str, loc)), _unknown_key(cls, loc)
-    path, field = _field_path(cls, loc)
-    key = ".".join(path)
-    if kind == "missing":
-        return key, f"required key is missing ({field.description})"
-    if kind in RANGES:
-        name, sign = RANGES[kind]
-        return key, f"expected a value {sign} {number(ctx[name])}, got {dumps(error['input'])}"
-    if kind == "finite_number":
-        return key, f"expected a finite number, got {dumps(error['input'])}"
-    if kind == "too_short":
-        return key, f"expected at least {ctx['min_length']} item(s), got {dumps(error['input'])}"
-    return key, f"expected {type_name(field.annotation)}, got {dumps(_lookup(data, path))}"
-
-
 def problems_of(cls, error: ValidationError, data: dict) -> list[str]:
-    """'dotted.key: what was expected' lines, in the order of the keys in the file (missing keys first)."""
-    order = {key: i for i, key in enumerate(data)}
-    lines = {}
+    """'dotted.key: what was expected' lines, in the order of the keys in the file (missing keys first); a key
+    whose union branches all failed gets one line naming every type it takes."""
+    sections, order = _sections_of(cls), {key: i for i, key in enumerate(data)}
+    lines, expected = {}, {}
     for e in sorted(error.errors(), key=lambda e: order.get(e["loc"][0], -1) if e["loc"] else -1):
-        key, text = _message(cls, e, data)
-        lines[f"{key}: {text}"] = None  # a union's branches each report the same line once
+        kind, ctx, loc = e["type"], e.get("ctx") or {}, [p for p in e["loc"] if isinstance(p, str)]
+        loc = loc[:2] if loc and loc[0] in sections else loc[:1]  # no union branch or list index
+        key = ".".join(loc)
+        if kind in EXPECTED:
+            expected.setdefault(key, [e["input"], {}])[1][EXPECTED[kind].format(**ctx)] = None
+            text = key  # filled in below, at the key's first place
+        elif kind == "extra_forbidden":
+            text = SET_ELSEWHERE.get(key) or _unknown_key(cls, tuple(loc))
+        elif kind == "missing":
+            text = f"required key is missing ({cls.model_fields[key].description})"
+        elif kind in BOUNDS:
+            text = f"expected a value {BOUNDS[kind][1]} {number(ctx[BOUNDS[kind][0]])}, got {dumps(e['input'])}"
+        elif kind == "finite_number":
+            text = f"expected a finite number, got {dumps(e['input'])}"
+        elif kind == "too_short":
+            text = f"expected at least {ctx['min_length']} item(s), got {dumps(e['input'])}"
+        elif kind == "string_too_short":
+            text = f"expected at least {ctx['min_length']} character(s), got {dumps(e['input'])}"
+        else:
+            text = e["msg"]
+        lines.setdefault(f"{key}: {text}", key)
+    lines = [f"{key}: expected {' or '.join(expected[key][1])}, got {dumps(expected[key][0])}"
+             if line == f"{key}: {key}" else line for line, key in lines.items()]
     # the cross-field rules on the keys that passed their own checks: pydantic runs them only when every key does
     failed = {e["loc"][0] for e in error.errors() if e["loc"]}
     defaults = {name: field.get_default(call_default_factory=True) for name, field in cls.model_fields.items()
                 if not field.is_required()}
     valid = {k: v for k, v in {**defaults, **data}.items() if k not in failed}
-    lines.update(dict.fromkeys(f"{key}: {text}" for key, text in cls.rule_problems(valid)))
-    return list(lines)
+    return list(dict.fromkeys(lines + [f"{key}: {text}" for key, text in cls.rule_problems(valid)]))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -560,19 +503,42 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
+    except RecursionError:
+        raise PipelineError(f"--set {key}: the value is nested too deeply to be a setting") from None
     return key.strip().split("."), value
 
 
 def read_json(path: str | Path) -> dict:
-    path = Path(path)
+    """A JSON object from a file; a key given twice (JSON keeps the last one, silently) is refused, named."""
+    path, repeated = Path(path), {}  # id of an object -> its keys given twice
+
+    def refuse_repeats(pairs):
+        seen, obj = set(), dict(pairs)
+        repeated[id(obj)] = [k for k, _ in pairs if k in seen or seen.add(k)]
+        return obj
+
+    def repeats(value, prefix=""):  # "section.key" of each key given twice
+        yield from (prefix + k for k in repeated.get(id(value), ()))
+        for k, v in value.items() if isinstance(value, dict) else ():
+            yield from repeats(v, f"{prefix}{k}.")
+
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=refuse_repeats)
+        repeated = list(dict.fromkeys(repeats(data)))
     except FileNotFoundError:
         raise PipelineError(f"{path}: config file not found") from None
     except IsADirectoryError:
         raise PipelineError(f"{path}: is a folder, expected a JSON config file") from None
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                            "save the file as UTF-8") from None
     except json.JSONDecodeError as e:
         raise PipelineError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except RecursionError:
+        raise PipelineError(f"{path}: nested too deeply to be a config") from None
+    if repeated:
+        raise PipelineError("\n".join(f"{path}: key {k}: given more than once (JSON would keep only the last one)"
+                                      for k in repeated))
     if not isinstance(data, dict):
         raise PipelineError(f"{path}: expected a JSON object at the top level")
     return data
@@ -592,7 +558,10 @@ def load_config(cls, path: str | Path, overrides: typing.Sequence[str] = ()):
     try:
         config = cls.model_validate(data)
     except ValidationError as error:
-        raise PipelineError("\n".join(f"{path}: key {p}" for p in problems_of(cls, error, data))) from None
+        more = cls.stage_problems(data, str(path)) if hasattr(cls, "stage_problems") else []
+        raise PipelineError("\n".join([f"{path}: key {p}" for p in problems_of(cls, error, data)] + more)) from None
+    except RecursionError:
+        raise PipelineError(f"{path}: nested too deeply to be a config") from None
     config.source = str(path)
     return config
 

@@ -16,7 +16,7 @@ import shutil
 import warnings
 from pathlib import Path
 
-from .config import differing_keys_except, save_config, to_dict, without_comments
+from .config import TrainConfig, differing_keys_except, save_config, to_dict, without_comments
 from .dpo_data import fully_truncated, load_preferences, report_overlong, token_id_rows
 from .dpo_guard import REFERENCE_ADAPTER, START_ADAPTER, guard_reference
 from .errors import PipelineError
@@ -26,9 +26,6 @@ FINAL_ADAPTER = "final_adapter"
 METRICS_NAME = "metrics.json"
 STARTED_ONLY = {"config.json", "wandb", START_ADAPTER}  # what train() writes before training starts
 CONFIG_NAME = "training_config.json"  # the resolved config, in every checkpoint and in the final adapter
-# Keys that may change when a run is resumed without a warning: they do not change what is trained.
-RESUMABLE_CHANGES = {"resume_from_checkpoint", "output_dir", "wandb", "dpo.logging_steps", "dpo.save_steps", "dpo.save_total_limit",
-                     "dpo.per_device_eval_batch_size", "dpo.eval_strategy"}
 
 
 # ------------------------------------------------------------------ TRL's config
@@ -162,7 +159,7 @@ def check_config_changes(cfg, checkpoint: Path) -> None:
             f"{checkpoint}: trained with train_modules_to_save {str(trained_copies).lower()}; "
             f"resume it with the same setting (the config says {str(cfg.train_modules_to_save).lower()})"
         )
-    changed = differing_keys_except(saved_config, to_dict(cfg), RESUMABLE_CHANGES)
+    changed = differing_keys_except(saved_config, to_dict(cfg), TrainConfig.resumable_changes)
     if changed:
         warnings.warn(f"{checkpoint}: resuming with a config that differs from the checkpoint's:\n  "
                       + "\n  ".join(changed), stacklevel=2)

@@ -12,7 +12,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from .card import push_card, write_card
-from .config import differing_keys_except, save_config, to_dict
+from .config import GenerateConfig, differing_keys_except, save_config, to_dict
 from .errors import PipelineError
 from .files import FINALIZE_LOCK, FolderLock, folder_entries, publish_set, run_folder_exists
 from .journal import Journal, journal_files, journal_path, merge_journals, shard
@@ -21,8 +21,6 @@ from .prompts import load_prompts
 from .selection import gives_up
 from .stats import format_summary, write_report
 
-# Keys that may change between a run and its resumption: they do not change what a settled prompt is.
-RESUMABLE_CHANGES = {"output_dir", "batch_prompts", "classifier_batch_size", "wandb", "num_prompts", "push_to_hub"}
 # Keys --reselect applies to the stored candidates; any other change would need new generation.
 RESELECTABLE = {"reward_weights", "reward_bias", "length_unit", "length_min", "length_max", "target_score_range",
                 "min_chosen_score", "min_chosen_gibberish_confidence", "chosen_endings", "max_retries"}
@@ -92,7 +90,7 @@ def check_run_config(cfg, folder: Path) -> None:
     if run_config is None:  # deleted after it was torn (see read_run_config): the journal's prompts are checked
         print(f"{folder}: no {CONFIG_NAME}; resuming the journal there with this config")
         return
-    changed = differing_keys_except(run_config, to_dict(cfg), RESUMABLE_CHANGES)
+    changed = differing_keys_except(run_config, to_dict(cfg), GenerateConfig.resumable_changes)
     if changed:
         if merge_journals(journal_files(folder)):
             raise PipelineError(
@@ -276,7 +274,7 @@ def finalize_run(cfg) -> dict:
     if not run_folder_exists(folder) or not journal_files(folder):
         raise PipelineError(f"{folder}: no journal to finalize (run generate_preferences.py first)")
     run_config = read_run_config(folder)
-    ignored = differing_keys_except(run_config, to_dict(cfg), RESUMABLE_CHANGES) if run_config else []
+    ignored = differing_keys_except(run_config, to_dict(cfg), GenerateConfig.resumable_changes) if run_config else []
     if ignored:
         warnings.warn(f"{folder}: --finalize writes the pairs the run selected; these keys differ from the run's "
                       "config and change nothing here:\n  " + "\n  ".join(ignored)
@@ -298,7 +296,7 @@ def reselect_run(cfg, out_dir: str) -> dict:
         run_config = json.loads((source / CONFIG_NAME).read_text())
     except (OSError, ValueError) as e:
         raise PipelineError(f"{source / CONFIG_NAME}: the run's config cannot be read ({e})") from None
-    needs_generation = differing_keys_except(run_config, to_dict(cfg), RESELECTABLE | RESUMABLE_CHANGES)
+    needs_generation = differing_keys_except(run_config, to_dict(cfg), RESELECTABLE | GenerateConfig.resumable_changes)
     if needs_generation:
         raise PipelineError(
             f"{source}: --reselect re-scores the stored candidates; these keys differ from the run's and would need "

@@ -6,7 +6,7 @@ import copy
 import inspect
 from typing import Sequence
 
-from .config import generation_config
+from .config import GenerationSettings, generation_problems
 from .errors import PipelineError
 from .models import load_classifier
 from .rewards import reply_length
@@ -14,12 +14,21 @@ from .selection import ScoredReply, score_reply
 
 
 def checked_generation_config(settings: dict, source: str):
-    """transformers.GenerationConfig from a config's `generation` section, checked before any model loads (see
-    config.generation_config: what `generate` would refuse only after the models load is refused now, named)."""
-    config, problems = generation_config(settings)
+    """transformers.GenerationConfig from a config's `generation` section, checked as config.py checks it when the
+    config loads (types and ranges `generate` would refuse only after the models load; a whole number for a float
+    setting is read as a float: generate's TemperatureLogitsWarper refuses int 2)."""
+    from pydantic import ValidationError
+    from transformers import GenerationConfig
+
+    try:
+        typed = GenerationSettings.model_validate(settings).model_dump(exclude_unset=True)
+    except ValidationError as error:
+        raise PipelineError("\n".join(f"{source}: key generation.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                      for e in error.errors())) from None
+    problems = generation_problems({**settings, **typed})
     if problems:
-        raise PipelineError("\n".join(f"{source}: key {key}: {text}" for key, text in problems))
-    return config
+        raise PipelineError("\n".join(f"{source}: key generation.{key}: {text}" for key, text in problems))
+    return GenerationConfig(**{**settings, **typed})
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -39,19 +39,19 @@ class StageKind:
     script: str
     config_class: str
     owned: frozenset  # keys the pipeline sets
-    unchanged_when_finished: frozenset  # keys that may differ from a finished stage's: they change nothing it made
+
+    @property
+    def unchanged_when_finished(self) -> frozenset:
+        """Keys that may differ from a finished stage's: they change nothing it made (the stage's own list)."""
+        return getattr(config_module, self.config_class).unchanged_results
 
 
 GENERATE = StageKind("generate", "preferences", "generate_preferences.py", "GenerateConfig",
-                     frozenset({"output_dir", "skip_prompts"}),
-                     frozenset({"output_dir", "wandb", "batch_prompts", "classifier_batch_size", "push_to_hub"}))
+                     frozenset({"output_dir", "skip_prompts"}))
 DPO = StageKind("dpo", "dpo", "fine_tune_dpo.py", "TrainConfig",
-                frozenset({"output_dir", "dataset", "resume_from_checkpoint"}),
-                frozenset({"output_dir", "wandb", "resume_from_checkpoint", "dpo.logging_steps", "dpo.save_steps",
-                           "dpo.save_total_limit", "dpo.per_device_eval_batch_size"}))
+                frozenset({"output_dir", "dataset", "resume_from_checkpoint"}))
 EVALUATE = StageKind("evaluate", "evaluation", "evaluate.py", "EvaluateConfig",
-                     frozenset({"output_dir", "dpo_adapter"}),
-                     frozenset({"output_dir", "wandb", "batch_prompts", "classifier_batch_size"}))
+                     frozenset({"output_dir", "dpo_adapter"}))
 KINDS = (GENERATE, DPO, EVALUATE)
 SHARED_KEYS = ("base_model", "adapter", "chat_template")  # one generator: the three stages must agree
 
@@ -123,33 +123,50 @@ def check_one_generator(cfg, configs: dict) -> None:
 
 
 def plan(cfg) -> list[Stage]:
-    """Every stage of every iteration with its resolved config; all config problems raised before anything runs."""
-    run = Path(cfg.output_dir)
-    base = {kind.name: user_overrides(cfg, kind) for kind in KINDS}
-    first = {kind.name: resolve_stage(cfg, kind, base[kind.name]) for kind in KINDS}
-    check_one_generator(cfg, first)
-    sft = first["generate"].adapter
-    per_iteration = first["generate"].num_prompts
-    if cfg.iterations > 1 and cfg.fresh_prompts_per_iteration and per_iteration is None:
-        raise PipelineError(f"{cfg.source}: key generate.num_prompts: fresh_prompts_per_iteration needs a number "
-                            "of prompts per iteration (null takes them all, leaving none for iteration 2)")
+    """Every stage of every iteration with its resolved config; the config problems of all of them raised together
+    before anything runs (each once: a stage file's problem recurs in every iteration)."""
+    run, problems = Path(cfg.output_dir), {}
+
+    def checked(check, *args):
+        try:
+            return check(*args)
+        except PipelineError as e:
+            problems[str(e)] = None
+
+    base = {kind.name: checked(user_overrides, cfg, kind) for kind in KINDS}
+    first = {kind.name: checked(resolve_stage, cfg, kind, base[kind.name])
+             for kind in KINDS if base[kind.name] is not None}
+    if all(first.get(kind.name) for kind in KINDS):
+        checked(check_one_generator, cfg, first)
     stages = []
-    for k in range(1, cfg.iterations + 1):
-        folder = run / f"iter-{k}"
-        generator = sft if k == 1 else str(run / f"iter-{k - 1}" / DPO.folder / FINAL_ADAPTER)
-        skip = first["generate"].skip_prompts + (k - 1) * per_iteration if cfg.fresh_prompts_per_iteration else \
-            first["generate"].skip_prompts
-        owned = {
-            "generate": [f"adapter={generator}", f"skip_prompts={skip}"],
-            # iteration k trains on from the adapter that sampled its data; TRL's frozen "ref" is a copy of it
-            "dpo": [f"adapter={generator}", f"dataset={folder / GENERATE.folder / 'dataset'}"],
-            # every iteration against the SFT model, on the same held-out prompts
-            "evaluate": [f"adapter={sft}", f"dpo_adapter={folder / DPO.folder / FINAL_ADAPTER}"],
-        }
-        for kind in KINDS:
-            overrides = base[kind.name] + owned[kind.name] + [f"output_dir={folder / kind.folder}"]
-            stage_cfg = resolve_stage(cfg, kind, overrides)
-            stages.append(Stage(kind, k, folder / kind.folder, stage_cfg.source, overrides, to_dict(stage_cfg)))
+    if first.get("generate"):
+        sft = first["generate"].adapter
+        per_iteration = first["generate"].num_prompts
+        if cfg.iterations > 1 and cfg.fresh_prompts_per_iteration and per_iteration is None:
+            problems[f"{cfg.source}: key generate.num_prompts: fresh_prompts_per_iteration needs a number of prompts "
+                     "per iteration (null takes them all, leaving none for iteration 2)"] = None
+            per_iteration = 0
+        for k in range(1, cfg.iterations + 1):
+            folder = run / f"iter-{k}"
+            generator = sft if k == 1 else str(run / f"iter-{k - 1}" / DPO.folder / FINAL_ADAPTER)
+            skip = first["generate"].skip_prompts + (k - 1) * per_iteration if cfg.fresh_prompts_per_iteration else \
+                first["generate"].skip_prompts
+            owned = {
+                "generate": [f"adapter={generator}", f"skip_prompts={skip}"],
+                # iteration k trains on from the adapter that sampled its data; TRL's frozen "ref" is a copy of it
+                "dpo": [f"adapter={generator}", f"dataset={folder / GENERATE.folder / 'dataset'}"],
+                # every iteration against the SFT model, on the same held-out prompts
+                "evaluate": [f"adapter={sft}", f"dpo_adapter={folder / DPO.folder / FINAL_ADAPTER}"],
+            }
+            for kind in KINDS:
+                if base[kind.name] is None:
+                    continue
+                overrides = base[kind.name] + owned[kind.name] + [f"output_dir={folder / kind.folder}"]
+                stage_cfg = checked(resolve_stage, cfg, kind, overrides)
+                if stage_cfg is not None:
+                    stages.append(Stage(kind, k, folder / kind.folder, stage_cfg.source, overrides, to_dict(stage_cfg)))
+    if problems:
+        raise PipelineError("\n".join(problems))
     return stages
 
 

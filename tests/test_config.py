@@ -68,7 +68,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
     assert lines == [
         f"{path}: key bogus: unknown key",
         f"{path}: key seed: expected a value >= 0, got -1",
-        f"{path}: key wandb.mode: expected one of 'offline', 'online', 'disabled', got \"cloud\"",
+        f"{path}: key wandb.mode: expected 'offline', 'online' or 'disabled', got \"cloud\"",
         f"{path}: key generation.temprature: unknown key (did you mean 'temperature'?)",
     ]
 
@@ -128,8 +128,7 @@ def test_dpo_section_takes_every_value_trl_takes(tmp_path):
 @pytest.mark.parametrize("value", [1, 0, "true"])
 def test_a_choice_key_takes_only_its_choices_by_type_too(tmp_path, value):
     path = write(tmp_path, {**MINIMAL, "use_unsloth": value})
-    assert error_of(path) == (f"{path}: key use_unsloth: expected one of 'auto', True, False, "
-                              f"got {json.dumps(value)}")
+    assert error_of(path) == f"{path}: key use_unsloth: expected 'auto' or true or false, got {json.dumps(value)}"
 
 
 def test_a_missing_required_key_does_not_hide_the_other_problems(tmp_path):
@@ -185,8 +184,7 @@ def test_an_unknown_top_level_key_does_not_hide_a_section_problem(tmp_path):
     lines = error_of(path, ["max_retires=2", "generation.temperature=-1"]).splitlines()
     assert lines == [
         f"{path}: key max_retires: unknown key (did you mean 'max_retries'?)",
-        f"{path}: key generation.temperature: `temperature` (=-1.0) has to be a strictly positive float, otherwise "
-        "your next token scores will be invalid.",
+        f"{path}: key generation.temperature: expected a value > 0, got -1",
     ]
 
 
@@ -398,3 +396,134 @@ def test_emotion_labels_must_be_distinct_names(tmp_path, labels):
     path = write(tmp_path, {**MINIMAL, "emotion_labels": labels})
     assert error_of(path) == (f"{path}: key emotion_labels: expected distinct non-empty names (case-insensitively), "
                               f"one per classifier output, got {json.dumps(labels)}")
+
+
+# ---------------------------------------------------------------- issue 22: every problem before anything loads, named
+
+
+def test_the_dpo_section_is_built_as_trl_dpoconfig_and_every_problem_named_at_once(tmp_path):
+    # each was reported only after the dataset loaded, as "key dpo: ...", one at a time; -5 read "must be an integer"
+    path = write(tmp_path, TRAIN_MINIMAL)
+    with pytest.raises(PipelineError) as caught:
+        load_config(TrainConfig, path, ["dpo.optim=sgdx", "dpo.lr_scheduler_type=zigzag", "dpo.eval_strategy=sometimes",
+                                        "dpo.warmup_steps=-5"])
+    lines = {line.split(": ")[1]: line for line in str(caught.value).splitlines()}
+    assert len(lines) == 4 and all(line.startswith(f"{path}: ") for line in lines.values())
+    assert lines["key dpo.warmup_steps"] == f"{path}: key dpo.warmup_steps: expected a value >= 0, got -5"
+    # TRL's own words (transformers' enums list the valid names)
+    assert "sgdx is not a valid OptimizerNames" in lines["key dpo.optim"] and "'adamw_torch'" in lines["key dpo.optim"]
+    assert "zigzag is not a valid SchedulerType" in lines["key dpo.lr_scheduler_type"]
+    assert "sometimes is not a valid IntervalStrategy" in lines["key dpo.eval_strategy"]
+
+
+def test_a_dpo_problem_between_keys_names_them_in_one_line(tmp_path):
+    path = write(tmp_path, TRAIN_MINIMAL)
+    with pytest.raises(PipelineError) as caught:  # TRL refuses this pair only when the trainer's arguments are built
+        load_config(TrainConfig, path, ["dpo.load_best_model_at_end=true", "dpo.eval_strategy=no"])
+    assert str(caught.value).startswith(f"{path}: key dpo.load_best_model_at_end: --load_best_model_at_end requires "
+                                        "the save and eval strategy to match")
+    assert len(str(caught.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("override, message", [
+    ('generation.max_new_tokens="20"', 'key generation.max_new_tokens: expected an integer, got "20"'),
+    ("generation.top_p=2.0", "key generation.top_p: expected a value <= 1, got 2.0"),
+    ("generation.top_p=0", "key generation.top_p: expected a value > 0, got 0"),
+    ("generation.top_k=-1", "key generation.top_k: expected a value >= 0, got -1"),
+    ("generation.min_p=1.5", "key generation.min_p: expected a value <= 1, got 1.5"),
+    ("generation.repetition_penalty=0", "key generation.repetition_penalty: expected a value > 0, got 0"),
+    ("generation.max_new_tokens=0", "key generation.max_new_tokens: expected a value >= 1, got 0"),
+    ('generation.do_sample="False"', 'key generation.do_sample: expected true or false, got "False"'),
+])
+def test_generation_types_then_ranges(tmp_path, override, message):
+    # "20" gave "'<=' not supported between instances of 'str' and 'int'"; top_p 2.0 was accepted
+    path = write(tmp_path, MINIMAL)
+    assert error_of(path, [override]) == f"{path}: {message}"
+
+
+def test_generation_problems_all_at_once_with_the_library_checking_the_rest(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    lines = error_of(path, ['generation.max_new_tokens="20"', "generation.top_p=2.0",
+                            "generation.do_sample=false"]).splitlines()
+    assert lines[:2] == [f'{path}: key generation.max_new_tokens: expected an integer, got "20"',
+                         f"{path}: key generation.top_p: expected a value <= 1, got 2.0"]
+    # then transformers' own check (GenerationConfig.validate) of the keys that passed, a failed one at its default:
+    # the reference's temperature and top_k sample, and sampling is off
+    assert [line.split(": ")[1] for line in lines[2:]] == ["key generation.temperature", "key generation.top_k"]
+    assert all("`do_sample` is not set to `True`" in line for line in lines[2:])
+
+
+def test_a_key_given_twice_in_the_file_is_refused_with_its_dotted_key(tmp_path):
+    path = write(tmp_path, '{"base_model": "b", "adapter": "a", "dataset": "d", "emotion_classifier": "e", '
+                           '"gibberish_detector": "g", "seed": 1, "seed": 2, "generation": {"top_k": 1, "top_k": 2}}')
+    assert error_of(path).splitlines() == [
+        f"{path}: key seed: given more than once (JSON would keep only the last one)",
+        f"{path}: key generation.top_k: given more than once (JSON would keep only the last one)"]
+
+
+@pytest.mark.parametrize("cls", [GenerateConfig, TrainConfig, EvaluateConfig])
+def test_an_empty_output_dir_is_refused(tmp_path, cls):
+    path = write(tmp_path, {**MINIMAL, "dpo_adapter": "x"} if cls is EvaluateConfig else
+                 TRAIN_MINIMAL if cls is TrainConfig else MINIMAL)
+    with pytest.raises(PipelineError) as caught:  # it was taken as "." (the current folder)
+        load_config(cls, path, ["output_dir="])
+    assert str(caught.value) == f'{path}: key output_dir: expected at least 1 character(s), got ""'
+
+
+def test_a_file_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b'{"base_model": "caf\xe9"}')
+    assert error_of(path) == f"{path}: not UTF-8 text (byte 0xe9 at offset 19); save the file as UTF-8"
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"a": ' * 100_000 + "1" + "}" * 100_000])
+def test_a_config_nested_100k_levels_deep_is_one_line(tmp_path, text):
+    assert error_of(write(tmp_path, text)) == f"{tmp_path / 'cfg.json'}: nested too deeply to be a config"
+
+
+def test_a_set_value_nested_100k_levels_deep_is_one_line(tmp_path):
+    assert error_of(write(tmp_path, MINIMAL), ["seed=" + "[" * 100_000 + "]" * 100_000]) == (
+        "--set seed: the value is nested too deeply to be a setting")
+
+
+@pytest.mark.parametrize("script", ["generate_preferences.py", "evaluate.py"])
+def test_the_scripts_say_one_line_for_a_file_that_is_not_utf8_or_too_deep(tmp_path, script):
+    for name, content in [("latin1.json", b'{"base_model": "caf\xe9"}'),
+                          ("deep.json", b"[" * 100_000 + b"]" * 100_000)]:
+        path = tmp_path / name
+        path.write_bytes(content)
+        result = subprocess.run([sys.executable, str(ROOT / script), "--config", str(path)],
+                                capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines() == [f"error: {path}: " + (
+            "not UTF-8 text (byte 0xe9 at offset 19); save the file as UTF-8" if name == "latin1.json"
+            else "nested too deeply to be a config")]
+
+
+# ---------------------------------------------------------------- issue 20: one home for the resume-safe keys
+
+
+def test_the_pipeline_lets_a_finished_stage_differ_in_the_keys_its_script_resumes_with(tmp_path):
+    """run_pipeline and each script read one list: a key a script takes on resume because it changes nothing the
+    run makes is one the pipeline takes on a finished stage. The pipeline's DPO list lacked dpo.eval_strategy."""
+    from emotion_dpo import pipeline
+
+    minimal = {pipeline.GENERATE: MINIMAL, pipeline.DPO: TRAIN_MINIMAL,
+               pipeline.EVALUATE: {**MINIMAL, "dpo_adapter": "x"}}
+    changed_values = {"output_dir": "elsewhere", "wandb": {"mode": "disabled"}, "batch_prompts": 3,
+                      "classifier_batch_size": 3, "push_to_hub": "me/data", "resume_from_checkpoint": True,
+                      "dpo.logging_steps": 3, "dpo.save_steps": 7, "dpo.save_total_limit": 1,
+                      "dpo.per_device_eval_batch_size": 1, "dpo.eval_strategy": "no"}
+    for kind, data in minimal.items():
+        cls = getattr(pipeline.config_module, kind.config_class)
+        path = write(tmp_path, data, f"{kind.name}.json")
+        saved = load_config(cls, path).model_dump()
+        for key in cls.unchanged_results:
+            new = load_config(cls, path, [f"{key}={json.dumps(changed_values[key])}"])
+            stage = pipeline.Stage(kind, 1, tmp_path / kind.folder, str(path), [], new.model_dump())
+            pipeline.refuse_changed(stage, saved, "finished")  # no error: the key changes nothing it made
+    # the one key a script resumes with that a finished stage may not take: more prompts add to generate's journal,
+    # while a finished stage's dataset holds the number it was run with
+    assert GenerateConfig.resumable_changes - GenerateConfig.unchanged_results == {"num_prompts"}
+    assert TrainConfig.resumable_changes == TrainConfig.unchanged_results
+    assert "dpo.eval_strategy" in pipeline.DPO.unchanged_when_finished

@@ -285,8 +285,8 @@ def test_a_classifier_without_the_expected_labels_is_refused(demo_world, tmp_pat
 
 @pytest.mark.parametrize("override, message", [
     # GenerationConfig.validate() passes these; generate's logits processors refuse them after the models load
-    ("generation.temperature=-1.0", r"key generation.temperature: `temperature` \(=-1.0\) has to be a strictly posi"),
-    ("generation.repetition_penalty=0", "key generation.repetition_penalty: `penalty` has to be a strictly positive"),
+    ("generation.temperature=-1.0", "key generation.temperature: expected a value > 0, got -1.0"),
+    ("generation.repetition_penalty=0", "key generation.repetition_penalty: expected a value > 0, got 0"),
     ('generation.top_k="five"', 'key generation.top_k: expected an integer, got "five"'),
     ('generation.top_p="x"', 'key generation.top_p: expected a number, got "x"'),
     # data_process_dpo.py (hermeschen1116/emotion-chat-bot 1228505) passes "do_sample": "False", a truthy string
@@ -302,6 +302,7 @@ def test_whole_numbers_for_float_sampling_settings_are_taken_as_floats():
 
     config = checked_generation_config({"do_sample": True, "temperature": 2, "top_p": 1, "max_new_tokens": 4}, "x")
     assert (config.temperature, config.top_p) == (2.0, 1.0)  # generate's TemperatureLogitsWarper refuses int 2
+    assert type(config.temperature) is float and type(config.top_p) is float
 
 
 def test_a_foreign_non_empty_output_folder_is_refused(demo_world, tmp_path):

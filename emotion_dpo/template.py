@@ -130,6 +130,25 @@ def context_ids(tokenizer, prompt: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def finished_turn(tokenizer, prompt: str, reply: str) -> str:
+    """A rendered generation prompt followed by `reply` as the template renders a finished assistant turn (with
+    add_generation_prompt=False: on the reference's template the stripped reply, ' ' + eos + newline), as the SFT
+    model saw every reply end. The template renders the last assistant turn the same after any history, so the
+    turn's ending is taken from a one-pair conversation: its rendering with the reply, after its rendering as a
+    generation prompt."""
+    def pair(dialog):
+        return [{"role": "user", "content": {"emotion": "neutral", "dialog": "hello ."}},
+                {"role": "assistant", "content": {"emotion": "neutral", "dialog": dialog}}]
+
+    opened = render_chat(tokenizer, pair(""), add_generation_prompt=True)
+    finished = render_chat(tokenizer, pair(reply), add_generation_prompt=False)
+    if not finished.startswith(opened):
+        where = getattr(tokenizer, "chat_template_file", "") or "the chat template"
+        raise PipelineError(f"{where}: a finished assistant turn does not start as its generation prompt renders "
+                            f"({finished[-80:]!r} vs {opened[-80:]!r}); a text reply cannot be placed after a prompt")
+    return prompt + finished[len(opened):]
+
+
 def check_context_ids(tokenizer, prompt: str, where: str) -> None:
     """On one prompt: its context ids are a prefix of prompt + reply, and the reply starts with a word, not with
     a lone space token. Otherwise the tokenizer splits at the boundary in a way this pipeline cannot follow."""

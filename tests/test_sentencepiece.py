@@ -205,3 +205,21 @@ def test_the_base_is_resized_without_mean_initialisation(demo_world, monkeypatch
     source = SimpleNamespace(base_model=str(demo_world / "base"), load_in_4bit=False)
     models.load_base(source, tokenizer, False)
     assert calls and all(k.get("mean_resizing") is False for k in calls)
+
+
+def test_the_runs_own_prompts_are_checked_and_a_differing_tokenizer_is_refused_there(demo_world, tmp_path):
+    """check_run_texts compares the run's first prompts and a rendered reply turn with SentencePiece; it rebuilds
+    nothing (load_tokenizer decided that), it refuses."""
+    from transformers import AutoTokenizer
+
+    from emotion_dpo.prompts import build_prompts, check_run_texts
+    from emotion_dpo.template import install_chat_format
+
+    folder = sentencepiece_folder(demo_world, tmp_path / "adapter", "slow, legacy: true")
+    tokenizer = AutoTokenizer.from_pretrained(folder)  # as transformers loads it, not through load_tokenizer
+    install_chat_format(tokenizer, load_chat_format(CHAT))
+    dialogues = {"prompt": [[{"role": m["role"], "content": m["content"]} for m in messages[1:]]
+                            + [turn("assistant", emotion, reply)] for messages, emotion, reply in DIALOGUES]}
+    prompts = build_prompts(dialogues, tokenizer, "be kind .", 0)
+    with pytest.raises(PipelineError, match=r"`legacy: true` in .*tokenizer_config.json.*this tokenizer \| SentencePiece"):
+        check_run_texts(tokenizer, prompts, str(demo_world / "base"), str(folder))

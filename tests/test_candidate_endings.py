@@ -80,3 +80,15 @@ def test_each_candidate_records_whether_generation_stopped_on_eos(demo_world, ma
     scored = Scorer(cfg, tokenizer).score(replies, [p.target_emotion for p in prompts for _ in range(4)])
     stored = [json.loads(json.dumps(s.to_dict())) for s in scored]
     assert [s["ended_on_eos"] for s in stored] == [r.ended_on_eos for r in replies]
+
+
+def test_dpo_trains_on_a_reply_as_sampled_the_eos_only_where_generation_stopped_on_it():
+    from emotion_dpo.dataset import preference_row
+
+    line = {**record(0, [{**reply(20, True), "token_ids": [7, 8]}, {**reply(5, False), "token_ids": [9, 10, 11]}]),
+            "prompt_ids": [1, 4], "eos_token_id": 2}
+    row = preference_row(line)
+    assert (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) == ([1, 4], [7, 8, 2], [9, 10, 11])
+    older = {**record(0, [{**reply(20), "token_ids": [7, 8]}, {**reply(5), "token_ids": [9]}]),
+             "prompt_ids": [1, 4], "eos_token_id": 2}
+    assert (preference_row(older)["chosen_ids"], preference_row(older)["rejected_ids"]) == ([7, 8, 2], [9, 2])

@@ -125,6 +125,9 @@ class Reply(tuple):
         reply.ended_on_eos = ended_on_eos
         return reply
 
+    def __getnewargs__(self):  # copy and pickle build it again from all three
+        return (*self, self.ended_on_eos)
+
 
 def until_eos(ids: list[int], eos_token_id: int) -> list[int]:
     """The generated ids before the first EOS (after it `generate` pads)."""

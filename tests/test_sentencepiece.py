@@ -69,23 +69,26 @@ def sentencepiece_folder(demo_world, folder: Path, layout: str) -> Path:
     shutil.copytree(demo_world / "sft_adapter", folder)  # tokenizer.json (legacy=False) + tokenizer.model, tokens added
     config_file = folder / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
-    if layout == "hub llama-2 tokenizer.json":  # normalizer Prepend ▁ + Replace, no pre-tokenizer
+    if layout.startswith("hub llama-2 tokenizer.json"):  # normalizer Prepend ▁ + Replace, no pre-tokenizer
         tokenizer = AutoTokenizer.from_pretrained(folder)
         tokenizer.backend_tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
                                                                       normalizers.Replace(" ", "▁")])
         tokenizer.backend_tokenizer.pre_tokenizer = None
         (folder / "tokenizer.json").write_text(tokenizer.backend_tokenizer.to_str())
         config.pop("legacy", None)
+        if layout.endswith("as it is"):  # a generic class: transformers keeps the file's normalizer
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    else:
+        config["legacy"] = layout.endswith("legacy: true")
     if layout.startswith("slow"):
         (folder / "tokenizer.json").unlink()
-    config["legacy"] = layout.endswith("legacy: true")
     config_file.write_text(json.dumps(config))
     assert (folder / "tokenizer.model").read_bytes() == model_file.read_bytes()
     return folder
 
 
 LAYOUTS = ["fast, legacy: false", "slow, legacy: false", "slow, legacy: true", "fast, legacy: true",
-           "hub llama-2 tokenizer.json"]
+           "hub llama-2 tokenizer.json", "hub llama-2 tokenizer.json, as it is"]
 
 
 def test_the_demo_world_ships_a_sentencepiece_bpe_model_and_the_references_special_tokens(demo_world):
@@ -135,7 +138,7 @@ def test_every_layout_conditions_as_sentencepiece_tokenizes_the_training_convers
         assert text_row_ids(tokenizer, prompt, reply, "test")["completion"] == truth[len(context):end]
         prompts.append(Prompt(len(prompts), 0, emotion, messages + [turn("assistant", emotion, "")], prompt, context))
     check_run_texts(tokenizer, prompts, str(demo_world / "base"), str(folder))  # the run's own check passes
-    if layout in ("slow, legacy: false", "slow, legacy: true", "fast, legacy: true"):
+    if layout in ("slow, legacy: false", "slow, legacy: true", "fast, legacy: true", "hub llama-2 tokenizer.json, as it is"):
         assert raw_differs  # transformers alone would have conditioned out of format on these
 
 

@@ -158,10 +158,10 @@ def check_pair_texts(tokenizer, dataset, base_model: str, rows: int = 8) -> None
     """The first pairs' prompts (as conditioned on) and chosen turns (as a finished turn) tokenize as the tokenizer's
     SentencePiece model does; refused otherwise, before any model loads."""
     from .sentencepiece_check import conform_to_sentencepiece
-    from .template import finished_turn
+    from .template import context_text, finished_turn
 
     first = dataset.select(range(min(rows, len(dataset))))
-    texts = [p[:-1] if p.endswith(" ") else p for p in first["prompt"]]
+    texts = [context_text(p) for p in first["prompt"]]
     texts += [finished_turn(tokenizer, p, c) for p, c in zip(first["prompt"], first["chosen"])]
     conform_to_sentencepiece(tokenizer, getattr(tokenizer, "loaded_from", base_model), folders=[base_model],
                              texts=texts, rebuild=False)

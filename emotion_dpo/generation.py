@@ -190,10 +190,10 @@ class Scorer:
         emotions = self.classify(self.emotion, texts)
         gibberish = self.classify(self.gibberish, texts)
         return [
-            score_reply(text, e["label"], float(e["score"]), g["label"], float(g["score"]),
-                        reply_length(text, self.rewards.length_unit, self.count_tokens), target, self.rewards,
-                        reply[1], getattr(reply, "ended_on_eos", None))
-            for (text, _), reply, e, g, target in zip(replies, replies, emotions, gibberish, targets)
+            score_reply(reply[0], e["label"], float(e["score"]), g["label"], float(g["score"]),
+                        reply_length(reply[0], self.rewards.length_unit, self.count_tokens), target, self.rewards,
+                        reply[1], getattr(reply, "ended_on_eos", None))  # a plain pair: not recorded
+            for reply, e, g, target in zip(replies, emotions, gibberish, targets)
         ]
 
 

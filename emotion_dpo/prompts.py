@@ -7,7 +7,7 @@ import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .template import check_context_ids, context_ids, render_chat
+from .template import check_context_ids, context_ids, context_text, render_chat
 from .errors import PipelineError
 
 
@@ -170,7 +170,7 @@ def check_run_texts(tokenizer, prompts, base_model: str, adapter: str) -> None:
 
     replied = [*prompts[0].messages[:-1], {**prompts[0].messages[-1], "content": {
         **prompts[0].messages[-1]["content"], "dialog": "okay ,  sure !"}}]
-    texts = [p.text[:-1] if p.text.endswith(" ") else p.text for p in prompts[:FIDELITY_PROMPTS]]
+    texts = [context_text(p.text) for p in prompts[:FIDELITY_PROMPTS]]
     texts.append(render_chat(tokenizer, replied, add_generation_prompt=False))
     conform_to_sentencepiece(tokenizer, getattr(tokenizer, "loaded_from", adapter), folders=[base_model], texts=texts,
                              rebuild=False)

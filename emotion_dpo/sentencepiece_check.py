@@ -120,7 +120,7 @@ def rebuild_backend(tokenizer, reference: SentencePieceReference) -> bool:
 def probe_texts(tokenizer) -> list[str]:
     """The training format, rendered by the tokenizer's template from dialogues that hold PROBE_DIALOGS: a generation
     prompt without its final space (what the model is conditioned on) and a whole conversation."""
-    from .template import render_chat
+    from .template import context_text, render_chat
 
     def turn(role, emotion, dialog):
         return {"role": role, "content": {"emotion": emotion, "dialog": dialog}}
@@ -131,7 +131,7 @@ def probe_texts(tokenizer) -> list[str]:
                turn("user", "surprise", PROBE_DIALOGS[4])]
     prompt = render_chat(tokenizer, history + [turn("assistant", "anger", "")])
     whole = render_chat(tokenizer, history + [turn("assistant", "anger", "! wow  ok\nfine 😀")], add_generation_prompt=False)
-    return [prompt[:-1] if prompt.endswith(" ") else prompt, whole]
+    return [context_text(prompt), whole]
 
 
 def first_difference(tokenizer, got: list[int], want: list[int], reference) -> str:

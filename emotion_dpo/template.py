@@ -126,8 +126,12 @@ def context_ids(tokenizer, prompt: str) -> list[int]:
     word are one token (`[/EMOTION] ` + `hi` is `[/EMOTION]`, `▁hi` on Llama-2); the prompt alone would end in a
     lone `▁` it never saw before a reply. Without that space the ids are the training sequence's prefix up to
     the reply's first token. The text already holds its BOS (`<s>`), so the tokenizer adds none."""
-    text = prompt[:-1] if prompt.endswith(" ") else prompt
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(context_text(prompt), add_special_tokens=False)["input_ids"]
+
+
+def context_text(prompt: str) -> str:
+    """The rendered prompt without its final space: the text of context_ids."""
+    return prompt[:-1] if prompt.endswith(" ") else prompt
 
 
 def finished_turn(tokenizer, prompt: str, reply: str) -> str:

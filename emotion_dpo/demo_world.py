@@ -4,8 +4,9 @@
 
 It holds what the real pipeline loads from the Hub, saved with the real `save_pretrained` / `save_to_disk`, in the
 reference's formats, so that it fails where the real world would:
-dialogues/ (DatasetDict, reference format), base/ (a tiny Llama whose tokenizer is a LlamaTokenizer as Llama-2's:
-byte-fallback BPE, SentencePiece-style `▁` spaces, a BOS added by default; no template tokens), sft_adapter/ (LoRA
+dialogues/ (DatasetDict, reference format), base/ (a tiny Llama whose tokenizer is laid out as Llama-2's: a
+SentencePiece BPE tokenizer.model with byte fallback, trained here, next to the tokenizer.json that tokenizes as it
+does; `▁` spaces, a BOS added by default; no template tokens), sft_adapter/ (LoRA
 with modules_to_save, trained on args/chat_template.json's whole-conversation rendering after adding the template's
 special tokens as the reference does, + that tokenizer), emotion_classifier/ (saved with generic labels LABEL_0...
 LABEL_6, as a Hub classifier may be: the pipeline applies the reference's order by position) and

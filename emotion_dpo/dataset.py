@@ -72,8 +72,8 @@ def preference_row(record: dict) -> dict:
         "rejected": rejected["text"],
         "chosen_score": chosen["total"],
         "rejected_score": rejected["total"],
-        **({"prompt_ids": record["prompt_ids"], "chosen_ids": chosen["token_ids"] + [record["eos_token_id"]],
-            "rejected_ids": rejected["token_ids"] + [record["eos_token_id"]]} if has_ids(record, chosen, rejected) else {}),
+        **({"prompt_ids": record["prompt_ids"], "chosen_ids": sampled_ids(chosen, record["eos_token_id"]),
+            "rejected_ids": sampled_ids(rejected, record["eos_token_id"])} if has_ids(record, chosen, rejected) else {}),
         "target_emotion": record["target_emotion"],
         "rounds": len(record["rounds"]),
         "index": record["index"],
@@ -82,6 +82,13 @@ def preference_row(record: dict) -> dict:
         row[f"chosen_{part}"] = chosen[part]
         row[f"rejected_{part}"] = rejected[part]
     return row
+
+
+def sampled_ids(reply: dict, eos_token_id: int) -> list[int]:
+    """What DPO trains on: the ids as sampled, the EOS included when generation stopped on it. A reply cut off at
+    max_new_tokens gets none (the model never chose to end there); a journal from before `ended_on_eos` was
+    recorded gets one, as then."""
+    return reply["token_ids"] + ([] if reply.get("ended_on_eos") is False else [eos_token_id])
 
 
 def has_ids(record: dict, *replies: dict) -> bool:

@@ -4,8 +4,9 @@
 
 It holds what the real pipeline loads from the Hub, saved with the real `save_pretrained` / `save_to_disk`, in the
 reference's formats, so that it fails where the real world would:
-dialogues/ (DatasetDict, reference format), base/ (a tiny Llama whose tokenizer is a LlamaTokenizer as Llama-2's:
-byte-fallback BPE, SentencePiece-style `▁` spaces, a BOS added by default; no template tokens), sft_adapter/ (LoRA
+dialogues/ (DatasetDict, reference format), base/ (a tiny Llama whose tokenizer is laid out as Llama-2's: a
+SentencePiece BPE tokenizer.model with byte fallback, trained here, next to the tokenizer.json that tokenizes as it
+does; `▁` spaces, a BOS added by default; no template tokens), sft_adapter/ (LoRA
 with modules_to_save, trained on args/chat_template.json's whole-conversation rendering after adding the template's
 special tokens as the reference does, + that tokenizer), emotion_classifier/ (saved with generic labels LABEL_0...
 LABEL_6, as a Hub classifier may be: the pipeline applies the reference's order by position) and
@@ -199,29 +200,59 @@ def bpe_corpus() -> list[str]:
     return lines
 
 
-def make_base_tokenizer():
-    """A Llama-2-like tokenizer: transformers' LlamaTokenizer (byte-fallback BPE, Metaspace `▁` spaces, BOS added
-    by default) over a BPE trained here (BpeTrainer: deterministic) on the demo's language, its vocabulary laid out
-    as Llama-2's: <unk>, <s>, </s>, the 256 byte tokens, then the pieces. Merges never cross a `▁`, as there."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaTokenizer
+# Llama-2's tokenizer.model: BPE, byte fallback, digits split, whitespace-only pieces allowed, no normalization, no
+# removal of extra spaces, a dummy `▁` prefix; <unk>, <s>, </s> at 0, 1, 2, no pad (pad_id -1).
+SENTENCEPIECE_SETTINGS = {"model_type": "bpe", "vocab_size": 1000, "hard_vocab_limit": False, "byte_fallback": True,
+                          "split_digits": True, "allow_whitespace_only_pieces": True, "remove_extra_whitespaces": False,
+                          "normalization_rule_name": "identity", "add_dummy_prefix": True, "character_coverage": 1.0,
+                          "unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": -1, "num_threads": 1, "minloglevel": 2}
+# Runs of spaces as single pieces at the lowest score, right after the byte pieces, as Llama-2's model holds them
+# (`▁▁` is its id 259): a tokenizer rebuilt with merges in id order joins `▁▁` before `▁word`, SentencePiece never.
+WHITESPACE_PIECES = ("▁▁", "▁▁▁▁")
 
-    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-    core = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-    core.train_from_iterator(bpe_corpus(), trainers.BpeTrainer(vocab_size=2000, special_tokens=specials,
-                                                               show_progress=False))
-    model = json.loads(core.to_str())["model"]
-    vocab = {token: i for i, token in enumerate(sorted(model["vocab"], key=model["vocab"].get))}
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    return LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, legacy=False)
+
+def train_sentencepiece(lines: list[str]) -> bytes:
+    """A real SentencePiece BPE model (the `sentencepiece` trainer), serialized as tokenizer.model is."""
+    import io
+
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2
+
+    written = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=written, **SENTENCEPIECE_SETTINGS)
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(written.getvalue())
+    pieces = [p for p in proto.pieces if p.piece not in WHITESPACE_PIECES]
+    first_normal = next(i for i, p in enumerate(pieces) if p.type == sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL)
+    runs = [sentencepiece_model_pb2.ModelProto.SentencePiece(piece=w, score=-1e9) for w in WHITESPACE_PIECES]
+    del proto.pieces[:]
+    proto.pieces.extend(pieces[:first_normal] + runs + pieces[first_normal:])
+    return proto.SerializeToString()
+
+
+def make_base_tokenizer(folder: Path):
+    """A Llama-2 tokenizer as Meta ships it: a SentencePiece BPE model with byte fallback (tokenizer.model, trained
+    here on the demo's language; <unk>, <s>, </s>, the 256 byte pieces, then the pieces) and next to it the
+    tokenizer.json that tokenizes as it does (legacy=False, BOS added by default). Written into `folder`."""
+    from .sentencepiece_check import MODEL_FILE, llama_tokenizer_from_sentencepiece
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MODEL_FILE).write_bytes(train_sentencepiece(bpe_corpus()))
+    return llama_tokenizer_from_sentencepiece(folder / MODEL_FILE, add_bos_token=True)
+
+
+def save_tokenizer(tokenizer, folder: Path, model_file: Path) -> None:
+    """tokenizer.json and its config, with the SentencePiece model next to them, as a Llama-2 folder holds them."""
+    tokenizer.save_pretrained(folder)
+    if model_file.resolve() != (folder / model_file.name).resolve():
+        shutil.copyfile(model_file, folder / model_file.name)
 
 
 def make_base(root: Path, dialogues, recipe: dict, seed: int):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = make_base_tokenizer()
+    tokenizer = make_base_tokenizer(root / "base")
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
@@ -233,7 +264,7 @@ def make_base(root: Path, dialogues, recipe: dict, seed: int):
                for d in dialogues["train"]["prompt"]]
     _train(model, lm_batches(tokenizer, encoded, None, 32, seed), recipe["base_steps"], 3e-3, seed)
     model.save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
+    save_tokenizer(tokenizer, root / "base", root / "base" / "tokenizer.model")
     return model, tokenizer
 
 
@@ -277,7 +308,7 @@ def make_sft_adapter(root: Path, base, tokenizer, dialogues, recipe: dict, seed:
     encoded, context_lengths = sft_examples(random.Random(seed + 1), dialogues["train"], tokenizer, recipe, vocab)
     _train(model, lm_batches(tokenizer, encoded, context_lengths, 32, seed + 1), recipe["sft_steps"], 3e-3, seed + 1)
     model.save_pretrained(root / "sft_adapter")
-    tokenizer.save_pretrained(root / "sft_adapter")
+    save_tokenizer(tokenizer, root / "sft_adapter", root / "base" / "tokenizer.model")
     return model
 
 

@@ -18,7 +18,8 @@ def read_preferences(source: str, split: str):
     path = Path(source)
     if path.suffix in (".jsonl", ".json") and path.is_file() and not has_a_line(path):
         raise PipelineError(f"0 pairs in {source}: the file is empty")
-    return load_rows(source, split, "preference data")
+    # in memory: TRL's and this module's map/filter would leave cache-*.arrow files in a published dataset/ folder
+    return load_rows(source, split, "preference data", keep_in_memory=True)
 
 
 def check_preferences(dataset, source: str, template_markers=(), allow_unmarked: bool = False) -> list[str]:
@@ -135,16 +136,35 @@ def report_overlong(splits: dict, tokenizer, dpo_args, source: str, say=print) -
 
 
 def text_row_ids(tokenizer, prompt: str, reply: str, where: str) -> dict:
-    """A text pair's ids as generation would have them: the prompt's context ids (template.context_ids) and the
-    reply's ids after them in prompt + reply, then EOS."""
-    from .template import context_ids
+    """A text pair's ids as SFT saw a reply end: the prompt's context ids (template.context_ids), then the ids after
+    them in the prompt followed by the reply as the template renders a finished turn (template.finished_turn), up
+    to and including the turn's EOS (the newline after it is the next turn's)."""
+    from .template import context_ids, finished_turn
 
     context = context_ids(tokenizer, prompt)
-    whole = tokenizer(prompt + reply, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(finished_turn(tokenizer, prompt, reply), add_special_tokens=False)["input_ids"]
     if whole[:len(context)] != context:
         raise PipelineError(f"{where}: the prompt's tokens are not a prefix of prompt + reply under this tokenizer "
                             "(the reply does not start where a generated reply would)")
-    return {"context": context, "completion": whole[len(context):] + [tokenizer.eos_token_id]}
+    completion = whole[len(context):]
+    if tokenizer.eos_token_id not in completion:
+        raise PipelineError(f"{where}: the template's finished turn holds no EOS token ({tokenizer.eos_token!r}); "
+                            "DPO would train a reply that never ends")
+    end = len(completion) - completion[::-1].index(tokenizer.eos_token_id)  # just after the turn's own (last) EOS
+    return {"context": context, "completion": completion[:end]}
+
+
+def check_pair_texts(tokenizer, dataset, base_model: str, rows: int = 8) -> None:
+    """The first pairs' prompts (as conditioned on) and chosen turns (as a finished turn) tokenize as the tokenizer's
+    SentencePiece model does; refused otherwise, before any model loads."""
+    from .sentencepiece_check import conform_to_sentencepiece
+    from .template import context_text, finished_turn
+
+    first = dataset.select(range(min(rows, len(dataset))))
+    texts = [context_text(p) for p in first["prompt"]]
+    texts += [finished_turn(tokenizer, p, c) for p, c in zip(first["prompt"], first["chosen"])]
+    conform_to_sentencepiece(tokenizer, getattr(tokenizer, "loaded_from", base_model), folders=[base_model],
+                             texts=texts, rebuild=False)
 
 
 def tokenize_text_pair(example: dict, row: int, tokenizer, name: str) -> dict:

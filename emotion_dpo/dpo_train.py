@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 from .config import TrainConfig, differing_keys_except, save_config, to_dict, without_comments
-from .dpo_data import fully_truncated, load_preferences, report_overlong, token_id_rows
+from .dpo_data import check_pair_texts, fully_truncated, load_preferences, report_overlong, token_id_rows
 from .dpo_guard import REFERENCE_ADAPTER, START_ADAPTER, guard_reference
 from .errors import PipelineError
 from .files import run_folder_exists, write_text_atomic
@@ -325,7 +325,9 @@ def train(cfg, resume: bool = False) -> dict:
     with state.main_process_first():  # one process writes the datasets cache, the others read it
         train_set, eval_set = load_preferences(cfg, chat.special_tokens)
     dpo_args = build_dpo_config(cfg, has_eval=eval_set is not None)
-    report_overlong({"training": train_set, "held-out": eval_set}, load_tokenizer(cfg.base_model, cfg.adapter, chat),
+    tokenizer = load_tokenizer(cfg.base_model, cfg.adapter, chat)
+    check_pair_texts(tokenizer, train_set, cfg.base_model)
+    report_overlong({"training": train_set, "held-out": eval_set}, tokenizer,
                     dpo_args, cfg.dataset, say=print if state.is_main_process else lambda _: None)
     state.wait_for_everyone()  # every process has looked at output_dir before the main one writes into it
     folder = Path(cfg.output_dir)

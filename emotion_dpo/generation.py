@@ -118,10 +118,24 @@ def generate_candidates(model, tokenizer, contexts: Sequence[Sequence[int]], n_c
         else:
             settings.update(num_return_sequences=n_candidates)
             output = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
-    generated = [until_eos(row, tokenizer.eos_token_id) for row in output[:, ids.shape[1]:].tolist()]
-    replies = [(text.strip(), row) for text, row in
-               zip(tokenizer.batch_decode(generated, skip_special_tokens=True), generated)]
+    rows = output[:, ids.shape[1]:].tolist()
+    generated = [until_eos(row, tokenizer.eos_token_id) for row in rows]
+    replies = [Reply(text.strip(), kept, tokenizer.eos_token_id in row) for text, kept, row in
+               zip(tokenizer.batch_decode(generated, skip_special_tokens=True), generated, rows)]
     return [replies[i:i + n_candidates] for i in range(0, len(replies), n_candidates)]
+
+
+class Reply(tuple):
+    """A generated reply as (text, token ids), unpacked as a pair; `ended_on_eos` says whether generation stopped on
+    EOS (False: cut off at max_new_tokens)."""
+
+    def __new__(cls, text: str, token_ids: list, ended_on_eos: bool):
+        reply = super().__new__(cls, (text, token_ids))
+        reply.ended_on_eos = ended_on_eos
+        return reply
+
+    def __getnewargs__(self):  # copy and pickle build it again from all three
+        return (*self, self.ended_on_eos)
 
 
 def until_eos(ids: list[int], eos_token_id: int) -> list[int]:
@@ -185,10 +199,10 @@ class Scorer:
         emotions = self.classify(self.emotion, texts)
         gibberish = self.classify(self.gibberish, texts)
         return [
-            score_reply(text, e["label"], float(e["score"]), g["label"], float(g["score"]),
-                        reply_length(text, self.rewards.length_unit, self.count_tokens), target, self.rewards,
-                        token_ids)
-            for (text, token_ids), e, g, target in zip(replies, emotions, gibberish, targets)
+            score_reply(reply[0], e["label"], float(e["score"]), g["label"], float(g["score"]),
+                        reply_length(reply[0], self.rewards.length_unit, self.count_tokens), target, self.rewards,
+                        reply[1], getattr(reply, "ended_on_eos", None))  # a plain pair: not recorded
+            for reply, e, g, target in zip(replies, emotions, gibberish, targets)
         ]
 
 

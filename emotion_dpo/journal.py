@@ -21,7 +21,8 @@ from .selection import ScoredReply
 JOURNAL_GLOB = "journal.rank*.jsonl"
 STATUSES = ("accepted", "failed")
 # token_ids (the generated ids) may be missing: journals of older versions have no ids; their pairs train as text
-REPLY_KEYS = {f.name: f.type for f in dataclasses.fields(ScoredReply) if f.name != "token_ids"}
+OPTIONAL_REPLY_KEYS = ("token_ids", "ended_on_eos")  # absent from older journals
+REPLY_KEYS = {f.name: f.type for f in dataclasses.fields(ScoredReply) if f.name not in OPTIONAL_REPLY_KEYS}
 
 
 def journal_path(folder: str | Path, rank: int) -> Path:
@@ -91,10 +92,12 @@ def record_problem(record) -> str | None:
         return "key 'rounds': expected a non-empty list of non-empty rounds"
     for round_at, round_ in enumerate(rounds):
         for reply_at, reply in enumerate(round_):
-            if not isinstance(reply, dict) or set(reply) - {"token_ids"} != set(REPLY_KEYS) or not all(
-                    _is(reply[k], kind) for k, kind in REPLY_KEYS.items()) or not _are_ids(reply.get("token_ids")):
+            if not isinstance(reply, dict) or set(reply) - set(OPTIONAL_REPLY_KEYS) != set(REPLY_KEYS) or not all(
+                    _is(reply[k], kind) for k, kind in REPLY_KEYS.items()) or not _are_ids(reply.get("token_ids")) \
+                    or reply.get("ended_on_eos") not in (None, True, False):
                 return (f"rounds[{round_at}][{reply_at}]: expected a scored reply with keys "
-                        f"{', '.join(REPLY_KEYS)} of their types (and token_ids, a list of ids)")
+                        f"{', '.join(REPLY_KEYS)} of their types (and token_ids, a list of ids; ended_on_eos, "
+                        "true or false)")
     if not _are_ids(record.get("prompt_ids")):
         return "key 'prompt_ids': expected a list of token ids"
     if record["status"] == "accepted":

@@ -47,8 +47,11 @@ def compute_dtype():
 
 
 def load_tokenizer(base_model: str, adapter: str, chat: ChatFormat):
-    """The SFT adapter's own tokenizer when it ships one (it already has the template tokens), else the base's."""
+    """The SFT adapter's own tokenizer when it ships one (it already has the template tokens), else the base's;
+    with a SentencePiece model (tokenizer.model), made to tokenize as it does or refused (sentencepiece_check)."""
     from transformers import AutoTokenizer
+
+    from .sentencepiece_check import conform_to_sentencepiece
 
     try:
         tokenizer, where = AutoTokenizer.from_pretrained(adapter), adapter
@@ -56,6 +59,8 @@ def load_tokenizer(base_model: str, adapter: str, chat: ChatFormat):
         tokenizer, where = AutoTokenizer.from_pretrained(base_model), base_model
     warn_if_shipped_template_differs(tokenizer, where, chat)
     install_chat_format(tokenizer, chat)
+    tokenizer.loaded_from = where  # named in the run's own fidelity check (prompts.check_run_texts)
+    conform_to_sentencepiece(tokenizer, where, folders=[base_model] if where == adapter else [])
     return tokenizer
 
 
@@ -92,8 +97,10 @@ def load_base(source, tokenizer, unsloth: bool):
             device_map={"": device_name()} if torch.cuda.is_available() else None,
         )
     if model.get_input_embeddings().num_embeddings != len(tokenizer):
-        # The SFT adapter was trained after adding the template tokens; its saved embeddings have this size.
-        model.resize_token_embeddings(len(tokenizer))
+        # The SFT adapter was trained after adding the template tokens; its saved embeddings have this size. Its
+        # saved embedding and LM-head copies replace the new rows, so no mean initialisation (on Llama-2-7B that
+        # computes a 4096 x 4096 covariance and prints two lines at every load).
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 

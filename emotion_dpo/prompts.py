@@ -7,7 +7,7 @@ import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .template import check_context_ids, context_ids, render_chat
+from .template import check_context_ids, context_ids, context_text, render_chat
 from .errors import PipelineError
 
 
@@ -21,14 +21,15 @@ class Prompt:
     ids: list  # what the model is conditioned on: template.context_ids(text), one BOS
 
 
-def load_rows(source: str, split: str, what: str):
-    """A `datasets.Dataset` from a local save_to_disk folder (split "a+b" joins splits), a JSONL file, or a Hub id."""
+def load_rows(source: str, split: str, what: str, keep_in_memory: bool = False):
+    """A `datasets.Dataset` from a local save_to_disk folder (split "a+b" joins splits), a JSONL file, or a Hub id.
+    `keep_in_memory`: a folder is read into memory, so that map/filter write no cache-*.arrow files into it."""
     import datasets
 
     path = Path(source)
     try:
         if path.is_dir():
-            loaded = datasets.load_from_disk(str(path))
+            loaded = datasets.load_from_disk(str(path), keep_in_memory=keep_in_memory)
             if isinstance(loaded, datasets.DatasetDict):
                 names = [s.strip() for s in split.split("+")]
                 missing = [n for n in names if n not in loaded]
@@ -154,4 +155,22 @@ def load_prompts(cfg):
             f"{2 + 2 * cfg.num_turns_history} turns that num_turns_history={cfg.num_turns_history} needs"
         )
     check_context_ids(tokenizer, prompts[0].text, f"{cfg.source}: keys chat_template ({cfg.chat_template}), adapter")
+    check_run_texts(tokenizer, prompts, cfg.base_model, cfg.adapter)
     return tokenizer, prompts
+
+
+FIDELITY_PROMPTS = 8  # the run's first prompts checked against SentencePiece
+
+
+def check_run_texts(tokenizer, prompts, base_model: str, adapter: str) -> None:
+    """The run's first prompts (their context ids) and the first one's conversation with a reply, rendered as a
+    finished turn, tokenize as the tokenizer's SentencePiece model does (load_tokenizer made sure of it on its probe;
+    this is the run's own text). Refused otherwise, before any model loads."""
+    from .sentencepiece_check import conform_to_sentencepiece
+
+    replied = [*prompts[0].messages[:-1], {**prompts[0].messages[-1], "content": {
+        **prompts[0].messages[-1]["content"], "dialog": "okay ,  sure !"}}]
+    texts = [context_text(p.text) for p in prompts[:FIDELITY_PROMPTS]]
+    texts.append(render_chat(tokenizer, replied, add_generation_prompt=False))
+    conform_to_sentencepiece(tokenizer, getattr(tokenizer, "loaded_from", adapter), folders=[base_model], texts=texts,
+                             rebuild=False)

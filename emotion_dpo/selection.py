@@ -24,26 +24,29 @@ class ScoredReply:
     gibberish_reward: float
     total: float
     token_ids: list | None = None  # the generated ids, EOS excluded: what DPO trains on
+    # True: generation stopped on EOS; False: cut off at max_new_tokens; None: not recorded (older journals)
+    ended_on_eos: bool | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def score_reply(text, emotion_label, emotion_confidence, gibberish_label, gibberish_confidence, length,
-                target, rewards, token_ids=None) -> ScoredReply:
+                target, rewards, token_ids=None, ended_on_eos=None) -> ScoredReply:
     """`rewards` is a RewardConfig (weights, bias, length_min, length_max)."""
     emotion = emotion_reward(emotion_label, emotion_confidence, target)
     length_part = length_reward(length, rewards.length_min, rewards.length_max)
     gibberish = gibberish_reward(gibberish_label, gibberish_confidence)
     total = total_reward(emotion, length_part, gibberish, rewards.reward_weights, rewards.reward_bias)
     return ScoredReply(text, emotion_label, emotion_confidence, gibberish_label, gibberish_confidence, length,
-                       emotion, length_part, gibberish, total, token_ids)
+                       emotion, length_part, gibberish, total, token_ids, ended_on_eos)
 
 
 def rescore(reply: ScoredReply, target, rewards) -> ScoredReply:
     """The same reply under other reward settings, from its stored classifier outputs."""
     return score_reply(reply.text, reply.emotion_label, reply.emotion_confidence, reply.gibberish_label,
-                       reply.gibberish_confidence, reply.length, target, rewards, reply.token_ids)
+                       reply.gibberish_confidence, reply.length, target, rewards, reply.token_ids,
+                       reply.ended_on_eos)
 
 
 def pick_pair(replies: Sequence[ScoredReply]) -> tuple[int, int]:

@@ -62,6 +62,15 @@ def decided_by(accepted: list[dict], weights) -> dict:
     return counts
 
 
+def cut_off_shares(accepted: list[dict]) -> dict:
+    """The share of chosen and of rejected replies that generation cut off at max_new_tokens (no EOS), over the
+    pairs whose journal records how they ended (older journals do not)."""
+    known = [pair_of(r) for r in accepted if all(reply.get("ended_on_eos") is not None for reply in pair_of(r))]
+    return {"pairs": len(known),
+            "chosen": statistics.fmean(not c["ended_on_eos"] for c, _ in known) if known else None,
+            "rejected": statistics.fmean(not r["ended_on_eos"] for _, r in known) if known else None}
+
+
 def summarize(records: list[dict], total_prompts: int | None = None, weights=None) -> dict:
     """Score-gap median/mean/SD (sample SD), acceptance rate, rounds per prompt, failure reasons; by target emotion;
     the reward parts of chosen and rejected, and (given the reward weights) which part decides each pair."""
@@ -88,6 +97,7 @@ def summarize(records: list[dict], total_prompts: int | None = None, weights=Non
         "failure_reasons": dict(Counter(r["reason"] for r in records if r["status"] == "failed").most_common()),
         "by_emotion": by_emotion(records),
         "reward_parts": reward_parts(accepted),
+        "cut_off": cut_off_shares(accepted),
         **({"decided_by": decided_by(accepted, weights)} if weights is not None else {}),
         "gaps": gaps,
     }
@@ -105,6 +115,10 @@ def format_summary(summary: dict) -> str:
         f"rounds per prompt   mean {fmt(summary['rounds_per_prompt']['mean'])}  histogram "
         + ", ".join(f"{k}: {v}" for k, v in summary["rounds_per_prompt"]["histogram"].items()),
     ]
+    cut = summary.get("cut_off") or {}
+    if cut.get("pairs"):
+        lines.append(f"cut off at max_new_tokens: chosen {100 * cut['chosen']:.1f} %  rejected "
+                     f"{100 * cut['rejected']:.1f} %  (of {cut['pairs']} pairs)")
     for reason, count in summary["failure_reasons"].items():
         lines.append(f"  failed: {reason}: {count}")
     return "\n".join(lines)

@@ -126,8 +126,31 @@ def context_ids(tokenizer, prompt: str) -> list[int]:
     word are one token (`[/EMOTION] ` + `hi` is `[/EMOTION]`, `▁hi` on Llama-2); the prompt alone would end in a
     lone `▁` it never saw before a reply. Without that space the ids are the training sequence's prefix up to
     the reply's first token. The text already holds its BOS (`<s>`), so the tokenizer adds none."""
-    text = prompt[:-1] if prompt.endswith(" ") else prompt
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(context_text(prompt), add_special_tokens=False)["input_ids"]
+
+
+def context_text(prompt: str) -> str:
+    """The rendered prompt without its final space: the text of context_ids."""
+    return prompt[:-1] if prompt.endswith(" ") else prompt
+
+
+def finished_turn(tokenizer, prompt: str, reply: str) -> str:
+    """A rendered generation prompt followed by `reply` as the template renders a finished assistant turn (with
+    add_generation_prompt=False: on the reference's template the stripped reply, ' ' + eos + newline), as the SFT
+    model saw every reply end. The template renders the last assistant turn the same after any history, so the
+    turn's ending is taken from a one-pair conversation: its rendering with the reply, after its rendering as a
+    generation prompt."""
+    def pair(dialog):
+        return [{"role": "user", "content": {"emotion": "neutral", "dialog": "hello ."}},
+                {"role": "assistant", "content": {"emotion": "neutral", "dialog": dialog}}]
+
+    opened = render_chat(tokenizer, pair(""), add_generation_prompt=True)
+    finished = render_chat(tokenizer, pair(reply), add_generation_prompt=False)
+    if not finished.startswith(opened):
+        where = getattr(tokenizer, "chat_template_file", "") or "the chat template"
+        raise PipelineError(f"{where}: a finished assistant turn does not start as its generation prompt renders "
+                            f"({finished[-80:]!r} vs {opened[-80:]!r}); a text reply cannot be placed after a prompt")
+    return prompt + finished[len(opened):]
 
 
 def check_context_ids(tokenizer, prompt: str, where: str) -> None:

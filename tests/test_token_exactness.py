@@ -56,7 +56,8 @@ def adapter(request, demo_world, tmp_path_factory):
 
 
 class GenerateSpy:
-    """Records every `generate` call: each row's unpadded input ids and its new ids before the first EOS."""
+    """Records every `generate` call: each row's unpadded input ids and its new ids up to and including the first
+    EOS (all of them when generation was cut off at max_new_tokens)."""
 
     def __init__(self, monkeypatch):
         from peft import PeftModelForCausalLM
@@ -70,7 +71,7 @@ class GenerateSpy:
             eos = kwargs["generation_config"].eos_token_id
             for row, new in zip(range(len(ids)), output[:, ids.shape[1]:].tolist()):
                 context = ids[row][mask[row].bool()].tolist()
-                self.calls.append((tuple(context), tuple(new[:new.index(eos)] if eos in new else new)))
+                self.calls.append((tuple(context), tuple(new[:new.index(eos) + 1] if eos in new else new)))
             return output
 
         monkeypatch.setattr(PeftModelForCausalLM, "generate", generate)
@@ -129,7 +130,8 @@ def assert_trains_on_what_was_generated(trainer, tokenizer, spy):
             ids = sequence[mask.bool()].tolist()
             reply = ids[len(prompt):]
             assert ids[:len(prompt)] == prompt
-            assert reply[-1] == eos and tuple(reply[:-1]) in replies[tuple(prompt)]  # generated ids, then EOS
+            # the generated ids, with the EOS when generation stopped on it (a cut-off reply has none)
+            assert tuple(reply) in replies[tuple(prompt)]
             assert completion[mask.bool()].tolist() == [0] * len(prompt) + [1] * len(reply)
 
 
@@ -178,7 +180,8 @@ def test_evaluate_conditions_on_the_ids_generation_and_dpo_use(generated, demo_w
 def test_a_text_only_dataset_is_tokenized_as_generation_conditions_and_continues(generated, demo_world, adapter,
                                                                                   tmp_path):
     """Preference data without ids (another tool's, or the Hub's): the prompt's context ids, then the reply's ids as
-    prompt + reply tokenizes, then EOS; never a second BOS, never a lone space token before the reply."""
+    the reference template ends a reply (the stripped reply, ' ' + EOS), up to the EOS; never a second BOS, never a
+    lone space token before the reply."""
     _, out, _ = generated
     text_only = datasets.load_from_disk(str(out / "dataset")).select_columns(["prompt", "chosen", "rejected"])
     text_only.save_to_disk(str(tmp_path / "text_only"))
@@ -186,9 +189,11 @@ def test_a_text_only_dataset_is_tokenized_as_generation_conditions_and_continues
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     for row, text in zip(trainer.train_dataset, text_only):
         assert text["prompt"].endswith("[/EMOTION] ")
-        whole = tokenizer(text["prompt"] + text["chosen"], add_special_tokens=False)["input_ids"]
+        # by hand, the reference's rule for a finished reply: dialog.strip() + ' ' + eos_token (then a newline)
+        whole = tokenizer(text["prompt"] + text["chosen"].strip() + " " + tokenizer.eos_token,
+                          add_special_tokens=False)["input_ids"]
         # by hand: the tokens of the prompt with its final space dropped are where prompt + reply starts
         assert row["prompt_ids"] == tokenizer(text["prompt"][:-1], add_special_tokens=False)["input_ids"]
-        assert row["prompt_ids"] + row["chosen_ids"] == whole + [eos]
+        assert row["prompt_ids"] + row["chosen_ids"] == whole and whole[-1] == eos
         assert row["prompt_ids"][:2] == [bos, tokenizer.convert_tokens_to_ids("[INST]")]
         assert tokenizer.decode(row["chosen_ids"][:1]).strip()  # the reply starts with a word

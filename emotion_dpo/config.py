@@ -444,6 +444,11 @@ def stage_section(script_config: str) -> dict:
     return {"config": script_config}
 
 
+class LauncherConfig(Section):
+    num_processes: int = option(1, "processes per stage: above 1, each stage runs under `accelerate launch "
+                                   "--multi_gpu --num_processes N` (one per GPU; gloo on CPUs)", low=1)
+
+
 class PipelineConfig(Section):
     """run_pipeline.py: the three scripts' configs, each named by its JSON file plus keys that override it."""
 
@@ -458,6 +463,7 @@ class PipelineConfig(Section):
     fresh_prompts_per_iteration: bool = option(True, "each iteration generates from prompts the earlier ones did "
                                                      "not use (false: the same prompts again)")
     output_dir: str = option("outputs/pipeline", "the run folder: iter-k/{preferences,dpo,evaluation}, iterations.*")
+    launcher: LauncherConfig = Field(default_factory=LauncherConfig, description="how each stage is started")
 
     @staticmethod
     def rules(values: dict) -> list[tuple[str, str]]:

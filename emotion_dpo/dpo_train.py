@@ -77,9 +77,14 @@ def build_dpo_config(cfg, has_eval: bool = True):
         settings["use_cpu"] = True
     settings.update(trl_defaults_for_unset(DPOConfig, settings))
     try:
-        return DPOConfig(output_dir=cfg.output_dir, **settings)
+        dpo_config = DPOConfig(output_dir=cfg.output_dir, **settings)
     except (ValueError, TypeError) as e:
         raise PipelineError(f"{cfg.source}: key dpo: {e}") from None
+    if on_cpus() and dpo_config.device.index is not None:
+        # the Trainer loads a checkpoint's optimizer state with map_location=args.device under DDP, and torch.load
+        # refuses "cpu:0" ("don't know how to restore data location"): a resumed CPU run would fail
+        dpo_config.__dict__["_setup_devices"] = torch.device("cpu")
+    return dpo_config
 
 
 # ------------------------------------------------------------------ the run folder

@@ -4,6 +4,7 @@
     python evaluate.py --config args/demo/evaluate_arg.json --set dpo_adapter=outputs/demo/dpo/final_adapter
     python evaluate.py --config ... --set dpo_adapter=demo_world/sft_adapter   # sanity: SFT vs itself ties
     python evaluate.py --config ... --fresh          # move earlier results in output_dir aside first
+    accelerate launch --multi_gpu --num_processes 2 evaluate.py --config ...   # each process every 2nd batch
 
 One reply per held-out prompt from each model, identical sampling settings and seeds, scored with
 generate_preferences' classifiers and rewards. Writes results.md, results.json, replies.jsonl and

@@ -9,7 +9,8 @@ precompute_ref_log_probs is the low-memory option: the reference log-probs are c
 through the frozen "ref" adapter, so training steps skip the reference forward pass (whose logits otherwise add
 to each step's peak memory) and about a third of the compute.
 
-Several GPUs (TRL's own path): accelerate launch --num_processes 2 fine_tune_dpo.py --config args/dpo_arg.json
+Several processes (TRL's own DDP path): accelerate launch --multi_gpu --num_processes 2 fine_tune_dpo.py --config ...
+(or torchrun --nproc_per_node 2 ...; gloo on CPUs). Every process runs the reference guard; the main one writes.
 The trained adapter lands in OUTPUT_DIR/final_adapter, ready for PeftModel.from_pretrained and evaluate.py.
 """
 

@@ -389,6 +389,11 @@ class EvaluateConfig(GeneratorSource, PromptSource, RewardConfig):
     bootstrap_samples: int = Field(2000, ge=100, description="resamples for the win-rate interval")
 
 
+class LauncherConfig(Section):
+    num_processes: int = Field(1, ge=1, description="processes per stage: above 1, each stage runs under `accelerate "
+                                                    "launch --multi_gpu --num_processes N` (one per GPU; gloo on CPUs)")
+
+
 class PipelineConfig(Section):
     """run_pipeline.py: the three scripts' configs, each named by its JSON file plus keys that override it."""
 
@@ -404,6 +409,7 @@ class PipelineConfig(Section):
                                                                 "ones did not use (false: the same prompts again)")
     output_dir: Folder = Field("outputs/pipeline",
                                description="the run folder: iter-k/{preferences,dpo,evaluation}, iterations.*")
+    launcher: LauncherConfig = Field(default_factory=LauncherConfig, description="how each stage is started")
 
     @staticmethod
     def rules(values: dict) -> list[tuple[str, str]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from .distributed import say
 from .errors import PipelineError
 
 REQUIRED = ("prompt", "chosen", "rejected")
@@ -82,7 +83,7 @@ def without_repeats(dataset, source: str):
             seen.add(row)
             keep.append(i)
     if same or repeated:
-        print(f"{source}: dropped {same} pairs whose chosen equals rejected and {repeated} repeated rows; "
+        say(f"{source}: dropped {same} pairs whose chosen equals rejected and {repeated} repeated rows; "
               f"{len(keep)} of {len(dataset)} pairs left")
     if not keep:
         raise PipelineError(f"0 pairs in {source} once pairs whose chosen equals rejected and repeated rows are dropped")
@@ -94,7 +95,7 @@ def load_preferences(cfg, template_markers=()):
     dataset = read_preferences(cfg.dataset, cfg.dataset_split)
     extra = check_preferences(dataset, cfg.dataset, template_markers, cfg.allow_unmarked_prompts)
     if extra:
-        print(f"{cfg.dataset}: {len(dataset)} pairs; columns kept out of training: {', '.join(extra)}")
+        say(f"{cfg.dataset}: {len(dataset)} pairs; columns kept out of training: {', '.join(extra)}")
     dataset = without_repeats(dataset.remove_columns(extra), cfg.dataset)
     if cfg.eval_fraction == 0 or len(dataset) < 10:
         return dataset, None

@@ -19,6 +19,7 @@ from pathlib import Path
 from .config import TrainConfig, differing_keys_except, save_config, to_dict, without_comments
 from .dpo_data import check_pair_texts, fully_truncated, load_preferences, report_overlong, token_id_rows
 from .dpo_guard import REFERENCE_ADAPTER, START_ADAPTER, guard_reference
+from .distributed import on_cpus, process_state, say
 from .errors import PipelineError
 from .files import run_folder_exists, write_text_atomic
 
@@ -69,11 +70,18 @@ def build_dpo_config(cfg, has_eval: bool = True):
     settings.setdefault("seed", cfg.seed)
     if not cfg.train_modules_to_save:  # the frozen copies are buffers, identical on every GPU: no broadcast
         settings.setdefault("ddp_broadcast_buffers", False)
+    if on_cpus():  # several processes on CPUs: TrainingArguments starts accelerate's gloo group only when told
+        settings["use_cpu"] = True
     settings.update(trl_defaults_for_unset(DPOConfig, settings))
     try:
-        return DPOConfig(output_dir=cfg.output_dir, **settings)
+        dpo_config = DPOConfig(output_dir=cfg.output_dir, **settings)
     except (ValueError, TypeError) as e:
         raise PipelineError(f"{cfg.source}: key dpo: {e}") from None
+    if on_cpus() and dpo_config.device.index is not None:
+        # the Trainer loads a checkpoint's optimizer state with map_location=args.device under DDP, and torch.load
+        # refuses "cpu:0" ("don't know how to restore data location"): a resumed CPU run would fail
+        dpo_config.__dict__["_setup_devices"] = torch.device("cpu")
+    return dpo_config
 
 
 # ------------------------------------------------------------------ the run folder
@@ -108,7 +116,7 @@ def last_checkpoint(folder: Path) -> Path | None:
         problem = checkpoint_problem(checkpoint)
         if problem is None:
             return checkpoint
-        print(f"{checkpoint}: skipped, incomplete ({problem}: its save was cut short)")
+        say(f"{checkpoint}: skipped, incomplete ({problem}: its save was cut short)")
     return None
 
 
@@ -131,7 +139,7 @@ def resolve_resume(cfg, resume_flag: bool):
             raise PipelineError(f"{folder}: --resume, but there is no complete checkpoint-* folder to resume from; "
                                 "remove the incomplete ones named above (or choose another output_dir) to start again")
         check_config_changes(cfg, checkpoint)
-        print(f"resuming from {checkpoint}")
+        say(f"resuming from {checkpoint}")
         return checkpoint
     if folder.exists() and any(folder.iterdir()):
         if {entry.name for entry in folder.iterdir()} - STARTED_ONLY:
@@ -141,7 +149,7 @@ def resolve_resume(cfg, resume_flag: bool):
                 + ", or choose another output_dir"
             )
         # only what a start writes before training: it stopped before its first checkpoint, nothing to lose
-        print(f"{folder}: the run there stopped before its first checkpoint; starting it again")
+        say(f"{folder}: the run there stopped before its first checkpoint; starting it again")
     return None
 
 
@@ -311,14 +319,13 @@ def save_final_adapter(trainer, tokenizer, cfg) -> Path:
 def train(cfg, resume: bool = False) -> dict:
     """Under `accelerate launch` every process trains (TRL's DDP path); only the main one writes files and wandb."""
     import torch
-    from accelerate import PartialState
 
     from .models import check_adapter_path, load_generator, load_tokenizer
     from .template import load_chat_format
     from .tracking import start_wandb
 
     # ---- inputs, checked before any model loads
-    state = PartialState()
+    state = process_state()
     check_adapter_path(cfg.adapter, "adapter", cfg.source)
     chat = load_chat_format(cfg.chat_template)
     checkpoint = resolve_resume(cfg, resume)

@@ -108,50 +108,94 @@ def prepare_output_dir(cfg, fresh: bool = False) -> Path:
 
 # ------------------------------------------------------------------ generating and scoring
 
-def sample_replies(model, tokenizer, prompts, generation_config, batch_prompts: int, seed: int) -> list[tuple]:
-    """One reply per prompt, batched, as (text, token ids); conditioned on each prompt's context ids, as
-    generate_preferences samples and DPO trains; the same seed for every model so sampling noise is shared."""
+def prompt_batches(prompts, batch_prompts: int) -> list[tuple[int, list]]:
+    """(number, prompts) of each batch of `batch_prompts`: the unit every process samples and scores whole, so
+    that a prompt's batch, and with it its reply, does not depend on how many processes share the work."""
+    return [(number, prompts[start:start + batch_prompts])
+            for number, start in enumerate(range(0, len(prompts), batch_prompts))]
+
+
+def sample_replies(model, tokenizer, batches, generation_config, seed: int) -> list[list[tuple]]:
+    """One reply per prompt, per batch, as (text, token ids); conditioned on each prompt's context ids, as
+    generate_preferences samples and DPO trains. Batch `number` is sampled from seed + number, for every model
+    (sampling noise is shared) and in whichever process samples it (the same replies with 1 process or N)."""
     from transformers import set_seed
 
     from .generation import generate_candidates
 
-    set_seed(seed)
     replies = []
-    for start in range(0, len(prompts), batch_prompts):
-        contexts = [p.ids for p in prompts[start:start + batch_prompts]]
-        replies += [group[0] for group in generate_candidates(model, tokenizer, contexts, 1, generation_config)]
+    for number, batch in batches:
+        set_seed(seed + number)
+        replies.append([group[0] for group in generate_candidates(model, tokenizer, [p.ids for p in batch], 1,
+                                                                  generation_config)])
     return replies
 
 
-def evaluate(cfg, fresh: bool = False) -> dict:
+def gather_scored(mine: dict[str, dict[int, list]], batches: int) -> dict[str, list] | None:
+    """Every process's scored replies, by model, in prompt order, on the main process (None on the others)."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    everything = gather_object([(name, number, replies) for name, by_batch in mine.items()
+                                for number, replies in by_batch.items()])
+    if not PartialState().is_main_process:
+        return None
+    merged = {name: {} for name in mine}
+    for name, number, replies in everything:
+        merged[name][number] = replies
+    missing = [(name, n) for name in merged for n in range(batches) if n not in merged[name]]
+    if missing:
+        raise PipelineError(f"batch {missing[0][1]} of {missing[0][0]} was sampled by no process")
+    return {name: [r for n in range(batches) for r in by_batch[n]] for name, by_batch in merged.items()}
+
+
+def evaluate(cfg, fresh: bool = False) -> dict | None:
+    """Under `accelerate launch` / torchrun each process samples and scores every N-th batch of prompts
+    (journal.shard); the main process gathers them and writes the results. Returns them there, None elsewhere."""
+    from .distributed import process_state
     from .generation import Scorer, checked_generation_config
+    from .journal import shard
     from .models import add_adapter, check_adapter_path, load_generator
     from .tracking import start_wandb
 
     # ---- everything checked before any model weights load
+    state = process_state()
     check_adapter_path(cfg.adapter, "adapter", cfg.source)
     check_adapter_path(cfg.dpo_adapter, "dpo_adapter", cfg.source)
     generation_config = checked_generation_config(cfg.generation, cfg.source)
     tokenizer, prompts = load_prompts(cfg)
-    folder = prepare_output_dir(cfg, fresh)
-    print(f"{len(prompts)} prompts from {cfg.dataset} split {cfg.dataset_split!r}")
-    run = start_wandb(cfg.wandb, "evaluate", to_dict(cfg), folder)
+    run, folder = None, Path(cfg.output_dir)
+    if state.is_main_process:
+        folder = prepare_output_dir(cfg, fresh)
+        print(f"{len(prompts)} prompts from {cfg.dataset} split {cfg.dataset_split!r}")
+        run = start_wandb(cfg.wandb, "evaluate", to_dict(cfg), folder)
+    state.wait_for_everyone()  # (a refused output_dir ends the main process; the launcher then stops the rest)
+    batches = prompt_batches(prompts, cfg.batch_prompts)
+    mine = shard(batches, state.process_index, state.num_processes)
+    if state.num_processes > 1:
+        print(f"process {state.process_index}: {sum(len(b) for _, b in mine)} of {len(prompts)} prompts")
 
     # ---- one base in memory carrying both adapters; the bare base is the same model with adapters disabled
     model, tokenizer = load_generator(cfg)
     add_adapter(model, cfg.dpo_adapter, "dpo", cfg.source)
     scorer = Scorer(cfg, tokenizer)
     targets = [p.target_emotion for p in prompts]
-    scored = {}
+    scored_here = {}
     for name, adapter in [("SFT", "default"), ("DPO", "dpo")] + ([("base", None)] if cfg.include_base else []):
-        print(f"sampling {len(prompts)} replies from {name} ...")
+        if state.is_main_process:
+            print(f"sampling {len(prompts)} replies from {name} ...")
         if adapter is None:
             with model.disable_adapter():
-                replies = sample_replies(model, tokenizer, prompts, generation_config, cfg.batch_prompts, cfg.seed)
+                replies = sample_replies(model, tokenizer, mine, generation_config, cfg.seed)
         else:
             model.set_adapter(adapter)
-            replies = sample_replies(model, tokenizer, prompts, generation_config, cfg.batch_prompts, cfg.seed)
-        scored[name] = scorer.score(replies, targets)
+            replies = sample_replies(model, tokenizer, mine, generation_config, cfg.seed)
+        # scored batch by batch, as every process count scores them: the classifiers' batches are the same too
+        scored_here[name] = {number: scorer.score(batch_replies, [p.target_emotion for p in batch])
+                             for (number, batch), batch_replies in zip(mine, replies)}
+    scored = gather_scored(scored_here, len(batches))
+    if scored is None:
+        return None
 
     # ---- compare, report
     results = {

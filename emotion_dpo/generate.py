@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 import warnings
@@ -17,6 +16,7 @@ from .errors import PipelineError
 from .files import FINALIZE_LOCK, FolderLock, folder_entries, publish_set, run_folder_exists
 from .journal import Journal, journal_files, journal_path, merge_journals, shard
 from .dataset import reselect, settle, write_dataset
+from .distributed import process_state
 from .prompts import load_prompts
 from .selection import gives_up
 from .stats import format_summary, write_report
@@ -150,21 +150,6 @@ def sample_pool(cfg, prompts, sampler, journal: Journal, metrics, progress) -> N
         progress.set_postfix(acc=accepted, fail=failed, rounds=f"{figures['mean_rounds']:.2f}",
                              ppm=f"{figures['prompts_per_minute']:.1f}")
         metrics.log(figures)
-
-
-def process_state():
-    """accelerate's PartialState, with the share of each process under any launcher: torchrun on CPUs sets
-    RANK/WORLD_SIZE, but accelerate starts its CPU process group only when told `cpu=True`; alone it would see one
-    process, and every process would take all prompts as rank 0."""
-    import torch
-    from accelerate import PartialState
-
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    state = PartialState(cpu=world_size > 1 and not torch.cuda.is_available())  # gloo, from the launcher's env
-    if world_size > 1 and state.num_processes != world_size:
-        raise PipelineError(f"WORLD_SIZE is {world_size}, but accelerate sees {state.num_processes} processes; "
-                            "launch with accelerate launch or torchrun")
-    return state
 
 
 def warn_long_prompts(cfg, tokenizer, prompts, max_new_tokens: int | None) -> None:

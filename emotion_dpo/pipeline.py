@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 from . import config as config_module
 from .config import differing_keys, differing_keys_except, load_config, save_config, to_dict
 from .errors import PipelineError
+from .distributed import die_with_parent, launch_command
 from .files import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,11 +73,11 @@ class Stage:
     def label(self) -> str:
         return f"iteration {self.iteration} {self.kind.script}"
 
-    def command(self, flags=()) -> list[str]:
-        args = [sys.executable, str(ROOT / self.kind.script), "--config", self.config_file, *flags]
+    def command(self, flags=(), num_processes: int = 1) -> list[str]:
+        args = [str(ROOT / self.kind.script), "--config", self.config_file, *flags]
         for override in self.overrides:
             args += ["--set", override]
-        return args
+        return launch_command(args, num_processes)
 
 
 # ------------------------------------------------------------------ the plan: every stage's config, resolved up front
@@ -215,18 +215,7 @@ def resume_flags(stage: Stage) -> list[str]:
     return []  # generate_preferences resumes from its journal by itself
 
 
-def die_with_parent() -> None:
-    """In the child, before the script starts: die when the pipeline dies (kill -9 of run_pipeline must not leave
-    a stage running on, writing into the folder the rerun resumes)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def run_stage(stage: Stage) -> str:
+def run_stage(stage: Stage, num_processes: int = 1) -> str:
     """Run one stage unless finished; returns what happened ("skipped", "ran", "resumed")."""
     if stage.marker.exists():
         refuse_changed(stage, json.loads(stage.marker.read_text())["config"], "finished")
@@ -242,7 +231,7 @@ def run_stage(stage: Stage) -> str:
           + (f" ({' '.join(flags)})" if flags else ""), flush=True)
     stage.folder.parent.mkdir(parents=True, exist_ok=True)
     started_at = time.time()
-    process = subprocess.Popen(stage.command(flags),
+    process = subprocess.Popen(stage.command(flags, num_processes),
                                preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
     try:
         code = process.wait()
@@ -366,7 +355,7 @@ def run_pipeline(cfg) -> dict | None:
             print("pipeline config differs from the run's (each stage checks its own):\n  " + "\n  ".join(changed))
     save_config(cfg, run, saved.name)
     for stage in stages:
-        run_stage(stage)
+        run_stage(stage, cfg.launcher.num_processes)
         if stage.kind is EVALUATE:
             write_iterations(run, stages)
     table = write_iterations(run, stages)

@@ -11,7 +11,7 @@ from pathlib import Path
 from . import EMOTIONS
 from .config import save_config, to_dict
 from .errors import PipelineError
-from .files import run_folder_exists
+from .files import FolderLock, folder_entries, run_folder_exists
 from .prompts import load_prompts
 
 RESULT_FILES = ("results.json", "results.md", "replies.jsonl", "results.png")
@@ -88,7 +88,7 @@ def prepare_output_dir(cfg, fresh: bool = False) -> Path:
     """An empty folder, or one an unfinished evaluation left (its config.json, no results): never overwrite
     results silently; `fresh` moves earlier results aside."""
     folder = Path(cfg.output_dir)
-    if run_folder_exists(folder) and any(folder.iterdir()):
+    if run_folder_exists(folder) and folder_entries(folder):
         if not is_evaluation_folder(folder):
             raise PipelineError(f"{folder}: output_dir is not empty and holds no evaluation; choose another output_dir")
         if any((folder / name).exists() for name in RESULT_FILES):
@@ -124,16 +124,31 @@ def sample_replies(model, tokenizer, prompts, generation_config, batch_prompts: 
 
 
 def evaluate(cfg, fresh: bool = False) -> dict:
-    from .generation import Scorer, checked_generation_config
-    from .models import add_adapter, check_adapter_path, load_generator
-    from .tracking import start_wandb
+    from .generation import checked_generation_config
+    from .models import check_adapter_path
 
     # ---- everything checked before any model weights load
     check_adapter_path(cfg.adapter, "adapter", cfg.source)
     check_adapter_path(cfg.dpo_adapter, "dpo_adapter", cfg.source)
     generation_config = checked_generation_config(cfg.generation, cfg.source)
     tokenizer, prompts = load_prompts(cfg)
-    folder = prepare_output_dir(cfg, fresh)
+    run_folder_exists(Path(cfg.output_dir))
+    lock = FolderLock(cfg.output_dir, doing="evaluating", create=True)  # one writer, to the end
+    try:
+        folder = prepare_output_dir(cfg, fresh)
+        if not lock.path.exists():  # --fresh moved the folder (and the lock file in it) aside
+            lock.release()
+            lock = FolderLock(folder, doing="evaluating")
+        return _evaluate(cfg, folder, tokenizer, prompts, generation_config)
+    finally:
+        lock.release()
+
+
+def _evaluate(cfg, folder: Path, tokenizer, prompts, generation_config) -> dict:
+    from .generation import Scorer
+    from .models import add_adapter, load_generator
+    from .tracking import start_wandb
+
     print(f"{len(prompts)} prompts from {cfg.dataset} split {cfg.dataset_split!r}")
     run = start_wandb(cfg.wandb, "evaluate", to_dict(cfg), folder)
 

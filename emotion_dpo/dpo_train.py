@@ -107,6 +107,14 @@ def _read_torch(path: Path) -> None:
     torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)  # a cut zip has no central directory
 
 
+def _read_rng_state(path: Path) -> None:
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    with safe_globals():  # the numpy RNG state, allowed as the Trainer allows it when it resumes
+        torch.load(str(path), map_location="cpu", weights_only=True)
+
+
 def _read_json(path: Path) -> None:
     json.loads(path.read_text(encoding="utf-8"))
 
@@ -123,7 +131,7 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
              (SCHEDULER_NAME, _read_torch), (TRAINER_STATE_NAME, _read_json)]
     reads += [(f"{path.parent.name}/{path.name}", _read_safetensors)  # TRL's ref/ copy, reloaded by the Trainer
               for path in checkpoint.glob(f"{REFERENCE_ADAPTER}/adapter_model.safetensors")]
-    reads += [(path.name, _read_torch) for path in sorted(checkpoint.glob("rng_state*.pth"))]
+    reads += [(path.name, _read_rng_state) for path in sorted(checkpoint.glob("rng_state*.pth"))]
     if (checkpoint.parent / START_ADAPTER).is_file():  # recorded by this run: its checkpoints carry it
         reads += [(CONFIG_NAME, _read_json), (START_ADAPTER, _read_json)]
     elif (checkpoint / CONFIG_NAME).exists():

@@ -198,7 +198,7 @@ def cut_in_half(path: Path) -> None:
     path.write_bytes(data[:len(data) // 2])
 
 
-@pytest.mark.parametrize("name", ["adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "start_adapter.json",
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "start_adapter.json",
                                   "ref/adapter_model.safetensors"])
 def test_6_a_checkpoint_with_a_file_cut_short_next_to_a_whole_trainer_state_is_incomplete(one_checkpoint, tmp_path,
                                                                                         name):

@@ -15,7 +15,6 @@ import datasets
 import pytest
 
 from emotion_dpo.errors import PipelineError
-from emotion_dpo.files import LOCK_HOLDER_ENV, FolderLock
 from test_dpo import DEMO_CONFIG as DPO_CONFIG
 from test_dpo import config as dpo_config
 from test_faults import generate_config, preference_pairs, write_journal
@@ -65,6 +64,8 @@ sys.stdin.read()  # until the test closes it
 
 
 def test_2_a_stage_runs_under_its_pipelines_lock_and_nothing_else_writes_inside_it(tmp_path, monkeypatch):
+    from emotion_dpo.files import LOCK_HOLDER_ENV, FolderLock
+
     run_folder = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_folder)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, cwd=ROOT)
@@ -91,6 +92,7 @@ def test_2_fine_tune_dpo_and_evaluate_are_refused_on_a_folder_another_process_wr
     from emotion_dpo.config import EvaluateConfig, load_config
     from emotion_dpo.dpo_train import train
     from emotion_dpo.evaluation import evaluate
+    from emotion_dpo.files import FolderLock
     from test_evaluate import DEMO_CONFIG as EVALUATE_CONFIG
 
     folder = tmp_path / "out"
@@ -198,8 +200,8 @@ def cut_in_half(path: Path) -> None:
     path.write_bytes(data[:len(data) // 2])
 
 
-@pytest.mark.parametrize("name", ["adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "start_adapter.json",
-                                  "ref/adapter_model.safetensors"])
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
+                                  "start_adapter.json", "ref/adapter_model.safetensors"])
 def test_6_a_checkpoint_with_a_file_cut_short_next_to_a_whole_trainer_state_is_incomplete(one_checkpoint, tmp_path,
                                                                                         name):
     from emotion_dpo.dpo_train import checkpoint_problem

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from emotion_dpo.faultpoints import ENV as FAULT
 from test_pipeline import DEMO_CONFIG, world_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
+FAULT = "EMOTION_DPO_FAULT"  # emotion_dpo.faultpoints: the process dies or stops at the step it names
 # One iteration, 8 prompts, 4 DPO steps with a checkpoint every 2, 8 held-out prompts.
 SMALL = ["iterations=1", "generate.num_prompts=8", "generate.batch_prompts=8", "dpo.eval_fraction=0",
          "dpo.dpo.max_steps=4", "dpo.dpo.per_device_train_batch_size=2", "dpo.dpo.save_steps=2",

@@ -25,7 +25,9 @@ from .files import FolderLock, folder_entries, run_folder_exists, write_text_ato
 
 FINAL_ADAPTER = "final_adapter"
 METRICS_NAME = "metrics.json"
-STARTED_ONLY = {"config.json", "wandb", START_ADAPTER}  # what train() writes before training starts
+# What train() writes before training starts, and TRL's model card (README.md), which it writes next to each checkpoint
+# it saves (so also before the first one is whole)
+STARTED_ONLY = {"config.json", "wandb", START_ADAPTER, "README.md"}
 CONFIG_NAME = "training_config.json"  # the resolved config, in every checkpoint and in the final adapter
 # Keys that may change when a run is resumed without a warning: they do not change what is trained.
 RESUMABLE_CHANGES = {"resume_from_checkpoint", "output_dir", "wandb", "dpo.logging_steps", "dpo.save_steps", "dpo.save_total_limit",

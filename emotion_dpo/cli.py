@@ -70,6 +70,20 @@ def disk_full(error: BaseException, folder: str | None = None) -> bool:
     return False
 
 
+def stop(message: str, code: int = 2):
+    """Print `message` on a line of its own and exit: a progress bar the error cut short (the Trainer's, a tqdm
+    bar) is closed first, or the message would continue its line."""
+    try:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+    except Exception:  # noqa: BLE001 - the message matters more than the bar
+        pass
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
 def run_main(args, config_class: str, stages, resume: str = RESUME) -> int:
     """Load the config, run `stages(cfg)`; a PipelineError or a failed read or write (full disk, read-only
     folder) is printed as one short message and exits with status 2."""
@@ -82,20 +96,15 @@ def run_main(args, config_class: str, stages, resume: str = RESUME) -> int:
             make_reproducible(cfg.seed)
         stages(cfg)
     except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        stop(f"error: {error}")
     except OSError as error:
-        print(f"error: {os_error_message(error, resume)}", file=sys.stderr)
-        sys.exit(2)
+        stop(f"error: {os_error_message(error, resume)}")
     except Exception as error:  # a library's own error type for a full disk (safetensors, torch.save)
         folder = getattr(cfg, "output_dir", None)
         if not disk_full(error, folder):
             raise
         full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), folder)
-        print(f"error: {os_error_message(full, resume)} ({type(error).__name__}: {str(error).splitlines()[0][:200]})",
-              file=sys.stderr)
-        sys.exit(2)
+        stop(f"error: {os_error_message(full, resume)} ({type(error).__name__}: {str(error).splitlines()[0][:200]})")
     except KeyboardInterrupt:
-        print(f"interrupted: finished work is kept; {resume}", file=sys.stderr)
-        sys.exit(130)
+        stop(f"interrupted: finished work is kept; {resume}", 130)
     return 0

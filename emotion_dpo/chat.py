@@ -101,11 +101,26 @@ class ChatSession:
             line = line.strip()
             if not line:
                 continue
+            if problem := not_text(line):  # the tokenizer would raise a TypeError and end the session
+                print(f"error: {problem}; the line is skipped, type it again", file=sys.stderr)
+                continue
             if line.startswith("/"):
                 if not self.command(line):
                     return
                 continue
             self.say(line)
+
+
+def not_text(line: str) -> str | None:
+    """What makes a line read from standard input not text, or None: bytes that are not UTF-8 arrive as lone
+    surrogates (Python's surrogateescape)."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = line[e.start]
+        byte = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"character {bad!r}"
+        return f"the line is not UTF-8 text ({byte} at character {e.start + 1})"
+    return None
 
 
 def chat(cfg, lines: Iterable[str], show_prompts: bool = False) -> None:
@@ -121,4 +136,6 @@ def chat(cfg, lines: Iterable[str], show_prompts: bool = False) -> None:
     session = ChatSession(cfg, model, tokenizer, Scorer(cfg, tokenizer), generation_config, show_prompts)
     if sys.stdin.isatty():
         print(HELP)
+    if hasattr(lines, "reconfigure"):  # a byte that is not UTF-8 becomes a line to refuse, not the session's end
+        lines.reconfigure(errors="surrogateescape")
     session.run(lines)

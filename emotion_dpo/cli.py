@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import sys
 
 from .errors import PipelineError
@@ -41,23 +42,69 @@ def os_error_message(error: OSError, resume: str = RESUME) -> str:
     return message
 
 
+DISK_FULL_TEXTS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+# torch.save's writer on a full disk says only "[enforce fail at inline_container.cc] unexpected pos N vs M"
+TORCH_WRITE_FAILED = ("inline_container", "PytorchStreamWriter")
+
+
+def disk_full(error: BaseException, folder: str | None = None) -> bool:
+    """Whether `error` (or what caused it) is a full disk, whichever library raised it: an OSError, safetensors'
+    SafetensorError ("... No space left on device (os error 28)"), or torch.save's writer with `folder`'s disk
+    (nearly) full."""
+    import shutil
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(error)
+        if any(marker in text for marker in DISK_FULL_TEXTS):
+            return True
+        if folder and any(marker in text for marker in TORCH_WRITE_FAILED):
+            try:
+                return shutil.disk_usage(folder).free < 64 * 2**20
+            except OSError:
+                return False
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def stop(message: str, code: int = 2):
+    """Print `message` on a line of its own and exit: a progress bar the error cut short (the Trainer's, a tqdm
+    bar) is closed first, or the message would continue its line."""
+    try:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+    except Exception:  # noqa: BLE001 - the message matters more than the bar
+        pass
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
 def run_main(args, config_class: str, stages, resume: str = RESUME) -> int:
     """Load the config, run `stages(cfg)`; a PipelineError or a failed read or write (full disk, read-only
     folder) is printed as one short message and exits with status 2."""
     from . import config
 
+    cfg = None
     try:
         cfg = config.load_config(getattr(config, config_class), args.config, args.set)
         if hasattr(cfg, "seed"):  # run_pipeline's config has none: each stage seeds its own process
             make_reproducible(cfg.seed)
         stages(cfg)
     except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        stop(f"error: {error}")
     except OSError as error:
-        print(f"error: {os_error_message(error, resume)}", file=sys.stderr)
-        sys.exit(2)
+        stop(f"error: {os_error_message(error, resume)}")
+    except Exception as error:  # a library's own error type for a full disk (safetensors, torch.save)
+        folder = getattr(cfg, "output_dir", None)
+        if not disk_full(error, folder):
+            raise
+        full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), folder)
+        stop(f"error: {os_error_message(full, resume)} ({type(error).__name__}: {str(error).splitlines()[0][:200]})")
     except KeyboardInterrupt:
-        print(f"interrupted: finished work is kept; {resume}", file=sys.stderr)
-        sys.exit(130)
+        stop(f"interrupted: finished work is kept; {resume}", 130)
     return 0

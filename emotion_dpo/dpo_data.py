@@ -70,12 +70,15 @@ def has_token_ids(dataset) -> bool:
 
 
 def without_repeats(dataset, source: str):
-    """Pairs whose chosen equals rejected (nothing to learn) and repeated rows (a held-out copy of a training row
-    would read as learned) are dropped, with a count; none left is an error."""
+    """Pairs whose chosen equals rejected (nothing to learn: the same text, or, with token ids, the same ids, which is
+    what DPO trains on) and repeated rows (a held-out copy of a training row would read as learned) are dropped,
+    with a count; none left is an error."""
     seen, keep = set(), []
     same = repeated = 0
+    same_ids = ([c == r for c, r in zip(dataset["chosen_ids"], dataset["rejected_ids"])]
+                if has_token_ids(dataset) else [False] * len(dataset))
     for i, row in enumerate(zip(dataset["prompt"], dataset["chosen"], dataset["rejected"])):
-        if row[1] == row[2]:
+        if row[1] == row[2] or same_ids[i]:
             same += 1
         elif row in seen:
             repeated += 1
@@ -119,10 +122,13 @@ def overlong_pairs(dataset, tokenizer, max_length: int | None, truncation_mode: 
     return dropped, truncated, max(len(ids) for ids in rows["prompt_ids"])
 
 
-def report_overlong(splits: dict, tokenizer, dpo_args, source: str, say=print) -> None:
-    """Say how many pairs TRL will drop or cut at dpo.max_length; a split it would empty is an error."""
+def report_overlong(splits: dict, tokenizer, dpo_args, source: str, say=print) -> dict:
+    """Say how many pairs TRL will drop or cut at dpo.max_length; a split it would empty is an error. Returns how
+    many pairs of each split TRL keeps."""
+    kept = {}
     for name, dataset in splits.items():
         if dataset is None:
+            kept[name] = 0
             continue
         dropped, truncated, longest = overlong_pairs(dataset, tokenizer, dpo_args.max_length, dpo_args.truncation_mode)
         if dropped == len(dataset):
@@ -133,6 +139,8 @@ def report_overlong(splits: dict, tokenizer, dpo_args, source: str, say=print) -
         if dropped or truncated:
             say(f"{source}: {name}: {dropped} of {len(dataset)} pairs dropped (prompt alone >= dpo.max_length = "
                 f"{dpo_args.max_length} tokens), {truncated} truncated to max_length")
+        kept[name] = len(dataset) - dropped
+    return kept
 
 
 
@@ -180,6 +188,19 @@ def fully_truncated(prompt_ids, max_length: int | None, truncation_mode: str) ->
     return max_length is not None and truncation_mode == "keep_start" and len(prompt_ids) >= max_length
 
 
+def check_ids_in_vocabulary(dataset, vocabulary: int, name: str) -> None:
+    """Every stored token id names a token of this tokenizer (0 <= id < len(tokenizer)); one beyond it would be an
+    IndexError deep in the embedding lookup, mid-training."""
+    for column in ID_COLUMNS:
+        for row, ids in enumerate(dataset[column]):
+            outside = [i for i in ids if not 0 <= i < vocabulary]
+            if outside:
+                raise PipelineError(
+                    f"{name} dataset: row {row}, column {column!r}: token id {outside[0]} is outside this tokenizer's "
+                    f"{vocabulary} tokens (0-{vocabulary - 1}); the pairs were made with another tokenizer or edited: "
+                    "generate them again with this adapter, or remove the id columns to train on the text")
+
+
 def token_id_rows(dataset, tokenizer, name: str):
     """The dataset with prompt_ids / chosen_ids / rejected_ids: generate_preferences' own (checked on row 0 against
     this tokenizer), or, for text only, tokenized the way generation conditions and continues (tokenize_text_pair)."""
@@ -190,6 +211,7 @@ def token_id_rows(dataset, tokenizer, name: str):
         if first["prompt_ids"] != context_ids(tokenizer, first["prompt"]):
             raise PipelineError(f"{name} dataset: row 0's prompt_ids are not its prompt's tokens under this "
                                 "adapter's tokenizer; the preference data was generated with another one")
+        check_ids_in_vocabulary(dataset, len(tokenizer), name)
         return dataset
     return dataset.map(tokenize_text_pair, with_indices=True, fn_kwargs={"tokenizer": tokenizer,
                                                                          "name": f"{name} dataset"})

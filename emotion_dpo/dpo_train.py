@@ -19,13 +19,16 @@ from pathlib import Path
 from .config import TrainConfig, differing_keys_except, save_config, to_dict, without_comments
 from .dpo_data import check_pair_texts, fully_truncated, load_preferences, report_overlong, token_id_rows
 from .dpo_guard import REFERENCE_ADAPTER, START_ADAPTER, guard_reference
-from .distributed import on_cpus, process_state, say
+from .distributed import on_cpus, process_state
 from .errors import PipelineError
-from .files import run_folder_exists, write_text_atomic
+from .faultpoints import reached
+from .files import FolderLock, folder_entries, run_folder_exists, write_text_atomic
 
 FINAL_ADAPTER = "final_adapter"
 METRICS_NAME = "metrics.json"
-STARTED_ONLY = {"config.json", "wandb", START_ADAPTER}  # what train() writes before training starts
+# What train() writes before training starts, and TRL's model card (README.md), which it writes next to each checkpoint
+# it saves (so also before the first one is whole)
+STARTED_ONLY = {"config.json", "wandb", START_ADAPTER, "README.md"}
 CONFIG_NAME = "training_config.json"  # the resolved config, in every checkpoint and in the final adapter
 
 
@@ -86,44 +89,111 @@ def build_dpo_config(cfg, has_eval: bool = True):
 
 # ------------------------------------------------------------------ the run folder
 
-def checkpoint_problem(checkpoint: Path) -> str | None:
-    """Why a checkpoint cannot be resumed from, or None. The Trainer writes trainer_state.json last (after the
-    adapter, optimizer, scheduler and RNG state), so a kill during a save leaves a folder without it."""
-    if not (checkpoint / "adapter_model.safetensors").is_file():
-        return "no adapter_model.safetensors"
-    for name, required in (("trainer_state.json", True), (CONFIG_NAME, False)):
-        path = checkpoint / name
-        if not path.is_file():
-            if required:
-                return f"no {name}"
-            continue
-        try:
-            json.loads(path.read_text(encoding="utf-8"))
-        except ValueError:
-            return f"{name} is cut short"
+def _loads(path: Path, load) -> str | None:
+    """Why `load(path)` fails (missing, cut short, unreadable), or None."""
+    if not path.is_file():
+        return f"no {path.name}"
+    try:
+        load(path)
+    except Exception as e:  # noqa: BLE001 - whatever the reader says: this file cannot be resumed from
+        return f"{path.name} does not load ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
     return None
 
 
-def last_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint-*; newer ones a kill cut short while they were saved are named and skipped."""
+def _read_safetensors(path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:  # the header, checked against the file's length: a cut file fails
+        for key in f.keys():
+            f.get_slice(key)
+
+
+def _read_torch(path: Path) -> None:
+    import torch
+
+    torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)  # a cut zip has no central directory
+
+
+def _read_rng_state(path: Path) -> None:
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    with safe_globals():  # the numpy RNG state, allowed as the Trainer allows it when it resumes
+        torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def _read_json(path: Path) -> None:
+    json.loads(path.read_text(encoding="utf-8"))
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from, or None: every file the resume reads must load, not merely exist.
+
+    The Trainer writes the adapter, optimizer, scheduler and RNG state, then trainer_state.json; this run's callback
+    then adds training_config.json and start_adapter.json. A kill or a full disk anywhere in that leaves a folder
+    with a file missing or cut short (next to a whole trainer_state.json, too)."""
+    from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
+
+    reads = [("adapter_model.safetensors", _read_safetensors), (OPTIMIZER_NAME, _read_torch),
+             (SCHEDULER_NAME, _read_torch), (TRAINER_STATE_NAME, _read_json)]
+    reads += [(f"{path.parent.name}/{path.name}", _read_safetensors)  # TRL's ref/ copy, reloaded by the Trainer
+              for path in checkpoint.glob(f"{REFERENCE_ADAPTER}/adapter_model.safetensors")]
+    reads += [(path.name, _read_rng_state) for path in sorted(checkpoint.glob("rng_state*.pth"))]
+    if (checkpoint.parent / START_ADAPTER).is_file():  # recorded by this run: its checkpoints carry it
+        reads += [(CONFIG_NAME, _read_json), (START_ADAPTER, _read_json)]
+    elif (checkpoint / CONFIG_NAME).exists():
+        reads += [(CONFIG_NAME, _read_json)]
+    for name, load in reads:
+        if problem := _loads(checkpoint / name, load):
+            return problem
+    return None
+
+
+def checkpoints(folder: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest complete checkpoint-* or None, the newer or only incomplete ones with their problem)."""
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     if not folder.is_dir():
-        return None
+        return None, []
     steps = {p: int(p.name.rpartition("-")[2]) for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
              if p.is_dir() and p.name.rpartition("-")[2].isdigit()}
+    incomplete = []
     for checkpoint in sorted(steps, key=steps.get, reverse=True):
         problem = checkpoint_problem(checkpoint)
         if problem is None:
-            return checkpoint
+            return checkpoint, incomplete
+        incomplete.append((checkpoint, problem))
+    return None, incomplete
+
+
+def last_checkpoint(folder: Path, say=print) -> Path | None:
+    """The newest complete checkpoint-*; newer ones a kill cut short while they were saved are named and skipped."""
+    complete, incomplete = checkpoints(folder)
+    for checkpoint, problem in incomplete:
         say(f"{checkpoint}: skipped, incomplete ({problem}: its save was cut short)")
-    return None
+    return complete
 
 
-def resolve_resume(cfg, resume_flag: bool):
-    """The checkpoint to resume from, or None; a finished or started run is never silently overwritten."""
+def restart_from_the_start_adapter(cfg, incomplete: list[tuple[Path, str]], tidy: bool) -> None:
+    """Only incomplete checkpoints (the first save was cut short): nothing to resume, so they are removed, named,
+    and training starts again from the adapter (the Trainer would otherwise save into their half-written folders)."""
+    for checkpoint, problem in incomplete:
+        if tidy:
+            print(f"{checkpoint}: incomplete ({problem}: its save was cut short); removed")
+            shutil.rmtree(checkpoint)
+    if tidy:
+        print(f"{cfg.output_dir}: no complete checkpoint to resume from; starting again from the start adapter "
+              f"({cfg.adapter})")
+
+
+def resolve_resume(cfg, resume_flag: bool, tidy: bool = True):
+    """The checkpoint to resume from, or None; a finished or started run is never silently overwritten.
+
+    `tidy` (the main process, holding the run folder's lock): say what is skipped and remove the checkpoints a
+    restart replaces."""
     folder = Path(cfg.output_dir)
     run_folder_exists(folder)
+    say = print if tidy else (lambda _: None)
     wanted = cfg.resume_from_checkpoint if cfg.resume_from_checkpoint is not None else resume_flag
     if isinstance(wanted, str):
         if not Path(wanted).is_dir():
@@ -133,21 +203,30 @@ def resolve_resume(cfg, resume_flag: bool):
                                 "name an earlier checkpoint, or pass --resume for the newest complete one")
         check_config_changes(cfg, Path(wanted))
         return Path(wanted)
-    checkpoint = last_checkpoint(folder)
+    checkpoint, incomplete = checkpoints(folder)
+    if checkpoint is not None:
+        for skipped, problem in incomplete:
+            say(f"{skipped}: skipped, incomplete ({problem}: its save was cut short)")
+    entries = folder_entries(folder) - STARTED_ONLY - {c.name for c, _ in incomplete}
     if wanted:
         if checkpoint is None:
-            raise PipelineError(f"{folder}: --resume, but there is no complete checkpoint-* folder to resume from; "
-                                "remove the incomplete ones named above (or choose another output_dir) to start again")
+            if entries:  # e.g. a final_adapter next to cut-short checkpoints: not ours to remove
+                raise PipelineError(f"{folder}: --resume, but there is no complete checkpoint-* folder to resume "
+                                    f"from, and it holds {', '.join(sorted(entries))}; choose another output_dir")
+            restart_from_the_start_adapter(cfg, incomplete, tidy)
+            return None
         check_config_changes(cfg, checkpoint)
         say(f"resuming from {checkpoint}")
         return checkpoint
-    if folder.exists() and any(folder.iterdir()):
-        if {entry.name for entry in folder.iterdir()} - STARTED_ONLY:
-            raise PipelineError(
-                f"{folder}: output_dir already holds a run"
-                + (f" (last complete checkpoint {checkpoint.name}); pass --resume to continue it" if checkpoint else "")
-                + ", or choose another output_dir"
-            )
+    if entries or (checkpoint is not None):
+        raise PipelineError(
+            f"{folder}: output_dir already holds a run"
+            + (f" (last complete checkpoint {checkpoint.name}); pass --resume to continue it" if checkpoint else "")
+            + ", or choose another output_dir"
+        )
+    if incomplete:
+        restart_from_the_start_adapter(cfg, incomplete, tidy)
+    elif folder_entries(folder):
         # only what a start writes before training: it stopped before its first checkpoint, nothing to lose
         say(f"{folder}: the run there stopped before its first checkpoint; starting it again")
     return None
@@ -175,6 +254,35 @@ def check_config_changes(cfg, checkpoint: Path) -> None:
 
 # ------------------------------------------------------------------ training
 
+def training_steps(pairs: int, args, processes: int = 1) -> tuple[int, int]:
+    """(optimizer steps, batches per epoch) as transformers' Trainer counts them (_get_training_setup): max_steps
+    when >= 0, else ceil(num_train_epochs x updates per epoch), at least one update per epoch that has a batch."""
+    per_step = args.per_device_train_batch_size * processes
+    batches = pairs // per_step if args.dataloader_drop_last else math.ceil(pairs / per_step)
+    if args.max_steps >= 0:
+        return args.max_steps, batches
+    updates = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
+    return max(math.ceil(args.num_train_epochs * updates), 0), batches
+
+
+def check_trains_something(source, pairs: int, args, processes: int = 1) -> None:
+    """A run that would take no optimizer step would save the adapter it started from as `final_adapter`: an error
+    before the model loads, naming the keys that decide it."""
+    steps, batches = training_steps(pairs, args, processes)
+    if batches == 0:
+        raise PipelineError(
+            f"{source}: keys dpo.per_device_train_batch_size, dpo.dataloader_drop_last: {pairs} training pairs make "
+            f"no batch of {args.per_device_train_batch_size} x {processes} process(es) with the last one dropped; "
+            "lower the batch size, set dataloader_drop_last to false, or add pairs")
+    if steps <= 0:
+        how = (f"dpo.max_steps is {args.max_steps}" if args.max_steps >= 0 else
+               f"dpo.num_train_epochs is {args.num_train_epochs} (with dpo.max_steps {args.max_steps}: epochs decide)")
+        raise PipelineError(
+            f"{source}: keys dpo.num_train_epochs, dpo.max_steps: {how}, so training would take 0 steps on {pairs} "
+            f"pairs ({batches} batches of dpo.per_device_train_batch_size {args.per_device_train_batch_size} per "
+            "epoch) and save the start adapter as final_adapter; set num_train_epochs > 0 or max_steps > 0")
+
+
 def config_saver(cfg):
     """A callback that puts the resolved config (and the start adapter's digests) into every checkpoint, next to the
     adapter it trained."""
@@ -188,7 +296,8 @@ def config_saver(cfg):
                 save_config(cfg, checkpoint, CONFIG_NAME)
                 start = Path(args.output_dir) / START_ADAPTER
                 if start.exists():  # a resumed run checks its reference against it, wherever the checkpoint goes
-                    shutil.copy2(start, checkpoint / START_ADAPTER)
+                    write_text_atomic(checkpoint / START_ADAPTER, start.read_text(encoding="utf-8"))
+                reached(f"dpo-saved:{state.global_step}")
 
     return SaveConfig()
 
@@ -247,6 +356,10 @@ def dpo_trainer_class():
             rows = token_id_rows(dataset, self._tokenizer, dataset_name)
             return rows.filter(lambda ids: not fully_truncated(ids, args.max_length, args.truncation_mode),
                                input_columns="prompt_ids")
+
+        def _save_rng_state(self, output_dir):
+            super()._save_rng_state(output_dir)
+            reached(f"dpo-save:{self.state.global_step}")  # inside the save: trainer_state.json not yet written
 
     return TokenExactDPOTrainer
 
@@ -317,30 +430,47 @@ def save_final_adapter(trainer, tokenizer, cfg) -> Path:
 
 
 def train(cfg, resume: bool = False) -> dict:
-    """Under `accelerate launch` every process trains (TRL's DDP path); only the main one writes files and wandb."""
-    import torch
+    """Under `accelerate launch` every process trains (TRL's DDP path); only the main one holds the run folder's
+    lock and writes files and wandb."""
 
-    from .models import check_adapter_path, load_generator, load_tokenizer
+    from .models import check_adapter_path
     from .template import load_chat_format
-    from .tracking import start_wandb
 
     # ---- inputs, checked before any model loads
     state = process_state()
     check_adapter_path(cfg.adapter, "adapter", cfg.source)
     chat = load_chat_format(cfg.chat_template)
-    checkpoint = resolve_resume(cfg, resume)
+    folder = Path(cfg.output_dir)
+    lock = None
+    with state.main_process_first():  # the main process locks the folder and tidies it; the others then read it
+        if state.is_main_process:  # one writer per run folder, to the end of the run
+            run_folder_exists(folder)
+            lock = FolderLock(folder, doing="training", create=True)
+        checkpoint = resolve_resume(cfg, resume, tidy=state.is_main_process)
+    try:
+        return _train(cfg, state, chat, folder, checkpoint)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg, state, chat, folder: Path, checkpoint: Path | None) -> dict:
+    import torch
+
+    from .models import load_generator, load_tokenizer
+    from .tracking import start_wandb
+
     with state.main_process_first():  # one process writes the datasets cache, the others read it
         train_set, eval_set = load_preferences(cfg, chat.special_tokens)
     dpo_args = build_dpo_config(cfg, has_eval=eval_set is not None)
     tokenizer = load_tokenizer(cfg.base_model, cfg.adapter, chat)
     check_pair_texts(tokenizer, train_set, cfg.base_model)
-    report_overlong({"training": train_set, "held-out": eval_set}, tokenizer,
-                    dpo_args, cfg.dataset, say=print if state.is_main_process else lambda _: None)
+    kept = report_overlong({"training": train_set, "held-out": eval_set}, tokenizer, dpo_args, cfg.dataset,
+                           say=print if state.is_main_process else lambda _: None)
+    check_trains_something(cfg.source, kept["training"], dpo_args, state.num_processes)
     state.wait_for_everyone()  # every process has looked at output_dir before the main one writes into it
-    folder = Path(cfg.output_dir)
     run = None
     if state.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
         save_config(cfg, folder, "config.json")
         run = start_wandb(cfg.wandb, "fine_tune_dpo", to_dict(cfg), folder)
 

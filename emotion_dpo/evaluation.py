@@ -11,7 +11,7 @@ from pathlib import Path
 from . import EMOTIONS
 from .config import save_config, to_dict
 from .errors import PipelineError
-from .files import run_folder_exists
+from .files import FolderLock, folder_entries, run_folder_exists
 from .prompts import load_prompts
 
 RESULT_FILES = ("results.json", "results.md", "replies.jsonl", "results.png")
@@ -88,7 +88,7 @@ def prepare_output_dir(cfg, fresh: bool = False) -> Path:
     """An empty folder, or one an unfinished evaluation left (its config.json, no results): never overwrite
     results silently; `fresh` moves earlier results aside."""
     folder = Path(cfg.output_dir)
-    if run_folder_exists(folder) and any(folder.iterdir()):
+    if run_folder_exists(folder) and folder_entries(folder):
         if not is_evaluation_folder(folder):
             raise PipelineError(f"{folder}: output_dir is not empty and holds no evaluation; choose another output_dir")
         if any((folder / name).exists() for name in RESULT_FILES):
@@ -151,12 +151,11 @@ def gather_scored(mine: dict[str, dict[int, list]], batches: int) -> dict[str, l
 
 def evaluate(cfg, fresh: bool = False) -> dict | None:
     """Under `accelerate launch` / torchrun each process samples and scores every N-th batch of prompts
-    (journal.shard); the main process gathers them and writes the results. Returns them there, None elsewhere."""
+    (journal.shard); the main process holds the run folder's lock, gathers them and writes the results. Returns them
+    there, None elsewhere."""
     from .distributed import process_state
-    from .generation import Scorer, checked_generation_config
-    from .journal import shard
-    from .models import add_adapter, check_adapter_path, load_generator
-    from .tracking import start_wandb
+    from .generation import checked_generation_config
+    from .models import check_adapter_path
 
     # ---- everything checked before any model weights load
     state = process_state()
@@ -164,12 +163,32 @@ def evaluate(cfg, fresh: bool = False) -> dict | None:
     check_adapter_path(cfg.dpo_adapter, "dpo_adapter", cfg.source)
     generation_config = checked_generation_config(cfg.generation, cfg.source)
     tokenizer, prompts = load_prompts(cfg)
-    run, folder = None, Path(cfg.output_dir)
+    lock, folder = None, Path(cfg.output_dir)
+    try:
+        if state.is_main_process:
+            run_folder_exists(folder)
+            lock = FolderLock(cfg.output_dir, doing="evaluating", create=True)  # one writer, to the end
+            folder = prepare_output_dir(cfg, fresh)
+            if not lock.path.exists():  # --fresh moved the folder (and the lock file in it) aside
+                lock.release()
+                lock = FolderLock(folder, doing="evaluating")
+        state.wait_for_everyone()  # (a refused output_dir ends the main process; the launcher then stops the rest)
+        return _evaluate(cfg, state, folder, tokenizer, prompts, generation_config)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _evaluate(cfg, state, folder: Path, tokenizer, prompts, generation_config) -> dict | None:
+    from .generation import Scorer
+    from .journal import shard
+    from .models import add_adapter, load_generator
+    from .tracking import start_wandb
+
+    run = None
     if state.is_main_process:
-        folder = prepare_output_dir(cfg, fresh)
         print(f"{len(prompts)} prompts from {cfg.dataset} split {cfg.dataset_split!r}")
         run = start_wandb(cfg.wandb, "evaluate", to_dict(cfg), folder)
-    state.wait_for_everyone()  # (a refused output_dir ends the main process; the launcher then stops the rest)
     batches = prompt_batches(prompts, cfg.batch_prompts)
     mine = shard(batches, state.process_index, state.num_processes)
     if state.num_processes > 1:

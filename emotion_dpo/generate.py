@@ -265,7 +265,8 @@ def finalize_run(cfg) -> dict:
                       "config and change nothing here:\n  " + "\n  ".join(ignored)
                       + "\n(--reselect OUT_DIR re-scores the stored candidates with reward and selection keys)",
                       stacklevel=2)
-    return finalize(cfg, folder)
+    _, prompts = load_prompts(cfg)  # the run's total (while it runs, the journal holds only those settled so far)
+    return finalize(cfg, folder, total_prompts=len(prompts))
 
 
 def reselect_run(cfg, out_dir: str) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ from . import config as config_module
 from .config import differing_keys, differing_keys_except, load_config, save_config, to_dict
 from .errors import PipelineError
 from .distributed import die_with_parent, launch_command
-from .files import write_text_atomic
+from .files import FolderLock, folder_entries, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 FINAL_ADAPTER = "final_adapter"  # fine_tune_dpo's output_dir/final_adapter
@@ -215,8 +216,27 @@ def resume_flags(stage: Stage) -> list[str]:
     return []  # generate_preferences resumes from its journal by itself
 
 
-def run_stage(stage: Stage, num_processes: int = 1) -> str:
-    """Run one stage unless finished; returns what happened ("skipped", "ran", "resumed")."""
+def wait_for_stage(stage: Stage, process) -> int:
+    """The stage's exit status. The stage runs in its own process group, so a Ctrl-C at the terminal reaches the
+    pipeline alone: the first is passed on to the stage (SIGINT: it stops cleanly, its finished work kept), a
+    second kills it (its finished work is still kept: journals and checkpoints count only once whole)."""
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: stopping {stage.label} (Ctrl-C passed on to it); its finished work is kept. "
+              "Ctrl-C again stops it at once", file=sys.stderr, flush=True)
+        process.send_signal(signal.SIGINT)
+    try:
+        process.wait()
+    except KeyboardInterrupt:
+        print(f"interrupted again: killing {stage.label}", file=sys.stderr, flush=True)
+        process.kill()
+        process.wait()
+    raise KeyboardInterrupt
+
+
+def run_stage(stage: Stage, lock: FolderLock | None = None, num_processes: int = 1) -> str:
+    """Run one stage unless finished, under the run's `lock`; returns what happened ("skipped", "ran", "resumed")."""
     if stage.marker.exists():
         refuse_changed(stage, json.loads(stage.marker.read_text())["config"], "finished")
         print(f"== {stage.label}: finished earlier ({stage.marker}), skipped", flush=True)
@@ -226,18 +246,15 @@ def run_stage(stage: Stage, num_processes: int = 1) -> str:
         print(f"== {stage.label}: its results were complete ({stage.folder}), marked finished", flush=True)
         return "skipped"
     flags = resume_flags(stage) if stage.folder.exists() else []
-    started = stage.folder.exists() and any(stage.folder.iterdir())
+    started = bool(folder_entries(stage.folder))
     print(f"== {stage.label}: {'resuming' if started else 'running'} in {stage.folder}"
           + (f" ({' '.join(flags)})" if flags else ""), flush=True)
     stage.folder.parent.mkdir(parents=True, exist_ok=True)
     started_at = time.time()
-    process = subprocess.Popen(stage.command(flags, num_processes),
+    process = subprocess.Popen(stage.command(flags, num_processes), env=lock.child_environment() if lock else None,
+                               process_group=0,  # Ctrl-C at the terminal reaches the pipeline, which passes it on
                                preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
-    try:
-        code = process.wait()
-    except KeyboardInterrupt:  # Ctrl-C reached the stage too: let it stop cleanly first
-        process.wait()
-        raise
+    code = wait_for_stage(stage, process)
     if code != 0:
         raise PipelineError(f"{stage.label} stopped (exit status {code}); its own message is above. Run the same "
                             "command again to resume: finished stages are skipped")
@@ -341,12 +358,21 @@ def write_iterations(run: Path, stages: list[Stage]) -> dict | None:
 # ------------------------------------------------------------------ the whole job
 
 def run_pipeline(cfg) -> dict | None:
+    """The whole job under one lock on the run folder: a second pipeline (or a stage started by hand inside it) is
+    refused at once, naming this process; the stages run under it (files.runs_under)."""
     stages = plan(cfg)
     run = Path(cfg.output_dir)
     try:
-        run.mkdir(parents=True, exist_ok=True)
+        lock = FolderLock(run, doing="running the pipeline", create=True)
+    except (NotADirectoryError, FileExistsError):
+        raise PipelineError(f"{run}: output_dir is a file, expected a folder; choose another output_dir") from None
     except OSError as e:
         raise PipelineError(f"{run}: output_dir is not writable ({e.strerror})") from None
+    with lock:
+        return run_stages(cfg, stages, run, lock)
+
+
+def run_stages(cfg, stages: list[Stage], run: Path, lock: FolderLock) -> dict | None:
     saved = run / "pipeline_config.json"
     if saved.exists():
         changed = [k for k in differing_keys(json.loads(saved.read_text()), to_dict(cfg))
@@ -355,7 +381,7 @@ def run_pipeline(cfg) -> dict | None:
             print("pipeline config differs from the run's (each stage checks its own):\n  " + "\n  ".join(changed))
     save_config(cfg, run, saved.name)
     for stage in stages:
-        run_stage(stage, cfg.launcher.num_processes)
+        run_stage(stage, lock, cfg.launcher.num_processes)
         if stage.kind is EVALUATE:
             write_iterations(run, stages)
     table = write_iterations(run, stages)

@@ -42,12 +42,39 @@ def load_rows(source: str, split: str, what: str, keep_in_memory: bool = False):
                 raise PipelineError(f"{source}: {what} file not found")
             if not has_a_line(path):  # datasets' json loader raises StopIteration on it
                 raise PipelineError(f"{source}: 0 rows: the {what} file is empty")
+            if path.suffix == ".jsonl":
+                check_jsonl(path, what)
             return datasets.load_dataset("json", data_files=str(path), split="train")
         return datasets.load_dataset(source, split=split)
     except PipelineError:
         raise
     except Exception as e:  # the Hub, a corrupt folder: say which source failed and why, briefly
         raise PipelineError(f"{source}: cannot load {what} ({type(e).__name__}: {e})") from None
+
+
+def check_jsonl(path: Path, what: str) -> None:
+    """Every line UTF-8 and one JSON object, or an error naming the line; pyarrow would say only "Invalid octet" or
+    "JSON parse error ... in row N" of some block, from deep in datasets."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    last = max((n for n, line in enumerate(lines) if line.strip()), default=-1)
+    for n, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        where = f"{path}:{n + 1}"
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise PipelineError(f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the "
+                                f"{what} file as UTF-8") from None
+        try:
+            row = json.loads(text)
+        except ValueError as e:
+            cut = (" it is the last line and looks cut short (a copy or write that stopped): complete or remove it"
+                   if n == last else " fix or remove that line")
+            raise PipelineError(f"{where}: not a JSON object ({e.msg} at column {e.colno});{cut}") from None
+        if not isinstance(row, dict):
+            raise PipelineError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
 
 
 def has_a_line(path: Path) -> bool:

@@ -1,0 +1,135 @@
+"""run_pipeline under the faults of issue 22, with real processes, each kill or stop at a step the process reports
+(emotion_dpo.faultpoints), never after a sleep:
+1. a kill inside DPO's first checkpoint save: the same command then completes, equal to an uninterrupted run;
+2. two pipelines on one folder: the second is refused at once naming the first's PID; after kill -9 of the first,
+   the second takes over and resumes its DPO from the checkpoint;
+7. Ctrl-C (SIGINT) to run_pipeline alone is passed on to the running stage, which stops cleanly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_pipeline import DEMO_CONFIG, world_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+FAULT = "EMOTION_DPO_FAULT"  # emotion_dpo.faultpoints: the process dies or stops at the step it names
+# One iteration, 8 prompts, 4 DPO steps with a checkpoint every 2, 8 held-out prompts.
+SMALL = ["iterations=1", "generate.num_prompts=8", "generate.batch_prompts=8", "dpo.eval_fraction=0",
+         "dpo.dpo.max_steps=4", "dpo.dpo.per_device_train_batch_size=2", "dpo.dpo.save_steps=2",
+         "dpo.dpo.save_total_limit=null", "dpo.dpo.eval_strategy=no", "evaluate.num_prompts=8",
+         "evaluate.include_base=false", "evaluate.bootstrap_samples=100"]
+
+
+def command(world, run):
+    args = [sys.executable, str(ROOT / "run_pipeline.py"), "--config", str(DEMO_CONFIG)]
+    for override in world_overrides(world) + SMALL + [f"output_dir={run}"]:
+        args += ["--set", override]
+    return args
+
+
+def environment(fault=None):
+    env = {k: v for k, v in os.environ.items() if k != FAULT}
+    env["OMP_NUM_THREADS"] = "1"
+    return {**env, FAULT: fault} if fault else env
+
+
+def run(world, folder, fault=None):
+    return subprocess.run(command(world, folder), capture_output=True, text=True, timeout=900, cwd=ROOT,
+                          env=environment(fault))
+
+
+def start_until(world, folder, fault: str, point: str):
+    """Start the pipeline with `fault`; read its output until the stage reports `point` (it has stopped itself
+    there). Returns (the pipeline process, the stopped stage's PID, the output so far)."""
+    process = subprocess.Popen(command(world, folder), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               cwd=ROOT, env=environment(fault))
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith(f"fault point {point}: stop (process "):
+            return process, int(line.rsplit(" ", 1)[1].rstrip(")\n")), "".join(seen)
+    process.wait()
+    pytest.fail(f"the pipeline ended before {point}:\n" + "".join(seen)[-3000:])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_world, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("uninterrupted") / "run"
+    result = run(demo_world, folder)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return json.loads((folder / "iterations.json").read_text())
+
+
+def same_table(table: dict, other: dict, run: Path, other_run: Path) -> bool:
+    return json.dumps(table).replace(str(run), "RUN") == json.dumps(other).replace(str(other_run), "RUN")
+
+
+def test_1_a_kill_inside_the_first_checkpoint_save_restarts_dpo_and_ends_as_an_uninterrupted_run(
+        demo_world, tmp_path, uninterrupted):
+    folder = tmp_path / "run"
+    killed = run(demo_world, folder, fault="kill@dpo-save:2")
+    assert killed.returncode == 2 and "fault point dpo-save:2: kill" in killed.stdout, killed.stderr[-2000:]
+    first = folder / "iter-1/dpo/checkpoint-2"
+    assert first.is_dir() and not (first / "trainer_state.json").exists()  # the only checkpoint, cut short
+
+    result = run(demo_world, folder)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"{first}: incomplete (no trainer_state.json: its save was cut short); removed" in result.stdout
+    assert "no complete checkpoint to resume from; starting again from the start adapter" in result.stdout
+    table = json.loads((folder / "iterations.json").read_text())
+    other = Path(uninterrupted["iterations"][0]["adapter"]).parents[2]
+    assert same_table(table, uninterrupted, folder, other)
+
+
+def test_2_a_second_pipeline_on_the_folder_is_refused_then_takes_over_after_a_kill_9(demo_world, tmp_path,
+                                                                                     uninterrupted):
+    folder = tmp_path / "run"
+    first, _, _ = start_until(demo_world, folder, "stop@dpo-saved:2", "dpo-saved:2")
+    try:
+        refused = run(demo_world, folder)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr
+        assert f"process {first.pid} is running the pipeline in this folder" in refused.stderr
+        assert "== iteration" not in refused.stdout  # refused before any stage started
+        # a stage started by hand in the pipeline's folder is refused too, naming the pipeline
+        by_hand = subprocess.run([sys.executable, "-c", "import sys; from emotion_dpo.files import FolderLock; "
+                                  "FolderLock(sys.argv[1], doing='training')", str(folder / "iter-1/dpo")],
+                                 capture_output=True, text=True, cwd=ROOT, env=environment())
+        assert f"where process {first.pid} is running the pipeline" in by_hand.stderr
+    finally:
+        first.kill()  # kill -9 of the pipeline; its stopped stage dies with it (PR_SET_PDEATHSIG)
+        first.stdout.read()  # to the end: the pipeline and its stage (which shares the pipe) have both exited
+        first.wait()
+
+    result = run(demo_world, folder)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "== iteration 1 generate_preferences.py: finished earlier" in result.stdout
+    assert f"resuming from {folder / 'iter-1/dpo/checkpoint-2'}" in result.stdout
+    other = Path(uninterrupted["iterations"][0]["adapter"]).parents[2]
+    assert same_table(json.loads((folder / "iterations.json").read_text()), uninterrupted, folder, other)
+
+
+def test_7_ctrl_c_to_the_pipeline_is_passed_on_and_the_stage_stops_cleanly(demo_world, tmp_path):
+    folder = tmp_path / "run"
+    pipeline, stage_pid, _ = start_until(demo_world, folder, "stop@dpo-saved:2", "dpo-saved:2")
+    try:
+        pipeline.send_signal(signal.SIGINT)  # to the pipeline alone, as `kill -INT PID` does
+        said = []
+        for line in pipeline.stdout:
+            said.append(line)
+            if "interrupted: stopping iteration 1 fine_tune_dpo.py (Ctrl-C passed on to it)" in line:
+                break
+        os.kill(stage_pid, signal.SIGCONT)  # the stage goes on, with the SIGINT passed on to it pending
+        said.append(pipeline.stdout.read())
+        code = pipeline.wait(timeout=600)
+    finally:
+        pipeline.kill()
+    output = "".join(said)
+    assert code == 130, output[-3000:]
+    assert "interrupted: finished work is kept; run it again with --resume" in output  # the stage's own clean exit
+    assert "Traceback" not in output
+    assert not (folder / "iter-1/dpo.done.json").exists() and (folder / "iter-1/dpo/checkpoint-2/trainer_state.json").exists()

@@ -43,7 +43,7 @@ def clocked(owner, name: str, log: list):
 
 
 def stage_generate(run: Path) -> dict:
-    from emotion_dpo import generation, preference_run
+    from emotion_dpo import generate, generation
     from emotion_dpo.config import GenerateConfig, load_config
 
     rounds, generate, score = [], [], []
@@ -53,7 +53,7 @@ def stage_generate(run: Path) -> dict:
     cfg = load_config(GenerateConfig, str(ROOT / "args/demo/generate_preferences_arg.json"),
                       [f"output_dir={run / 'preferences'}"])
     started = time.perf_counter()
-    preference_run.generate(cfg)
+    generate.generate(cfg)
     work = time.perf_counter() - started
     stats = json.loads((run / "preferences/statistics.json").read_text())
     mean_rounds = stats["rounds_per_prompt"]["mean"]
@@ -67,7 +67,7 @@ def stage_generate(run: Path) -> dict:
 def stage_dpo(run: Path) -> dict:
     from transformers import TrainerCallback
 
-    from emotion_dpo import dpo
+    from emotion_dpo import dpo_train as dpo
     from emotion_dpo.config import TrainConfig, load_config
 
     marks = []

@@ -398,3 +398,16 @@ def test_emotion_labels_must_be_distinct_names(tmp_path, labels):
     path = write(tmp_path, {**MINIMAL, "emotion_labels": labels})
     assert error_of(path) == (f"{path}: key emotion_labels: expected distinct non-empty names (case-insensitively), "
                               f"one per classifier output, got {json.dumps(labels)}")
+
+
+@pytest.mark.parametrize("cls, key, base", [(GenerateConfig, "chosen_endings", MINIMAL),
+                                            (EvaluateConfig, "complete_endings", {**MINIMAL, "dpo_adapter": "x"})])
+def test_endings_are_single_characters_as_the_reference_compares_them(tmp_path, cls, key, base):
+    # hermeschen1116/emotion-chat-bot@1228505, src/scripts/response_generator/data_process_dpo.py:
+    # `chosen.strip(" ")[-1:] not in ["!", ".", "?"]`: a reply's last character; "..." could never match
+    path = write(tmp_path, {**base, key: ["!", "...", "?!"]})
+    with pytest.raises(PipelineError) as refused:
+        load_config(cls, path)
+    assert str(refused.value) == (f"{path}: key {key}: expected single characters (a reply's last character is "
+                                  'compared), got ["...", "?!"]')
+    assert getattr(load_config(cls, write(tmp_path, {**base, key: ["!", "."]})), key) == ["!", "."]

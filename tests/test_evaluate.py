@@ -141,3 +141,26 @@ def test_a_test_split_of_too_short_dialogues_is_a_clear_error(demo_world, tmp_pa
                                             "num_turns_history=1 needs"):
         evaluate(cfg)
     assert not (tmp_path / "eval").exists()
+
+
+def test_the_cut_off_rate_uses_selections_ending_rule():
+    # the reference's rule (selection.ending_of): the last character once spaces, and only spaces, are stripped
+    replies = [reply("fine . ", "neutral"), reply("fine .\n", "neutral"), reply("ok", "neutral")]
+    m = model_metrics(["neutral"] * 3, replies, clean_confidence=0.8, endings=["!", ".", "?"])
+    assert m["cutoff_rate"] == pytest.approx(2 / 3)  # "fine .\n" and "ok"
+
+
+def test_an_evaluation_folder_of_another_version_is_still_an_evaluation(tmp_path):
+    from emotion_dpo.evaluation import is_evaluation_folder
+
+    cfg = load_config(EvaluateConfig, DEMO_CONFIG, [f"output_dir={tmp_path / 'eval'}"])
+    prepare_output_dir(cfg)
+    saved = json.loads((tmp_path / "eval" / "config.json").read_text())
+    (tmp_path / "eval" / "config.json").write_text(json.dumps({**saved, "a_key_of_a_later_version": 1}))
+    assert is_evaluation_folder(tmp_path / "eval")
+    del saved["bootstrap_samples"]  # a key an older version did not have
+    (tmp_path / "eval" / "config.json").write_text(json.dumps(saved))
+    assert is_evaluation_folder(tmp_path / "eval")
+    (tmp_path / "eval" / "results.json").write_text("{}")
+    with pytest.raises(PipelineError, match="already holds results"):  # not "holds no evaluation"
+        prepare_output_dir(cfg)

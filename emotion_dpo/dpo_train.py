@@ -20,6 +20,7 @@ from .config import differing_keys_except, save_config, to_dict, without_comment
 from .dpo_data import fully_truncated, load_preferences, report_overlong, token_id_rows
 from .dpo_guard import REFERENCE_ADAPTER, START_ADAPTER, guard_reference
 from .errors import PipelineError
+from .kill_points import kill_point
 from .files import run_folder_exists, write_text_atomic
 
 FINAL_ADAPTER = "final_adapter"
@@ -184,6 +185,7 @@ def config_saver(cfg):
                 start = Path(args.output_dir) / START_ADAPTER
                 if start.exists():  # a resumed run checks its reference against it, wherever the checkpoint goes
                     shutil.copy2(start, checkpoint / START_ADAPTER)
+                kill_point("checkpoint", checkpoint)
 
     return SaveConfig()
 

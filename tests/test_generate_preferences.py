@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -219,18 +218,14 @@ def test_reselect_refuses_keys_that_would_need_new_generation(finished_run, demo
 def test_a_run_killed_with_sigkill_resumes_without_loss_or_duplicates(demo_world, tmp_path):
     out = tmp_path / "killed"
     args = run_script(demo_world, out, num_prompts=30, extra=["batch_prompts=3"])
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal = out / "journal.rank0.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if journal.exists() and len(journal.read_text().splitlines()) >= 4:
-            break
-        time.sleep(0.2)
-    assert process.poll() is None, "the run finished before it could be killed; make it longer"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    # the run kills itself with SIGKILL once its 4th settled prompt is on disk (emotion_dpo/kill_points.py)
+    killed = subprocess.run(args, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "EMOTION_DPO_KILL_AT": "settled:4"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert "kill point settled reached" in killed.stdout
     before = {r["index"]: r for r in read_journal(journal)}
-    assert 4 <= len(before) < 30
+    assert len(before) == 4  # exactly the 4 it reported before it died
     assert not (out / "dataset").exists()
 
     result = subprocess.run(args, capture_output=True, text=True, timeout=600)

@@ -106,8 +106,9 @@ def test_a_model_compared_with_itself_under_the_same_seed_ties(demo_world, tmp_p
     w = results["dpo_vs_sft"]
     assert w["ci95"][0] <= 0.5 <= w["ci95"][1]
     assert w["win_rate"] == 0.5
-    for name in ("results.md", "results.json", "replies.jsonl", "results.png", "config.json"):
-        assert (tmp_path / "eval" / name).exists(), name
+    assert json.loads((tmp_path / "eval" / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert (tmp_path / "eval" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "eval" / "config.json").read_text())["dpo_adapter"] == str(demo_world / "sft_adapter")
     assert "DPO vs SFT win rate by total reward: 0.500" in (tmp_path / "eval" / "results.md").read_text()
     rows = [json.loads(line) for line in (tmp_path / "eval" / "replies.jsonl").read_text().splitlines()]
     assert len(rows) == 24 and all(r["SFT"]["text"] == r["DPO"]["text"] for r in rows)

@@ -28,7 +28,7 @@ class Target:
 
 M = Mutant
 
-REWARDS = Target("emotion_dpo/rewards.py", ["tests/test_rewards.py"], [
+REWARDS = Target("emotion_dpo/rewards.py", ["tests/test_rewards.py", "-k", "not needs_no_torch"], [
     M("return confidence * 10 if label.lower() == target.lower() else 0.0",
       "return confidence * 10 if label == target else 0.0", "emotion reward: labels compared case-sensitively"),
     M("return confidence * 10 if label", "return confidence * 9 if label", "emotion reward: x 9"),

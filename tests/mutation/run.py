@@ -44,14 +44,15 @@ def sandbox() -> Path:
     return where
 
 
-def run_tests(where: Path, tests: list[str], timeout: int) -> tuple[bool, str]:
-    """(passed, why) of the target's tests in the sandbox: pytest in a forked child of this process, which
-    imported the heavy libraries once (torch, datasets, transformers) but never emotion_dpo, so each run reads the
-    sandbox's files as they are now."""
+def start_tests(where: Path, tests: list[str], timeout: int) -> int:
+    """Fork a child that runs the target's tests in the sandbox `where` (pytest, quiet, stopping at the first
+    failure); returns its pid. The parent imported the heavy libraries once (torch, datasets, transformers) but never
+    emotion_dpo, so each child reads the sandbox's files as they are now."""
     pid = os.fork()
     if pid == 0:  # the child
         try:
             os.chdir(where)
+            sys.path.insert(0, str(where))
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
             os.dup2(devnull, 2)
@@ -62,18 +63,26 @@ def run_tests(where: Path, tests: list[str], timeout: int) -> tuple[bool, str]:
         except BaseException:  # noqa: BLE001
             code = 3
         os._exit(int(code))
-    _, status = os.waitpid(pid, 0)
+    return pid
+
+
+def outcome(status: int) -> tuple[bool, str]:
+    """(passed, why) from a child's wait status."""
     if os.WIFSIGNALED(status):
         return False, f"killed by signal {os.WTERMSIG(status)}"
     code = os.WEXITSTATUS(status)
     return code == 0, f"pytest exit status {code}"
 
 
-def preload(where: Path) -> None:
+def run_tests(where: Path, tests: list[str], timeout: int) -> tuple[bool, str]:
+    _, status = os.waitpid(start_tests(where, tests, timeout), 0)
+    return outcome(status)
+
+
+def preload() -> None:
     """Import once what every test run needs, so that each forked run starts in a second or two."""
     os.environ.update(PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
     sys.dont_write_bytecode = True
-    sys.path.insert(0, str(where))
     import datasets  # noqa: F401
     import jinja2  # noqa: F401
     import matplotlib  # noqa: F401
@@ -92,12 +101,32 @@ def apply(source: str, mutant, path: str) -> str:
     return source.replace(mutant.old, mutant.new)
 
 
+def run_mutants(target, original: str, sandboxes: list[Path], timeout: int) -> list[tuple[bool, str]]:
+    """Each mutant in a sandbox of its own while it runs, up to len(sandboxes) at once; results in mutant order."""
+    results: list = [None] * len(target.mutants)
+    free, running = list(sandboxes), {}  # pid -> (mutant position, sandbox)
+    queue = list(enumerate(target.mutants))
+    while queue or running:
+        while queue and free:
+            at, mutant = queue.pop(0)
+            where = free.pop()
+            (where / target.path).write_text(apply(original, mutant, target.path))
+            running[start_tests(where, target.tests, timeout)] = (at, where)
+        pid, status = os.wait()
+        at, where = running.pop(pid)
+        (where / target.path).write_text(original)
+        results[at] = outcome(status)
+        free.append(where)
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="*", help=f"rule files to mutate (default all: {', '.join(TARGETS)})")
     parser.add_argument("--list", action="store_true", help="list the mutants without running them")
     parser.add_argument("--min", type=float, default=90.0, help="the per-file score to reach, in percent")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per mutant run")
+    parser.add_argument("--jobs", type=int, default=2, help="mutants run at once, each in its own copy of the repo")
     args = parser.parse_args()
     names = args.files or list(TARGETS)
     unknown = [n for n in names if n not in TARGETS]
@@ -120,35 +149,31 @@ def main() -> int:
                 print(f"  = {m.what}  (equivalent: {m.why})")
         return 0
 
-    where = sandbox()
-    preload(where)
+    preload()
+    sandboxes = [sandbox() for _ in range(args.jobs)]
     scores = {}
     try:
         for name in names:
             target = TARGETS[name]
-            path = where / target.path
-            original = path.read_text()
             started = time.perf_counter()
-            passed, tail = run_tests(where, target.tests, args.timeout)
+            passed, tail = run_tests(sandboxes[0], target.tests, args.timeout)
             if not passed:
                 print(f"== {target.path}: its tests fail WITHOUT a mutant ({tail}); fix that first")
                 return 2
             print(f"== {target.path}: tests pass unmutated in {time.perf_counter() - started:.0f} s; "
                   f"{len(target.mutants)} mutants", flush=True)
-            killed = 0
-            for mutant in target.mutants:
-                path.write_text(apply(original, mutant, target.path))
-                try:
-                    passed, tail = run_tests(where, target.tests, args.timeout)
-                finally:
-                    path.write_text(original)
-                killed += not passed
+            original = (ROOT / target.path).read_text()
+            results = run_mutants(target, original, sandboxes, args.timeout)
+            for mutant, (passed, _) in zip(target.mutants, results):
                 print(f"  {'killed  ' if not passed else 'SURVIVED'}  {mutant.what}", flush=True)
             for mutant in target.equivalent:
                 print(f"  equivalent  {mutant.what}: {mutant.why}")
+            killed = sum(not passed for passed, _ in results)
             scores[target.path] = (killed, len(target.mutants), len(target.equivalent))
+            print(f"   {killed} / {len(target.mutants)} killed in {time.perf_counter() - started:.0f} s", flush=True)
     finally:
-        shutil.rmtree(where, ignore_errors=True)
+        for where in sandboxes:
+            shutil.rmtree(where, ignore_errors=True)
 
     print("\nfile                        killed / mutants   score   (equivalent, not counted)")
     low = False

@@ -10,8 +10,6 @@ import pytest
 from emotion_dpo.config import TrainConfig, load_config
 from emotion_dpo.dpo_data import load_preferences, token_id_rows
 from emotion_dpo.errors import PipelineError
-from emotion_dpo.models import load_tokenizer
-from emotion_dpo.template import load_chat_format
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "<s>[INST] [EMOTION] neutral [/EMOTION] hi {} . [/INST] [EMOTION] happiness [/EMOTION] "
@@ -44,10 +42,9 @@ def test_fewer_than_ten_pairs_train_on_all_and_say_that_none_is_held_out(tmp_pat
     assert "held-out" not in capsys.readouterr().out
 
 
-@pytest.fixture(scope="module")
-def tokenizer(demo_world):
-    return load_tokenizer(str(demo_world / "base"), str(demo_world / "sft_adapter"),
-                          load_chat_format(ROOT / "args/chat_template.json"))
+@pytest.fixture
+def tokenizer(demo_tokenizer):
+    return demo_tokenizer
 
 
 def test_every_rows_prompt_ids_are_checked_against_the_tokenizer(tokenizer):

@@ -27,10 +27,9 @@ DIALOGUE = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(demo_world):
-    return load_tokenizer(str(demo_world / "base"), str(demo_world / "sft_adapter"),
-                          load_chat_format("args/chat_template.json"))
+@pytest.fixture
+def tokenizer(demo_tokenizer):
+    return demo_tokenizer
 
 
 # Golden strings, derived by hand from the rules of the reference's template Llama2_OUT_INST_UNI.json
@@ -100,14 +99,13 @@ def test_the_references_own_template_renders_the_hand_written_prompts(demo_world
             assert prompt.text == golden
 
 
-def test_a_template_file_in_the_reference_format_loads_and_renders_as_the_projects(demo_world, tmp_path):
+def test_a_template_file_in_the_reference_format_loads_and_renders_as_the_projects(demo_world, tokenizer, tmp_path):
     data = datasets.Dataset.from_list([{"prompt": PADDED}, {"prompt": DIALOGUE[:4]}])
     for path in reference_files(tmp_path):
         chat = load_chat_format(path)
         assert (chat.special_tokens, chat.pad_token) == (("[INST]", "[/INST]", "[EMOTION]", "[/EMOTION]"), "<pad>")
         theirs = load_tokenizer(str(demo_world / "base"), str(demo_world / "sft_adapter"), chat)
-        ours = load_tokenizer(str(demo_world / "base"), str(demo_world / "sft_adapter"),
-                              load_chat_format("args/chat_template.json"))
+        ours = tokenizer
         for history, system in GOLDEN:
             mine = build_prompts(data, ours, system, num_turns_history=history, all_windows=True)
             them = build_prompts(data, theirs, system, num_turns_history=history, all_windows=True)
@@ -115,7 +113,7 @@ def test_a_template_file_in_the_reference_format_loads_and_renders_as_the_projec
             assert [p.ids for p in mine] == [p.ids for p in them]
 
 
-def test_a_jinja_error_in_the_template_file_names_the_file(demo_world, tmp_path):
+def test_a_jinja_error_in_the_template_file_names_the_file(tokenizer, tmp_path):
     broken = reference_format_file(tmp_path / "broken.json", "{% for m in messages %}{{ m['role'] }")
     with pytest.raises(PipelineError, match=r"broken.json: key 'template': jinja syntax error"):
         load_chat_format(broken)
@@ -124,8 +122,6 @@ def test_a_jinja_error_in_the_template_file_names_the_file(demo_world, tmp_path)
     with pytest.raises(PipelineError, match=r"unclosed.json: key 'chat_template': jinja syntax error"):
         load_chat_format(tmp_path / "unclosed.json")
     # a runtime error: the template's own check that roles alternate
-    tokenizer = load_tokenizer(str(demo_world / "base"), str(demo_world / "sft_adapter"),
-                               load_chat_format("args/chat_template.json"))
     data = datasets.Dataset.from_list([{"prompt": [DIALOGUE[0], DIALOGUE[2], *DIALOGUE[2:4]]}])
     with pytest.raises(PipelineError, match=r"args/chat_template.json: the template failed to render a conversation: "
                                             r"the turns after the system prompt must alternate"):

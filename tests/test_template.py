@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from emotion_dpo.errors import PipelineError
-from emotion_dpo.models import load_tokenizer
 from emotion_dpo.template import check_context_ids, context_ids, load_chat_format, render_chat
 
 PROJECT = json.loads(Path("args/chat_template.json").read_text())
@@ -69,10 +68,9 @@ def test_a_prompt_whose_tokens_merge_with_the_reply_is_refused():
         check_context_ids(WordTokenizer(), "<s> hi [/EMOTION]", "cfg.json")
 
 
-@pytest.fixture(scope="module")
-def tokenizer(demo_world):
-    return load_tokenizer(str(demo_world / "base"), str(demo_world / "sft_adapter"),
-                          load_chat_format("args/chat_template.json"))
+@pytest.fixture
+def tokenizer(demo_tokenizer):
+    return demo_tokenizer
 
 
 def test_the_installed_tokenizer_pads_on_the_left_with_the_templates_pad_token(tokenizer):

@@ -46,7 +46,7 @@ def accepted(*rounds, eos=EOS):
 
 
 def test_a_row_holds_the_pair_its_ids_with_eos_and_each_reward_part():
-    row = preference_row(accepted([SAD, SHORT], [SHORT, GOOD]))
+    row = preference_row(accepted([SAD, SHORT], [SHORT, GOOD, SAD]))  # 2 rounds, 3 candidates in the last
     assert (row["prompt"], row["chosen"], row["rejected"]) == ("<s>[INST] hi [/INST]", GOOD.text, SHORT.text)
     assert (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) == ([1, 5, 6], [11, 12, 2], [13, 2])
     assert (row["rounds"], row["index"], row["target_emotion"]) == (2, 7, "happiness")

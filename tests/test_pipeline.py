@@ -52,12 +52,14 @@ def kill_when(world, run, log: Path, point: str):
     would keep it open, and the timeout fails the test)."""
     env = {**os.environ, "EMOTION_DPO_KILL_AT": point, "EMOTION_DPO_KILL_PARENT": "1"}
     process = subprocess.Popen(command(world, run), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
-                               env=env, text=True)
+                               env=env, text=True, start_new_session=True)
     try:
-        output, _ = process.communicate(timeout=900)
+        output, _ = process.communicate(timeout=1800)  # a bound for a hung run, not a race: the run kills itself
     except subprocess.TimeoutExpired:
-        process.kill()
-        pytest.fail(f"the pipeline or its stage did not end after the kill point {point}")
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        log.write_text(output)
+        pytest.fail(f"the pipeline or its stage did not end after the kill point {point}:\n{output[-3000:]}")
     log.write_text(output)
     assert process.returncode == -signal.SIGKILL, output[-3000:]
     assert f"kill point {point.split(':')[0]} reached" in output

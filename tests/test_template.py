@@ -116,3 +116,40 @@ def test_a_template_file_with_a_bad_key_is_refused_naming_it(tmp_path, change, m
 def test_a_missing_template_file_is_one_clear_line(tmp_path):
     with pytest.raises(PipelineError, match="nope.json: chat template file not found"):
         load_chat_format(tmp_path / "nope.json")
+
+
+class TableTokenizer:
+    """The ids of each text as a table says: a boundary behaviour written out by hand."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __call__(self, text, add_special_tokens=True):
+        if isinstance(text, list):
+            return {"input_ids": [self.table[t] for t in text]}
+        return {"input_ids": self.table[text]}
+
+    def decode(self, ids):
+        return "w"
+
+    def convert_ids_to_tokens(self, ids):
+        return [str(i) for i in ids]
+
+
+def test_a_prompt_whose_last_token_splits_differently_before_a_reply_is_refused():
+    # "ab" alone ends in token 2; in "ab word" the same letters end in token 3: not a prefix, though longer
+    with pytest.raises(PipelineError, match="cfg.json: the prompt's tokens are not a prefix of prompt \\+ reply"):
+        check_context_ids(TableTokenizer({"ab": [1, 2], "ab word": [1, 3, 4]}), "ab ", "cfg.json")
+    check_context_ids(TableTokenizer({"ab": [1, 2], "ab word": [1, 2, 4]}), "ab ", "cfg.json")  # a prefix: accepted
+
+
+def test_installing_a_format_sets_its_pad_token_and_special_tokens(tokenizer):
+    import copy
+
+    from emotion_dpo.template import ChatFormat, install_chat_format
+
+    fresh = copy.deepcopy(tokenizer)
+    added = install_chat_format(fresh, ChatFormat(PROJECT["chat_template"], ("[INST]", "[NEW]"), "<mypad>"))
+    assert added == 2  # <mypad> and [NEW]
+    assert (fresh.pad_token, fresh.padding_side, fresh.chat_template) == ("<mypad>", "left", PROJECT["chat_template"])
+    assert fresh.convert_tokens_to_ids("[NEW]") == len(fresh) - 1  # the newest token: added, not split

@@ -218,6 +218,9 @@ def test_skip_prompts_leaves_out_the_first_ones_and_numbers_the_rest_from_0(demo
 def test_dataset_emotions_compare_case_insensitively_with_emotion_labels():
     rows = datasets.Dataset.from_list([{"prompt": [turn("user", "Neutral", "hi ."), turn("assistant", "HAPPINESS", "hey !")]}])
     check_dialogues(rows, "d.jsonl", EMOTIONS)
+    check_dialogues(datasets.Dataset.from_list([{"prompt": [turn("user", "neutral", "hi ."),
+                                                             turn("assistant", "happiness", "hey !")]}]),
+                    "d.jsonl", [e.capitalize() for e in EMOTIONS])  # labels written as the design document does
     with pytest.raises(PipelineError, match="d.jsonl: row 0, turn 1: unknown emotion 'joy'"):
         check_dialogues(datasets.Dataset.from_list([{"prompt": [turn("user", "neutral", "hi ."),
                                                                  turn("assistant", "joy", "hey !")]}]), "d.jsonl", EMOTIONS)
@@ -262,6 +265,12 @@ def test_windows_start_on_a_user_turn_and_end_on_an_assistant_turn():
     offset = [turn("assistant", "neutral", "hello .")] + DIALOGUE  # turn 0 is an assistant turn
     assert window_starts(offset, 4, all_windows=True) == [1, 3]
     assert window_starts(DIALOGUE, 6, all_windows=True) == [0]  # the window may end on the very last turn
+
+
+def test_the_target_is_the_emotion_of_the_reply_not_of_the_user_turn():
+    messages, target = build_messages([turn("user", "anger", "why ?"), turn("assistant", "fear", "oh no .")], "be kind .")
+    assert target == "fear" and messages[-1] == turn("assistant", "fear", "")
+    assert messages[0] == {"role": "system", "content": {"emotion": "", "dialog": "be kind ."}}
 
 
 def test_the_messages_hold_a_system_turn_the_history_and_the_target_reply_empty():

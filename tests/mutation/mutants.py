@@ -212,8 +212,6 @@ PROMPTS = Target("emotion_dpo/prompts.py", ["tests/test_prompts.py"], [
       "a number as dialog accepted"),
     M("if len(content[\"dialog\"]) > LONG_TURN_CHARACTERS:", "if len(content[\"dialog\"]) >= LONG_TURN_CHARACTERS:",
       "long turn: a turn of exactly the limit warned about"),
-    M('if turns[s]["role"] == "user" and turns[s + window - 1]["role"] == "assistant"',
-      'if turns[s + window - 1]["role"] == "assistant"', "a window may start on an assistant turn"),
     M("return starts if all_windows else starts[-1:]", "return starts if all_windows else starts[:1]",
       "the first window by default, not the last"),
     M("for s in range(len(turns) - window + 1)", "for s in range(len(turns) - window)",
@@ -232,6 +230,12 @@ PROMPTS = Target("emotion_dpo/prompts.py", ["tests/test_prompts.py"], [
     M("return any(line.strip() for line in f)", "return any(line for line in f)",
       "a file of blank lines counts as rows"),
 ])
+
+PROMPTS.equivalent.append(
+    M('if turns[s]["role"] == "user" and turns[s + window - 1]["role"] == "assistant"',
+      'if turns[s + window - 1]["role"] == "assistant"', "a window may start on an assistant turn",
+      "a window has an even number of turns and check_dialogues makes the roles alternate first, so a window that "
+      "ends on an assistant turn starts on a user turn"))
 
 TEMPLATE = Target("emotion_dpo/template.py", ["tests/test_template.py", "tests/test_prompts.py"], [
     M('''    first = whole[len(ids)]

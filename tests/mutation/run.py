@@ -126,12 +126,16 @@ def main() -> int:
     parser.add_argument("--list", action="store_true", help="list the mutants without running them")
     parser.add_argument("--min", type=float, default=90.0, help="the per-file score to reach, in percent")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per mutant run")
+    parser.add_argument("--only", metavar="TEXT", help="run only the mutants whose description contains TEXT")
     parser.add_argument("--jobs", type=int, default=2, help="mutants run at once, each in its own copy of the repo")
     args = parser.parse_args()
     names = args.files or list(TARGETS)
     unknown = [n for n in names if n not in TARGETS]
     if unknown:
         parser.error(f"unknown file {unknown[0]!r} (one of {', '.join(TARGETS)})")
+    if args.only:
+        for name in names:
+            TARGETS[name].mutants = [m for m in TARGETS[name].mutants if args.only in m.what]
 
     for name in names:  # every mutant's text must still be in its file, also for --list
         target = TARGETS[name]

@@ -33,12 +33,19 @@ def describe(reply) -> str:
             f"length {reply.length_reward:.2f}, gibberish {reply.gibberish_reward:.2f}, total {reply.total:.2f}")
 
 
+def default_emotion(emotion_labels) -> str:
+    """What both models are asked for until /emotion: neutral where the labels have it (the reference's first
+    label), else the classifier's first output."""
+    known = [label.lower() for label in emotion_labels]
+    return "neutral" if "neutral" in known else known[0]
+
+
 class ChatSession:
     def __init__(self, cfg, model, tokenizer, scorer, generation_config, show_prompts: bool = False):
         self.cfg, self.model, self.tokenizer, self.scorer = cfg, model, tokenizer, scorer
         self.generation_config = generation_config
         self.show_prompts = show_prompts
-        self.requested = "neutral"
+        self.requested = default_emotion(cfg.emotion_labels)
         self.histories = {name: [] for name, _ in MODELS}
         self.turns = 0
 

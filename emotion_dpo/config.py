@@ -335,6 +335,10 @@ class SelectionConfig(Section):
                                       description="chosen must end in one of these")
     max_retries: int = Field(30, ge=0, description="failed rounds regenerated before a prompt is given up")
 
+    @staticmethod
+    def rules(values: dict) -> list[tuple[str, str]]:
+        return single_characters("chosen_endings", values)
+
 
 class GenerateConfig(GeneratorSource, PromptSource, RewardConfig, SelectionConfig):
     unchanged_results: ClassVar = frozenset({"output_dir", "wandb", "batch_prompts", "classifier_batch_size",
@@ -387,6 +391,18 @@ class EvaluateConfig(GeneratorSource, PromptSource, RewardConfig):
     complete_endings: list[str] = Field(default_factory=lambda: ["!", ".", "?"], min_length=1,
                                         description="a reply ending otherwise is cut off")
     bootstrap_samples: int = Field(2000, ge=100, description="resamples for the win-rate interval")
+
+    @staticmethod
+    def rules(values: dict) -> list[tuple[str, str]]:
+        return single_characters("complete_endings", values)
+
+
+def single_characters(key: str, values: dict) -> list[tuple[str, str]]:
+    """Endings are compared with a reply's last character (selection.ending_of, as the reference): a longer entry
+    could never match, and every round would fail."""
+    longer = [ending for ending in values.get(key, []) if len(ending) != 1]
+    return [(key, f"expected single characters (a reply's last character is compared), got {json.dumps(longer)}")
+            ] if longer else []
 
 
 class LauncherConfig(Section):

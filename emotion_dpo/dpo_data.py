@@ -6,11 +6,11 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from .dataset import ID_COLUMNS  # generate_preferences' token ids, trained on as they are
 from .distributed import say
 from .errors import PipelineError
 
 REQUIRED = ("prompt", "chosen", "rejected")
-ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")  # generate_preferences' token ids, trained on as they are
 
 
 def read_preferences(source: str, split: str):
@@ -93,6 +93,9 @@ def without_repeats(dataset, source: str):
     return dataset.select(keep) if len(keep) < len(dataset) else dataset
 
 
+MIN_PAIRS_TO_HOLD_OUT = 10  # below this, eval_fraction of the pairs would be a held-out loss of one or two pairs
+
+
 def load_preferences(cfg, template_markers=()):
     """(train, eval or None): checked, extra columns dropped, split by eval_fraction with the config's seed."""
     dataset = read_preferences(cfg.dataset, cfg.dataset_split)
@@ -100,7 +103,11 @@ def load_preferences(cfg, template_markers=()):
     if extra:
         say(f"{cfg.dataset}: {len(dataset)} pairs; columns kept out of training: {', '.join(extra)}")
     dataset = without_repeats(dataset.remove_columns(extra), cfg.dataset)
-    if cfg.eval_fraction == 0 or len(dataset) < 10:
+    if cfg.eval_fraction == 0:
+        return dataset, None
+    if len(dataset) < MIN_PAIRS_TO_HOLD_OUT:
+        say(f"{cfg.dataset}: {len(dataset)} pairs, fewer than the {MIN_PAIRS_TO_HOLD_OUT} a held-out set needs: "
+              f"eval_fraction {cfg.eval_fraction} is not applied; training on all of them, with no held-out loss")
         return dataset, None
     split = dataset.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
     return split["train"], split["test"]
@@ -202,15 +209,18 @@ def check_ids_in_vocabulary(dataset, vocabulary: int, name: str) -> None:
 
 
 def token_id_rows(dataset, tokenizer, name: str):
-    """The dataset with prompt_ids / chosen_ids / rejected_ids: generate_preferences' own (checked on row 0 against
-    this tokenizer), or, for text only, tokenized the way generation conditions and continues (tokenize_text_pair)."""
-    from .template import context_ids
+    """The dataset with prompt_ids / chosen_ids / rejected_ids: generate_preferences' own (every row's prompt_ids
+    checked against this tokenizer, in one batch), or, for text only, tokenized the way generation conditions and
+    continues (tokenize_text_pair)."""
+    from .template import many_context_ids
 
     if has_token_ids(dataset):
-        first = dataset[0]
-        if first["prompt_ids"] != context_ids(tokenizer, first["prompt"]):
-            raise PipelineError(f"{name} dataset: row 0's prompt_ids are not its prompt's tokens under this "
-                                "adapter's tokenizer; the preference data was generated with another one")
+        expected = many_context_ids(tokenizer, dataset["prompt"])
+        wrong = [row for row, (ids, want) in enumerate(zip(dataset["prompt_ids"], expected)) if ids != want]
+        if wrong:
+            raise PipelineError(f"{name} dataset: the prompt_ids of {len(wrong)} of {len(dataset)} rows (first: row "
+                                f"{wrong[0]}) are not their prompt's tokens under this adapter's tokenizer; the "
+                                "preference data was generated with another one")
         check_ids_in_vocabulary(dataset, len(tokenizer), name)
         return dataset
     return dataset.map(tokenize_text_pair, with_indices=True, fn_kwargs={"tokenizer": tokenizer,

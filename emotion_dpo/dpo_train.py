@@ -23,6 +23,7 @@ from .distributed import on_cpus, process_state
 from .errors import PipelineError
 from .faultpoints import reached
 from .files import FolderLock, folder_entries, run_folder_exists, write_text_atomic
+from .kill_points import kill_point
 
 FINAL_ADAPTER = "final_adapter"
 METRICS_NAME = "metrics.json"
@@ -298,6 +299,7 @@ def config_saver(cfg):
                 if start.exists():  # a resumed run checks its reference against it, wherever the checkpoint goes
                     write_text_atomic(checkpoint / START_ADAPTER, start.read_text(encoding="utf-8"))
                 reached(f"dpo-saved:{state.global_step}")
+                kill_point("checkpoint", checkpoint)
 
     return SaveConfig()
 

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from pathlib import Path
 
 from . import EMOTIONS
 from .config import save_config, to_dict
 from .errors import PipelineError
-from .files import FolderLock, folder_entries, run_folder_exists
+from .files import FolderLock, folder_entries, move_aside, run_folder_exists
+from .plotting import pyplot
 from .prompts import load_prompts
+from .selection import is_cut_off
 
-RESULT_FILES = ("results.json", "results.md", "replies.jsonl", "results.png")
+RESULTS_JSON, RESULTS_MD, REPLIES, RESULTS_PNG = "results.json", "results.md", "replies.jsonl", "results.png"
+RESULT_FILES = (RESULTS_JSON, RESULTS_MD, REPLIES, RESULTS_PNG)  # what a finished evaluation wrote
 
 METRIC_ROWS = [
     ("emotion_accuracy", "emotion accuracy"), ("emotion_macro_f1", "emotion macro-F1"), ("clean_rate", "clean rate"),
@@ -48,7 +50,7 @@ def model_metrics(targets, replies, clean_confidence: float, endings, labels=EMO
         "per_emotion_accuracy": {label: float(acc) for label, acc in zip(labels, per_emotion) if label in present},
         "clean_rate": statistics.fmean(
             r.gibberish_label.lower() == "clean" and r.gibberish_confidence >= clean_confidence for r in replies),
-        "cutoff_rate": statistics.fmean(not r.text.rstrip().endswith(tuple(endings)) for r in replies),
+        "cutoff_rate": statistics.fmean(is_cut_off(r.text, endings) for r in replies),
         "mean_length": statistics.fmean(r.length for r in replies),
         "mean_total_reward": statistics.fmean(r.total for r in replies),
         "mean_emotion_reward": statistics.fmean(r.emotion_reward for r in replies),
@@ -74,14 +76,13 @@ def win_rate(a_totals, b_totals, samples: int = 2000, seed: int = 0) -> dict:
 # ------------------------------------------------------------------ checks before any model loads
 
 def is_evaluation_folder(folder: Path) -> bool:
-    """Holds the config.json that evaluate.py saves (other stages' folders hold theirs, with other keys)."""
-    from .config import EvaluateConfig
-
+    """Holds the config.json that evaluate.py saves: the one with `dpo_adapter`, a key only evaluate has. Other
+    keys may come and go between versions; an older evaluation folder is still one."""
     try:
         saved = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(saved, dict) and set(saved) == set(EvaluateConfig.model_fields)
+    return isinstance(saved, dict) and "dpo_adapter" in saved
 
 
 def prepare_output_dir(cfg, fresh: bool = False) -> Path:
@@ -95,9 +96,7 @@ def prepare_output_dir(cfg, fresh: bool = False) -> Path:
             if not fresh:
                 raise PipelineError(f"{folder}: output_dir already holds results; choose another output_dir, "
                                     "or pass --fresh to move them aside")
-            aside = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-            folder.rename(aside)
-            print(f"--fresh: moved the earlier results to {aside}")
+            move_aside(folder, "results")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         save_config(cfg, folder, "config.json")
@@ -230,7 +229,7 @@ def _evaluate(cfg, state, folder: Path, tokenizer, prompts, generation_config) -
     }
     write_results(folder, results, prompts, scored)
     print(format_table(results))
-    print(f"wrote results.md, results.json, replies.jsonl and results.png to {folder}")
+    print(f"wrote {', '.join(RESULT_FILES)} to {folder}")
     if run is not None:
         import wandb
 
@@ -266,10 +265,7 @@ def format_table(results: dict) -> str:
 
 
 def plot_results(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     keys = ["emotion_accuracy", "emotion_macro_f1", "clean_rate", "cutoff_rate"]
     models = list(results["models"])
@@ -288,17 +284,17 @@ def plot_results(results: dict, path: Path) -> None:
 
 
 def write_results(folder: Path, results: dict, prompts, scored: dict) -> None:
-    (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (folder / RESULTS_JSON).write_text(json.dumps(results, indent=2) + "\n")
     setup = results["setup"]
     sources = "\n".join(f"- {name}: `{where}`" for name, where in setup["sources"].items())
     header = (f"# SFT vs DPO\n\n{setup['prompts']} prompts from `{setup['dataset']}` split `{setup['dataset_split']}`, "
               f"one reply each per model, sampled with seed {setup['seed']}.\n\n{sources}\n\n")
-    (folder / "results.md").write_text(header + format_table(results) + "\n")
-    with open(folder / "replies.jsonl", "w", encoding="utf-8") as f:
+    (folder / RESULTS_MD).write_text(header + format_table(results) + "\n")
+    with open(folder / REPLIES, "w", encoding="utf-8") as f:
         for i, prompt in enumerate(prompts):
             row = {"index": prompt.index, "target_emotion": prompt.target_emotion, "prompt": prompt.text,
                    "prompt_ids": prompt.ids}
             for name, replies in scored.items():
                 row[name] = replies[i].to_dict()
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    plot_results(results, folder / "results.png")
+    plot_results(results, folder / RESULTS_PNG)

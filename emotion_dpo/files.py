@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 import shutil
 from pathlib import Path
 
@@ -32,6 +33,19 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     finally:
         temporary.unlink(missing_ok=True)
     return path
+
+
+def move_aside(folder: Path, what: str) -> Path:
+    """--fresh: the earlier folder renamed to `<name>.old-<time>` beside it (a number added if that exists), never
+    deleted."""
+    stamp = f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside, n = folder.with_name(stamp), 1
+    while aside.exists():
+        n += 1
+        aside = folder.with_name(f"{stamp}-{n}")
+    folder.rename(aside)
+    print(f"--fresh: moved the earlier {what} to {aside}")
+    return aside
 
 
 def run_folder_exists(folder: Path, key: str = "output_dir") -> bool:

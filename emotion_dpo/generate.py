@@ -13,7 +13,7 @@ from pathlib import Path
 from .card import push_card, write_card
 from .config import GenerateConfig, differing_keys_except, save_config, to_dict
 from .errors import PipelineError
-from .files import FINALIZE_LOCK, FolderLock, folder_entries, publish_set, run_folder_exists
+from .files import FINALIZE_LOCK, FolderLock, folder_entries, move_aside, publish_set, run_folder_exists
 from .journal import Journal, journal_files, journal_path, merge_journals, shard
 from .dataset import reselect, settle, write_dataset
 from .distributed import process_state
@@ -47,9 +47,7 @@ def prepare_output_dir(cfg, fresh: bool) -> FolderLock:
         earlier = FolderLock(folder)  # before anything is read or moved: a run going on there is refused
         try:
             if fresh:  # the old config is not read: --fresh also gets out of an unreadable one
-                aside = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-                folder.rename(aside)
-                print(f"--fresh: moved the earlier run to {aside}")
+                move_aside(folder, "run")
             else:
                 check_run_config(cfg, folder)
         except BaseException:
@@ -287,6 +285,11 @@ def reselect_run(cfg, out_dir: str) -> dict:
         raise PipelineError(
             f"{source}: --reselect re-scores the stored candidates; these keys differ from the run's and would need "
             "new generation:\n  " + "\n  ".join(needs_generation))
+    if isinstance(run_config.get("max_retries"), int) and cfg.max_retries > run_config["max_retries"]:
+        raise PipelineError(
+            f"{source}: --reselect with max_retries {cfg.max_retries}, above the run's {run_config['max_retries']}: "
+            f"a prompt the run gave up after {1 + run_config['max_retries']} rounds would need more rounds, i.e. new "
+            f"generation; --reselect takes max_retries up to {run_config['max_retries']}")
     length_of = None
     if run_config.get("length_unit") != cfg.length_unit:  # the stored lengths are in the run's unit
         length_of = reply_measure(cfg)

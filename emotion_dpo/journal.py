@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import PipelineError
+from .kill_points import kill_point
 from .selection import ScoredReply
 
 JOURNAL_GLOB = "journal.rank*.jsonl"
@@ -57,6 +58,7 @@ class Journal:
         self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
+        kill_point("settled", self.path)
 
     def close(self) -> None:
         self._file.close()

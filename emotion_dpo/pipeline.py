@@ -23,13 +23,14 @@ from pathlib import Path
 
 from . import config as config_module
 from .config import differing_keys, differing_keys_except, load_config, save_config, to_dict
+from .dpo_train import FINAL_ADAPTER
 from .errors import PipelineError
 from .distributed import die_with_parent, launch_command
+from .evaluation import RESULT_FILES, RESULTS_JSON
 from .files import FolderLock, folder_entries, write_text_atomic
+from .plotting import pyplot
 
 ROOT = Path(__file__).resolve().parents[1]
-FINAL_ADAPTER = "final_adapter"  # fine_tune_dpo's output_dir/final_adapter
-RESULT_FILES = ("results.json", "results.md", "replies.jsonl", "results.png")  # what a finished evaluate wrote
 DPO_METRICS = "metrics.json"  # written by fine_tune_dpo after the final adapter
 
 
@@ -288,7 +289,7 @@ def iterations_table(stages: list[Stage]) -> dict:
     for stage in stages:
         if stage.kind is not EVALUATE or not stage.marker.exists():
             continue
-        results = json.loads((stage.folder / "results.json").read_text())
+        results = json.loads((stage.folder / RESULTS_JSON).read_text())
         generate_folder = stage.folder.parent / GENERATE.folder
         statistics = json.loads((generate_folder / "statistics.json").read_text())
         if sft is None:
@@ -317,10 +318,7 @@ def format_iterations(table: dict) -> str:
 
 
 def plot_iterations(table: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = table["iterations"]
     steps = [0] + [r["iteration"] for r in rows]

@@ -77,9 +77,21 @@ def chosen_failure(chosen: ScoredReply, target: str, selection) -> str | None:
         return "chosen is not clean"
     if chosen.gibberish_confidence < selection.min_chosen_gibberish_confidence:
         return "chosen clean confidence too low"
-    if chosen.text.strip(" ")[-1:] not in selection.chosen_endings:
+    if is_cut_off(chosen.text, selection.chosen_endings):
         return "chosen is cut off"
     return None
+
+
+def ending_of(text: str) -> str:
+    """The character a reply ends in, spaces aside, as the reference reads it (hermeschen1116/emotion-chat-bot
+    @1228505, src/scripts/response_generator/data_process_dpo.py: `chosen.strip(" ")[-1:] not in ["!", ".", "?"]`).
+    The config takes only single characters as endings (chosen_endings, complete_endings)."""
+    return text.strip(" ")[-1:]
+
+
+def is_cut_off(text: str, endings) -> bool:
+    """Selection's chosen filter and evaluation's cut-off rate alike."""
+    return ending_of(text) not in endings
 
 
 def gives_up(rounds_done: int, max_retries: int) -> bool:

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from .dataset import PARTS  # in reward_weights' order
+from .plotting import pyplot
 
 
 def pair_of(record: dict) -> tuple[dict, dict]:
@@ -146,10 +147,7 @@ def format_tables(summary: dict) -> str:
 
 
 def plot_gaps(gaps: list[float], path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.hist(gaps, bins=30, color="#4a7ab5")
@@ -163,10 +161,7 @@ def plot_gaps(gaps: list[float], path: str | Path) -> None:
 
 def plot_reward_parts(accepted: list[dict], path: str | Path) -> None:
     """One box plot per reward part: chosen against rejected."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(PARTS), figsize=(10, 3.5))
     for ax, part in zip(axes, PARTS):

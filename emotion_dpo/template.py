@@ -126,7 +126,14 @@ def context_ids(tokenizer, prompt: str) -> list[int]:
     word are one token (`[/EMOTION] ` + `hi` is `[/EMOTION]`, `▁hi` on Llama-2); the prompt alone would end in a
     lone `▁` it never saw before a reply. Without that space the ids are the training sequence's prefix up to
     the reply's first token. The text already holds its BOS (`<s>`), so the tokenizer adds none."""
-    return tokenizer(context_text(prompt), add_special_tokens=False)["input_ids"]
+    return many_context_ids(tokenizer, [prompt])[0]
+
+
+def many_context_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """context_ids of each prompt, tokenized in one batch."""
+    texts = [context_text(prompt) for prompt in prompts]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
 
 
 def context_text(prompt: str) -> str:

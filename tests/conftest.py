@@ -14,6 +14,17 @@ def demo_world() -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_tokenizer(demo_world):
+    """The demo generator's tokenizer with the project's chat template installed (loaded once: it is slow to load)."""
+    from emotion_dpo.models import load_tokenizer
+    from emotion_dpo.template import load_chat_format
+
+    root = Path(__file__).resolve().parents[1]
+    return load_tokenizer(str(demo_world / "base"), str(demo_world / "sft_adapter"),
+                          load_chat_format(root / "args/chat_template.json"))
+
+
+@pytest.fixture(scope="session")
 def demo_preferences(demo_world, tmp_path_factory) -> Path:
     """A preference dataset generated from the demo world by generate_preferences.py itself."""
     import subprocess

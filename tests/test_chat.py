@@ -115,3 +115,10 @@ def test_each_model_keeps_its_own_history_in_the_template_as_num_turns_history_s
         # turn 3: the first pair has left the window
         assert user[0][1] not in prompts[2] and f"{user[1][1]} [/INST] [EMOTION] happiness [/EMOTION] " \
                                                 f"{said[1][name]} </s>\n" in prompts[2]
+
+
+def test_the_emotion_asked_for_first_is_neutral_or_else_the_first_label():
+    from emotion_dpo.chat import default_emotion
+
+    assert default_emotion(["anger", "Neutral", "joy"]) == "neutral"
+    assert default_emotion(["Joy", "anger"]) == "joy"  # no neutral: the classifier's output 0

@@ -527,3 +527,16 @@ def test_the_pipeline_lets_a_finished_stage_differ_in_the_keys_its_script_resume
     assert GenerateConfig.resumable_changes - GenerateConfig.unchanged_results == {"num_prompts"}
     assert TrainConfig.resumable_changes == TrainConfig.unchanged_results
     assert "dpo.eval_strategy" in pipeline.DPO.unchanged_when_finished
+
+
+@pytest.mark.parametrize("cls, key, base", [(GenerateConfig, "chosen_endings", MINIMAL),
+                                            (EvaluateConfig, "complete_endings", {**MINIMAL, "dpo_adapter": "x"})])
+def test_endings_are_single_characters_as_the_reference_compares_them(tmp_path, cls, key, base):
+    # hermeschen1116/emotion-chat-bot@1228505, src/scripts/response_generator/data_process_dpo.py:
+    # `chosen.strip(" ")[-1:] not in ["!", ".", "?"]`: a reply's last character; "..." could never match
+    path = write(tmp_path, {**base, key: ["!", "...", "?!"]})
+    with pytest.raises(PipelineError) as refused:
+        load_config(cls, path)
+    assert str(refused.value) == (f"{path}: key {key}: expected single characters (a reply's last character is "
+                                  'compared), got ["...", "?!"]')
+    assert getattr(load_config(cls, write(tmp_path, {**base, key: ["!", "."]})), key) == ["!", "."]

@@ -179,7 +179,8 @@ def test_the_run_folder_holds_checkpoints_metrics_and_an_offline_wandb_run(saved
     for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                  "logps/chosen", "logps/rejected"):
         assert name in first, name
-    assert list((out / "wandb").glob("offline-run-*"))
+    (offline,) = (out / "wandb").glob("offline-run-*")  # one offline run, holding its logged data
+    assert list(offline.glob("run-*.wandb")) and next(offline.glob("run-*.wandb")).stat().st_size > 0
     for checkpoint in ("checkpoint-2", "checkpoint-4", "checkpoint-6"):  # the resolved config, in every checkpoint
         assert json.loads((out / checkpoint / "training_config.json").read_text())["dpo"]["save_steps"] == 2
 

@@ -106,8 +106,9 @@ def test_a_model_compared_with_itself_under_the_same_seed_ties(demo_world, tmp_p
     w = results["dpo_vs_sft"]
     assert w["ci95"][0] <= 0.5 <= w["ci95"][1]
     assert w["win_rate"] == 0.5
-    for name in ("results.md", "results.json", "replies.jsonl", "results.png", "config.json"):
-        assert (tmp_path / "eval" / name).exists(), name
+    assert json.loads((tmp_path / "eval" / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert (tmp_path / "eval" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "eval" / "config.json").read_text())["dpo_adapter"] == str(demo_world / "sft_adapter")
     assert "DPO vs SFT win rate by total reward: 0.500" in (tmp_path / "eval" / "results.md").read_text()
     rows = [json.loads(line) for line in (tmp_path / "eval" / "replies.jsonl").read_text().splitlines()]
     assert len(rows) == 24 and all(r["SFT"]["text"] == r["DPO"]["text"] for r in rows)
@@ -141,3 +142,26 @@ def test_a_test_split_of_too_short_dialogues_is_a_clear_error(demo_world, tmp_pa
                                             "num_turns_history=1 needs"):
         evaluate(cfg)
     assert not (tmp_path / "eval").exists()
+
+
+def test_the_cut_off_rate_uses_selections_ending_rule():
+    # the reference's rule (selection.ending_of): the last character once spaces, and only spaces, are stripped
+    replies = [reply("fine . ", "neutral"), reply("fine .\n", "neutral"), reply("ok", "neutral")]
+    m = model_metrics(["neutral"] * 3, replies, clean_confidence=0.8, endings=["!", ".", "?"])
+    assert m["cutoff_rate"] == pytest.approx(2 / 3)  # "fine .\n" and "ok"
+
+
+def test_an_evaluation_folder_of_another_version_is_still_an_evaluation(tmp_path):
+    from emotion_dpo.evaluation import is_evaluation_folder
+
+    cfg = load_config(EvaluateConfig, DEMO_CONFIG, [f"output_dir={tmp_path / 'eval'}"])
+    prepare_output_dir(cfg)
+    saved = json.loads((tmp_path / "eval" / "config.json").read_text())
+    (tmp_path / "eval" / "config.json").write_text(json.dumps({**saved, "a_key_of_a_later_version": 1}))
+    assert is_evaluation_folder(tmp_path / "eval")
+    del saved["bootstrap_samples"]  # a key an older version did not have
+    (tmp_path / "eval" / "config.json").write_text(json.dumps(saved))
+    assert is_evaluation_folder(tmp_path / "eval")
+    (tmp_path / "eval" / "results.json").write_text("{}")
+    with pytest.raises(PipelineError, match="already holds results"):  # not "holds no evaluation"
+        prepare_output_dir(cfg)

@@ -63,7 +63,8 @@ def test_torchrun_with_two_processes_gives_each_its_share_and_journal(demo_world
     """torchrun (no accelerate launcher) on CPUs: accelerate alone saw 1 process, so both wrote rank 0."""
     out = tmp_path / "torchrun"
     args = run_script(demo_world, out, num_prompts=8, extra=["batch_prompts=8"])
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+    # --standalone: torchrun picks a free port for its rendezvous (no fixed port that another run may hold)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
               *args[1:]]
     result = subprocess.run(launch, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -142,14 +141,28 @@ def test_scores_recomputed_from_the_stored_components_match(finished_run):
 
 
 def test_statistics_are_reported(finished_run):
-    stats = json.loads((finished_run.out / "statistics.json").read_text())
-    assert stats["prompts_settled"] == 16
-    assert stats["accepted"] + stats["failed"] == 16
-    assert set(stats["score_gap"]) >= {"median", "mean", "sd"}
-    assert sum(stats["rounds_per_prompt"]["histogram"].values()) == 16
-    assert (finished_run.out / "score_gap.png").stat().st_size > 0
-    assert "score gap (chosen - rejected): median" in finished_run.stdout
-    assert (finished_run.out / "config.json").exists()
+    """statistics.json against the run's own rows and journal, summed up here with Python's statistics module."""
+    import statistics
+    from collections import Counter
+
+    from emotion_dpo.config import to_dict
+
+    out = finished_run.out
+    stats = json.loads((out / "statistics.json").read_text())
+    rows = [json.loads(line) for line in (out / "preferences.jsonl").read_text().splitlines()]
+    records = merge_journals(journal_files(out))
+    gaps = [row["chosen_score"] - row["rejected_score"] for row in rows]
+    assert (stats["prompts_settled"], stats["accepted"], stats["failed"]) == (16, len(rows), 16 - len(rows))
+    assert stats["acceptance_rate"] == len(rows) / 16
+    assert stats["score_gap"]["median"] == pytest.approx(statistics.median(gaps))
+    assert stats["score_gap"]["mean"] == pytest.approx(statistics.fmean(gaps))
+    assert stats["score_gap"]["sd"] == pytest.approx(statistics.stdev(gaps))
+    assert stats["rounds_per_prompt"]["histogram"] == {
+        str(k): v for k, v in sorted(Counter(len(r["rounds"]) for r in records).items())}
+    for plot in ("score_gap.png", "reward_parts.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"score gap (chosen - rejected): median {statistics.median(gaps):.3f}" in finished_run.stdout
+    assert to_dict(load_config(GenerateConfig, out / "config.json")) == to_dict(finished_run.cfg)  # the resolved config
 
 
 def test_num_prompts_lowered_after_a_run_gives_a_dataset_of_the_first_num_prompts(finished_run, demo_world, tmp_path):
@@ -219,18 +232,14 @@ def test_reselect_refuses_keys_that_would_need_new_generation(finished_run, demo
 def test_a_run_killed_with_sigkill_resumes_without_loss_or_duplicates(demo_world, tmp_path):
     out = tmp_path / "killed"
     args = run_script(demo_world, out, num_prompts=30, extra=["batch_prompts=3"])
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal = out / "journal.rank0.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if journal.exists() and len(journal.read_text().splitlines()) >= 4:
-            break
-        time.sleep(0.2)
-    assert process.poll() is None, "the run finished before it could be killed; make it longer"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    # the run kills itself with SIGKILL once its 4th settled prompt is on disk (emotion_dpo/kill_points.py)
+    killed = subprocess.run(args, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "EMOTION_DPO_KILL_AT": "settled:4"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert "kill point settled reached" in killed.stdout
     before = {r["index"]: r for r in read_journal(journal)}
-    assert 4 <= len(before) < 30
+    assert len(before) == 4  # exactly the 4 it reported before it died
     assert not (out / "dataset").exists()
 
     result = subprocess.run(args, capture_output=True, text=True, timeout=600)

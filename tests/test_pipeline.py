@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -46,33 +45,24 @@ def command(world, run, extra=()):
     return args
 
 
-def kill_when(world, run, log: Path, ready, what: str):
-    """Start the pipeline, SIGKILL it (the pipeline process alone, as `kill -9 PID` does) once `ready()`; its
-    running stage must die with it."""
-    with open(log, "w") as out:
-        process = subprocess.Popen(command(world, run), stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                   start_new_session=True)
+def kill_when(world, run, log: Path, point: str):
+    """Run the pipeline until one of its stages reaches the kill point POINT (emotion_dpo/kill_points.py) and
+    SIGKILLs the pipeline process alone, as `kill -9 PID` does; the stage must die with it. The pipeline and its
+    stage share one stdout pipe: reading it to its end returns once both are gone (a stage outliving the pipeline
+    would keep it open, and the timeout fails the test)."""
+    env = {**os.environ, "EMOTION_DPO_KILL_AT": point, "EMOTION_DPO_KILL_PARENT": "1"}
+    process = subprocess.Popen(command(world, run), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
+                               env=env, text=True, start_new_session=True)
     try:
-        deadline = time.time() + 600
-        while time.time() < deadline and process.poll() is None and not ready():
-            time.sleep(0.05)
-        assert process.poll() is None, f"the pipeline ended before {what}; make the reduced config longer\n" \
-                                       + log.read_text()[-3000:]
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait()
-        for _ in range(200):  # the stage dies with the pipeline (PR_SET_PDEATHSIG), leaving nobody writing
-            try:
-                os.killpg(process.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("the stage outlived the killed pipeline")
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        output, _ = process.communicate(timeout=1800)  # a bound for a hung run, not a race: the run kills itself
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        log.write_text(output)
+        pytest.fail(f"the pipeline or its stage did not end after the kill point {point}:\n{output[-3000:]}")
+    log.write_text(output)
+    assert process.returncode == -signal.SIGKILL, output[-3000:]
+    assert f"kill point {point.split(':')[0]} reached" in output
 
 
 def marker_times(run: Path) -> dict:
@@ -85,21 +75,18 @@ def resumed_run(demo_world, tmp_path_factory):
     run = base / "run"
     journal = run / "iter-2/preferences/journal.rank0.jsonl"
 
-    def first_batch_settled():  # a prompt of the first batch settled: its first round came from the first call
-        return journal.exists() and any(r["index"] < BATCH for r in read_journal(journal))
-
-    kill_when(demo_world, run, base / "first.log", first_batch_settled, "iteration 2's generation")
+    # killed once iteration 2's generation has journaled its first prompt
+    kill_when(demo_world, run, base / "first.log", "settled:1:iter-2/preferences")
     assert sorted(marker_times(run)) == ["iter-1/dpo.done.json", "iter-1/evaluation.done.json",
                                          "iter-1/preferences.done.json"]
     settled_before_kill = read_journal(journal)
-    assert 1 <= len(settled_before_kill) < 16
+    assert len(settled_before_kill) == 1  # the one it reported
     times_after_first_kill = marker_times(run)
 
     checkpoints = run / "iter-2/dpo"
-    kill_when(demo_world, run, base / "second.log", lambda: bool(list(checkpoints.glob("checkpoint-*/trainer_state.json"))),
-              "iteration 2's DPO")
+    kill_when(demo_world, run, base / "second.log", "checkpoint:1:iter-2/dpo")  # at iteration 2's first checkpoint
     second = (base / "second.log").read_text()
-    assert not (checkpoints / "final_adapter").exists(), "DPO finished before the kill; make it longer"
+    assert not (checkpoints / "final_adapter").exists()
     assert "iter-2/dpo.done.json" not in marker_times(run)
     times_after_second_kill = marker_times(run)
 
@@ -142,15 +129,25 @@ def test_the_reruns_resume_each_stage_without_redoing_finished_ones(resumed_run)
 def test_the_tables_equal_those_of_an_uninterrupted_run_on_the_settled_data(resumed_run):
     r = resumed_run
     resumed = json.loads((r.run / "iterations.json").read_text())
-    # the same run folder, iteration 2's DPO and evaluation run again uninterrupted on the settled preference data
-    aside = r.base / "aside"
+    # the same run folder, iteration 2's DPO and evaluation run again uninterrupted on the settled preference data;
+    # the resumed run's files are put back afterwards, so the other tests read the run as the fixture left it
+    moved = [r.run / "iter-2" / name for name in ("dpo", "dpo.done.json", "evaluation", "evaluation.done.json")]
+    moved += [r.run / f"iterations.{suffix}" for suffix in ("json", "md", "png")]
+    aside, again = r.base / "resumed-aside", r.base / "uninterrupted"
     aside.mkdir()
-    for name in ("dpo", "dpo.done.json", "evaluation", "evaluation.done.json"):
-        shutil.move(r.run / "iter-2" / name, aside / name)
-    result = subprocess.run(command(r.world, r.run), capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "== iteration 2 fine_tune_dpo.py: running" in result.stdout
-    uninterrupted = json.loads((r.run / "iterations.json").read_text())
+    again.mkdir()
+    for path in moved:
+        shutil.move(path, aside / path.name)
+    try:
+        result = subprocess.run(command(r.world, r.run), capture_output=True, text=True, timeout=900, cwd=ROOT)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert "== iteration 2 fine_tune_dpo.py: running" in result.stdout
+        uninterrupted = json.loads((r.run / "iterations.json").read_text())
+    finally:
+        for path in moved:
+            if path.exists():
+                shutil.move(path, again / path.name)
+            shutil.move(aside / path.name, path)
     assert uninterrupted == resumed
     # and the table holds what the stages wrote (read here from their own files)
     for row in resumed["iterations"]:

@@ -2,7 +2,6 @@
 reference project's template renders it."""
 
 import json
-import subprocess
 from pathlib import Path
 
 import datasets
@@ -28,10 +27,9 @@ DIALOGUE = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(demo_world):
-    return load_tokenizer(str(demo_world / "base"), str(demo_world / "sft_adapter"),
-                          load_chat_format("args/chat_template.json"))
+@pytest.fixture
+def tokenizer(demo_tokenizer):
+    return demo_tokenizer
 
 
 # Golden strings, derived by hand from the rules of the reference's template Llama2_OUT_INST_UNI.json
@@ -81,31 +79,33 @@ def reference_format_file(path, template):
     return path
 
 
-REFERENCE_MIRROR = Path("/work/.mirror/hermeschen1116+emotion-chat-bot/repo")
+# The reference's template file as it is, byte for byte: hermeschen1116/emotion-chat-bot (MIT licence), commit
+# 288acc1, src/bot/response_generator/chat_template/Llama2_OUT_INST_UNI.json.
+REFERENCE_TEMPLATE = Path(__file__).parent / "data" / "Llama2_OUT_INST_UNI.json"
 
 
 def reference_files(tmp_path):
-    """The project's jinja in the reference's file format; and, where a mirror of the reference is at hand, the
-    reference's own file as it is (not in CI: the test does not depend on it)."""
-    files = [reference_format_file(tmp_path / "ours_in_their_format.json",
-                                   load_chat_format("args/chat_template.json").template)]
-    if REFERENCE_MIRROR.exists():
-        shown = subprocess.run(["git", "-C", str(REFERENCE_MIRROR), "show", "288acc1:src/bot/response_generator/"
-                                "chat_template/Llama2_OUT_INST_UNI.json"], capture_output=True, text=True)
-        if shown.returncode == 0:
-            (tmp_path / "Llama2_OUT_INST_UNI.json").write_text(shown.stdout)
-            files.append(tmp_path / "Llama2_OUT_INST_UNI.json")
-    return files
+    """The reference's own template file, and the project's jinja in the reference's file format."""
+    return [REFERENCE_TEMPLATE, reference_format_file(tmp_path / "ours_in_their_format.json",
+                                                      load_chat_format("args/chat_template.json").template)]
 
 
-def test_a_template_file_in_the_reference_format_loads_and_renders_as_the_projects(demo_world, tmp_path):
+def test_the_references_own_template_renders_the_hand_written_prompts(demo_world):
+    theirs = load_tokenizer(str(demo_world / "base"), str(demo_world / "sft_adapter"), load_chat_format(REFERENCE_TEMPLATE))
+    for dialogue in (DIALOGUE, PADDED):
+        data = datasets.Dataset.from_list([{"prompt": dialogue}])
+        for (history, system), golden in GOLDEN.items():
+            (prompt,) = build_prompts(data, theirs, system, num_turns_history=history)
+            assert prompt.text == golden
+
+
+def test_a_template_file_in_the_reference_format_loads_and_renders_as_the_projects(demo_world, tokenizer, tmp_path):
     data = datasets.Dataset.from_list([{"prompt": PADDED}, {"prompt": DIALOGUE[:4]}])
     for path in reference_files(tmp_path):
         chat = load_chat_format(path)
         assert (chat.special_tokens, chat.pad_token) == (("[INST]", "[/INST]", "[EMOTION]", "[/EMOTION]"), "<pad>")
         theirs = load_tokenizer(str(demo_world / "base"), str(demo_world / "sft_adapter"), chat)
-        ours = load_tokenizer(str(demo_world / "base"), str(demo_world / "sft_adapter"),
-                              load_chat_format("args/chat_template.json"))
+        ours = tokenizer
         for history, system in GOLDEN:
             mine = build_prompts(data, ours, system, num_turns_history=history, all_windows=True)
             them = build_prompts(data, theirs, system, num_turns_history=history, all_windows=True)
@@ -113,7 +113,7 @@ def test_a_template_file_in_the_reference_format_loads_and_renders_as_the_projec
             assert [p.ids for p in mine] == [p.ids for p in them]
 
 
-def test_a_jinja_error_in_the_template_file_names_the_file(demo_world, tmp_path):
+def test_a_jinja_error_in_the_template_file_names_the_file(tokenizer, tmp_path):
     broken = reference_format_file(tmp_path / "broken.json", "{% for m in messages %}{{ m['role'] }")
     with pytest.raises(PipelineError, match=r"broken.json: key 'template': jinja syntax error"):
         load_chat_format(broken)
@@ -122,8 +122,6 @@ def test_a_jinja_error_in_the_template_file_names_the_file(demo_world, tmp_path)
     with pytest.raises(PipelineError, match=r"unclosed.json: key 'chat_template': jinja syntax error"):
         load_chat_format(tmp_path / "unclosed.json")
     # a runtime error: the template's own check that roles alternate
-    tokenizer = load_tokenizer(str(demo_world / "base"), str(demo_world / "sft_adapter"),
-                               load_chat_format("args/chat_template.json"))
     data = datasets.Dataset.from_list([{"prompt": [DIALOGUE[0], DIALOGUE[2], *DIALOGUE[2:4]]}])
     with pytest.raises(PipelineError, match=r"args/chat_template.json: the template failed to render a conversation: "
                                             r"the turns after the system prompt must alternate"):
@@ -181,3 +179,111 @@ def test_unsloth_true_without_unsloth_installed_is_a_clear_error(monkeypatch):
         use_unsloth(True)
     assert use_unsloth("auto") is False
     assert use_unsloth(False) is False
+
+
+# ---------------------------------------------------------------- rows, windows and the run's own prompt numbers
+
+from emotion_dpo.config import GenerateConfig, load_config  # noqa: E402
+from emotion_dpo.prompts import build_messages, check_dialogues, has_a_line, load_prompts, load_rows  # noqa: E402
+
+EMOTIONS = ["neutral", "anger", "disgust", "fear", "happiness", "sadness", "surprise"]
+
+
+def numbered(n):
+    """n dialogues, dialogue i's every dialog saying 'line i .'"""
+    return [{"prompt": [turn(t["role"], t["content"]["emotion"], f"line {i} .") for t in DIALOGUE]} for i in range(n)]
+
+
+def prompts_of(demo_world, tmp_path, rows, *overrides):
+    data = tmp_path / "dialogues.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    w = demo_world
+    cfg = load_config(GenerateConfig, "args/demo/generate_preferences_arg.json", [
+        f"base_model={w / 'base'}", f"adapter={w / 'sft_adapter'}", f"dataset={data}",
+        f"emotion_classifier={w / 'emotion_classifier'}", f"gibberish_detector={w / 'gibberish_detector'}",
+        f"output_dir={tmp_path / 'out'}", *overrides])
+    return load_prompts(cfg)[1]
+
+
+def test_skip_prompts_leaves_out_the_first_ones_and_numbers_the_rest_from_0(demo_world, tmp_path):
+    prompts = prompts_of(demo_world, tmp_path, numbered(6), "skip_prompts=2", "num_prompts=3")
+    assert [(p.index, p.dialogue) for p in prompts] == [(0, 2), (1, 3), (2, 4)]
+    assert "line 2 ." in prompts[0].text
+    with pytest.raises(PipelineError, match="skip_prompts 6 leaves no prompt"):
+        prompts_of(demo_world, tmp_path, numbered(6), "skip_prompts=6", "num_prompts=null")
+    assert [p.dialogue for p in prompts_of(demo_world, tmp_path, numbered(6), "skip_prompts=5", "num_prompts=null")] \
+        == [5]
+
+
+def test_dataset_emotions_compare_case_insensitively_with_emotion_labels():
+    rows = datasets.Dataset.from_list([{"prompt": [turn("user", "Neutral", "hi ."), turn("assistant", "HAPPINESS", "hey !")]}])
+    check_dialogues(rows, "d.jsonl", EMOTIONS)
+    check_dialogues(datasets.Dataset.from_list([{"prompt": [turn("user", "neutral", "hi ."),
+                                                             turn("assistant", "happiness", "hey !")]}]),
+                    "d.jsonl", [e.capitalize() for e in EMOTIONS])  # labels written as the design document does
+    with pytest.raises(PipelineError, match="d.jsonl: row 0, turn 1: unknown emotion 'joy'"):
+        check_dialogues(datasets.Dataset.from_list([{"prompt": [turn("user", "neutral", "hi ."),
+                                                                 turn("assistant", "joy", "hey !")]}]), "d.jsonl", EMOTIONS)
+
+
+@pytest.mark.parametrize("turns, message", [
+    ([turn("user", "neutral", "a ."), turn("user", "neutral", "b .")], "row 0, turn 1: a second 'user' turn in a row"),
+    ([turn("user", "neutral", 5), turn("assistant", "neutral", "b .")], "row 0, turn 0: dialog is 5, expected the text"),
+])
+def test_a_row_breaking_the_dialogue_format_is_refused(turns, message):
+    class Rows(dict):  # a dataset's column access; arrow itself would refuse a number among strings
+        column_names = ["prompt"]
+
+    with pytest.raises(PipelineError, match=message):
+        check_dialogues(Rows(prompt=[turns]), "d.jsonl", EMOTIONS)
+
+
+def test_a_turn_is_long_above_2000_characters(recwarn):
+    at_limit = [turn("user", "neutral", "a" * 2000), turn("assistant", "neutral", "b .")]
+    check_dialogues(datasets.Dataset.from_list([{"prompt": at_limit}]), "d.jsonl", EMOTIONS)
+    assert not recwarn.list
+    with pytest.warns(UserWarning, match="1 turns are longer than 2000 characters .longest: row 0, turn 0, 2001"):
+        check_dialogues(datasets.Dataset.from_list([{"prompt": [turn("user", "neutral", "a" * 2001),
+                                                                 turn("assistant", "neutral", "b .")]}]), "d.jsonl", EMOTIONS)
+
+
+def test_split_names_joined_with_plus_may_have_spaces(tmp_path):
+    folder = tmp_path / "dialogues"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(numbered(2)),
+                          "validation": datasets.Dataset.from_list(numbered(1))}).save_to_disk(str(folder))
+    assert len(load_rows(str(folder), "train + validation", "dialogues")) == 3
+
+
+def test_a_file_of_blank_lines_has_no_line(tmp_path):
+    (tmp_path / "blank.jsonl").write_text("\n  \n")
+    assert not has_a_line(tmp_path / "blank.jsonl")
+    (tmp_path / "one.jsonl").write_text("\n{}\n")
+    assert has_a_line(tmp_path / "one.jsonl")
+
+
+def test_windows_start_on_a_user_turn_and_end_on_an_assistant_turn():
+    offset = [turn("assistant", "neutral", "hello .")] + DIALOGUE  # turn 0 is an assistant turn
+    assert window_starts(offset, 4, all_windows=True) == [1, 3]
+    assert window_starts(DIALOGUE, 6, all_windows=True) == [0]  # the window may end on the very last turn
+
+
+def test_the_target_is_the_emotion_of_the_reply_not_of_the_user_turn():
+    messages, target = build_messages([turn("user", "anger", "why ?"), turn("assistant", "fear", "oh no .")], "be kind .")
+    assert target == "fear" and messages[-1] == turn("assistant", "fear", "")
+    assert messages[0] == {"role": "system", "content": {"emotion": "", "dialog": "be kind ."}}
+
+
+def test_the_messages_hold_a_system_turn_the_history_and_the_target_reply_empty():
+    messages, target = build_messages(DIALOGUE[2:6], "")
+    assert target == "happiness"
+    assert messages == [{"role": "system", "content": {"emotion": "", "dialog": ""}}, *DIALOGUE[2:5],
+                        {"role": "assistant", "content": {"emotion": "happiness", "dialog": ""}}]
+
+
+def test_each_prompt_names_its_dialogue_row_and_num_prompts_is_exact(tokenizer):
+    data = datasets.Dataset.from_list([{"prompt": DIALOGUE[:3]}, {"prompt": DIALOGUE}, {"prompt": DIALOGUE}])
+    prompts = build_prompts(data, tokenizer, "", num_turns_history=1, all_windows=True, num_prompts=3)
+    assert [(p.index, p.dialogue) for p in prompts] == [(0, 1), (1, 1), (2, 2)]
+    (only,) = build_prompts(datasets.Dataset.from_list([{"prompt": DIALOGUE[:3]}]), tokenizer, "", num_turns_history=0)
+    # num_turns_history 0: a window of 2 turns, the user's and the reply asked for
+    assert only.text == "<s>[INST] [EMOTION] neutral [/EMOTION] where is the station ? [/INST] [EMOTION] neutral [/EMOTION] "

@@ -66,3 +66,12 @@ def test_rewards_module_needs_no_torch():
 
     code = "import sys, emotion_dpo.rewards, emotion_dpo.selection; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_words_are_separated_by_any_run_of_whitespace():
+    assert reply_length(" i  am\tglad ! ", "words") == 4
+
+
+def test_an_unknown_length_unit_is_an_error():
+    with pytest.raises(ValueError, match="unknown length unit 'lines'"):
+        reply_length("i am glad !", "lines")

@@ -159,3 +159,18 @@ def test_fresh_on_the_command_line_moves_the_earlier_run_aside_and_starts_again(
     started = [json.loads(line) for line in (run / "journal.rank0.jsonl").read_text().splitlines()]
     assert sorted(r["index"] for r in started) == [0, 1]
     assert json.loads((run / "config.json").read_text())["n_candidates"] == 6
+
+
+def test_reselect_with_more_retries_than_the_run_had_is_refused(tmp_path):
+    from emotion_dpo.errors import PipelineError
+    from emotion_dpo.generate import reselect_run
+
+    run = tmp_path / "run"
+    write_run(run, [record(0, [ROUND_1, ROUND_2], "accepted", None, 0, 1)], overrides=["max_retries=1"])
+    more = load_config(GenerateConfig, DEMO_CONFIG, [f"output_dir={run}", "wandb.mode=disabled", "max_retries=3"])
+    with pytest.raises(PipelineError, match=r"--reselect with max_retries 3, above the run's 1: a prompt the run gave "
+                                            r"up after 2 rounds would need more rounds, i.e. new generation"):
+        reselect_run(more, str(tmp_path / "more"))
+    assert not (tmp_path / "more").exists()
+    fewer = load_config(GenerateConfig, DEMO_CONFIG, [f"output_dir={run}", "wandb.mode=disabled", "max_retries=0"])
+    assert reselect_run(fewer, str(tmp_path / "fewer"))["accepted"] == 0  # round 1 alone fails (C is not clean)

@@ -9,7 +9,7 @@ from emotion_dpo.journal import Journal, read_journal
 from emotion_dpo.generate import sample_pool
 from emotion_dpo.dataset import preference_row, reselect
 from emotion_dpo.prompts import Prompt
-from emotion_dpo.selection import pick_pair, round_failure, score_reply
+from emotion_dpo.selection import gives_up, is_cut_off, pick_pair, rescore, round_failure, score_reply
 
 REWARDS = SimpleNamespace(reward_weights=[0.4, 0.25, 0.35], reward_bias=0.001, length_min=5, length_max=20)
 SELECTION = SimpleNamespace(target_score_range=5.0, min_chosen_score=8.0, min_chosen_gibberish_confidence=0.8,
@@ -139,3 +139,83 @@ def test_reselect_with_other_weights_changes_the_pair_as_predicted(tmp_path):
     assert again["status"] == "accepted" and len(again["rounds"]) == 1
     row = preference_row(again)
     assert row["chosen_score"] == pytest.approx(6.001) and row["rejected"] == rounds[0][0].text  # first of the tied lowest
+
+
+# ---------------------------------------------------------------- boundaries and order, worked out by hand
+# GOOD totals 23.176 (above); SHORT ("ok .", 4 characters, neutral): 0 + 0.25 * (-0.2 * 0.0001) + 0.35 * 9.5 + 0.001
+# = 3.325995; the gap GOOD - SHORT is 19.850005.
+
+def at(**settings):
+    return SimpleNamespace(**{**vars(SELECTION), **settings})
+
+
+def test_a_gap_exactly_at_target_score_range_passes():
+    gap = GOOD.total - SHORT.total
+    assert round_failure([GOOD, SHORT], "happiness", at(target_score_range=gap)) is None
+    assert round_failure([GOOD, SHORT], "happiness", at(target_score_range=gap + 1e-9)) == \
+        "score range below target_score_range"
+
+
+def test_a_best_score_exactly_at_min_chosen_score_passes():
+    assert round_failure([GOOD, SHORT], "happiness", at(min_chosen_score=GOOD.total)) is None
+    assert round_failure([GOOD, SHORT], "happiness", at(min_chosen_score=GOOD.total + 1e-9)) == \
+        "best score below min_chosen_score"
+
+
+def test_a_clean_confidence_exactly_at_the_minimum_passes():
+    assert round_failure([reply(gconf=0.8), SHORT], "happiness", SELECTION) is None
+
+
+def test_the_round_reports_the_first_failing_check_in_the_references_order():
+    # score range, then best score, then emotion, clean label, clean confidence, ending
+    everything_wrong = reply("so sad and", emotion="sadness", gib="noise", gconf=0.1)
+    strict = at(target_score_range=100.0, min_chosen_score=100.0)
+    assert round_failure([everything_wrong, SHORT], "happiness", strict) == "score range below target_score_range"
+    assert round_failure([reply(emotion="sadness"), SHORT], "happiness", at(min_chosen_score=100.0)) == \
+        "best score below min_chosen_score"  # before the chosen filters, though the chosen is not happy either
+    assert round_failure([reply(emotion="sadness", gib="noise", gconf=0.1), SHORT], "happiness",
+                         at(target_score_range=0.0, min_chosen_score=0.0)) == "chosen emotion is not the target"
+    assert round_failure([reply(gib="noise", gconf=0.1), SHORT], "happiness", at(target_score_range=0.0,
+                                                                                 min_chosen_score=0.0)) == \
+        "chosen is not clean"
+
+
+def test_labels_compare_case_insensitively_in_the_chosen_filters():
+    assert round_failure([reply(emotion="Happiness", gib="Clean"), SHORT], "happiness", SELECTION) is None
+
+
+def test_the_rejected_reply_is_the_first_of_the_lowest_anywhere_in_the_round():
+    assert pick_pair([GOOD, reply(conf=0.5), SHORT, SHORT, reply(conf=0.6)]) == (0, 2)
+    assert pick_pair([SHORT, GOOD, GOOD]) == (1, 0)
+
+
+def test_the_gap_is_measured_to_the_lowest_reply_wherever_it_stands():
+    middle = reply(conf=0.85)  # 0.2 below GOOD: too close to be the rejected one
+    assert round_failure([middle, SHORT, GOOD], "happiness", SELECTION) is None
+
+
+# chosen_endings are characters, as the reference compares them: hermeschen1116/emotion-chat-bot@1228505,
+# src/scripts/response_generator/data_process_dpo.py: `chosen.strip(" ")[-1:] not in ["!", ".", "?"]`
+
+@pytest.mark.parametrize("text, cut_off", [
+    ("that is great !", False),
+    ("that is great !  ", False),  # spaces around are not the ending
+    ("that is great", True),
+    ("that is great !\n", True),  # only spaces are stripped, as in the reference
+    ("", True),  # an empty reply ends in nothing
+])
+def test_the_ending_is_the_last_character_once_spaces_are_stripped(text, cut_off):
+    assert is_cut_off(text, ["!", ".", "?"]) is cut_off
+    chosen = score_reply(text, "happiness", 0.9, "clean", 0.95, 15, "happiness", REWARDS, None)
+    assert (round_failure([chosen, SHORT], "happiness", SELECTION) == "chosen is cut off") is cut_off
+
+
+def test_a_prompt_is_given_up_once_one_plus_max_retries_rounds_failed():
+    assert [gives_up(done, 2) for done in (1, 2, 3, 4)] == [False, False, True, True]
+    assert gives_up(1, 0)
+
+
+def test_rescoring_keeps_the_replys_token_ids():
+    heavier = SimpleNamespace(**{**vars(REWARDS), "reward_weights": [1.0, 0.0, 0.0]})
+    again = rescore(GOOD, "happiness", heavier)
+    assert again.token_ids == [34, 9] and again.total == pytest.approx(9.001)

@@ -9,7 +9,7 @@ import pytest
 from huggingface_hub import DatasetCard
 
 from emotion_dpo.config import GenerateConfig, load_config
-from emotion_dpo.stats import summarize
+from emotion_dpo.stats import format_summary, format_tables, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = [0.4, 0.25, 0.35]
@@ -123,3 +123,78 @@ def test_the_dataset_card_holds_the_config_and_the_statistics_written(finalized)
     assert "![score gap](score_gap.png)" in text and (folder / "dataset" / "score_gap.png").exists()
     assert "![reward parts](reward_parts.png)" in text and (folder / "dataset" / "reward_parts.png").exists()
     assert "| chosen is cut off | 1 |" in text and "| score range below target_score_range | 1 |" in text
+
+
+# ---------------------------------------------------------------- the figures of the same journal, by hand
+# accepted gaps in journal order 15, 8, 20, 2; sorted 2, 8, 15, 20
+
+def test_the_score_gap_figures_use_the_middle_mean_and_the_sample_sd():
+    gap = summarize(JOURNAL, total_prompts=10)["score_gap"]
+    assert gap["median"] == 11.5  # (8 + 15) / 2
+    assert gap["mean"] == 11.25
+    # deviations 3.75, -3.25, 8.75, -9.25: squares sum 186.75, / (4 - 1) = 62.25
+    assert gap["sd"] == pytest.approx(62.25 ** 0.5)
+    assert (gap["min"], gap["max"]) == (2, 20)
+
+
+def test_an_sd_needs_two_values_and_two_are_enough():
+    two = summarize(JOURNAL[:2])  # gaps 15 and 8: deviations 3.5, -3.5 -> 24.5 / 1
+    assert two["score_gap"]["sd"] == pytest.approx(24.5 ** 0.5)
+    assert two["reward_parts"]["emotion_reward"]["chosen"]["sd"] == pytest.approx(2 ** 0.5)  # 10, 8
+    one = summarize(JOURNAL[:1])
+    assert one["score_gap"]["sd"] is None and one["reward_parts"]["emotion_reward"]["chosen"]["sd"] is None
+
+
+def test_reward_part_sds_are_sample_sds():
+    parts = summarize(JOURNAL)["reward_parts"]
+    # chosen emotion 10, 8, 9, 9: squares of deviations 1, 1, 0, 0 -> 2 / 3
+    assert parts["emotion_reward"]["chosen"]["sd"] == pytest.approx((2 / 3) ** 0.5)
+    # rejected length 10, 0, 30, 50 (mean 22.5): 156.25 + 506.25 + 56.25 + 756.25 = 1475 -> / 3
+    assert parts["length_reward"]["rejected"]["sd"] == pytest.approx((1475 / 3) ** 0.5)
+
+
+def test_a_reward_part_median_of_an_even_count_is_the_mean_of_the_middle_two():
+    # chosen length 40, 20, 80, 30 -> sorted 20, 30, 40, 80 -> 35 (not 30, not 40)
+    assert summarize(JOURNAL)["reward_parts"]["length_reward"]["chosen"]["median"] == 35
+
+
+def test_prompts_total_acceptance_and_the_rounds_histogram_in_rounds_order():
+    summary = summarize(JOURNAL, total_prompts=10)
+    assert (summary["prompts_settled"], summary["prompts_total"], summary["accepted"], summary["failed"]) == (6, 10, 4, 2)
+    assert summary["acceptance_rate"] == 4 / 6
+    # rounds per record: 1, 3, 4, 2, 2, 1
+    assert list(summary["rounds_per_prompt"]["histogram"].items()) == [("1", 2), ("2", 2), ("3", 1), ("4", 1)]
+    assert summary["rounds_per_prompt"]["mean"] == 13 / 6
+    assert summarize([])["acceptance_rate"] == 0.0
+
+
+def test_failure_reasons_are_listed_most_frequent_first():
+    journal = [record(0, "happiness", [FILLER], reason="chosen is cut off"),
+               record(1, "happiness", [FILLER], reason="chosen is not clean"),
+               record(2, "happiness", [FILLER], reason="chosen is not clean")]
+    assert list(summarize(journal)["failure_reasons"].items()) == [("chosen is not clean", 2), ("chosen is cut off", 1)]
+
+
+def test_the_summary_text_shows_acceptance_in_percent_and_each_failure_reason():
+    text = format_summary(summarize(JOURNAL, total_prompts=10))
+    assert "prompts settled     6 / 10" in text
+    assert "accepted            4 (66.7 %)" in text
+    assert "  failed: chosen is cut off: 1" in text and "  failed: score range below target_score_range: 1" in text
+
+
+def test_which_part_decides_a_pair_follows_the_weights():
+    # weights 0.1 / 0.1 / 1: weighted differences prompt 0: 1 / 3 / 7; 1: 0 / 2 / 5; 3: 0.9 / 5 / -1;
+    # 5: 0.9 / -2 / 9 -> gibberish decides three pairs, length one
+    assert summarize(JOURNAL, weights=[0.1, 0.1, 1.0])["decided_by"] == \
+        {"emotion_reward": 0, "length_reward": 1, "gibberish_reward": 3}
+
+
+def test_a_tie_between_parts_goes_to_the_first_in_reward_weights_order():
+    tied = [record(0, "happiness", [[reply(20, 5, 5, 0), reply(10, 0, 0, 0)]], 0, 1)]  # 5 / 5 / 0
+    assert summarize(tied, weights=[1, 1, 1])["decided_by"] == {"emotion_reward": 1, "length_reward": 0,
+                                                               "gibberish_reward": 0}
+
+
+def test_the_decided_by_table_gives_each_parts_share_in_percent():
+    tables = format_tables(summarize(JOURNAL, weights=WEIGHTS))
+    assert "| length_reward | 3 (75.0 %) |" in tables and "| emotion_reward | 1 (25.0 %) |" in tables

@@ -1,0 +1,307 @@
+"""The hand-listed mutants of the rule files, each a one-place change a developer could make by mistake.
+
+`old` must occur exactly once in its file (run.py refuses the list otherwise, so it cannot drift from the code).
+`tests`: the fast, model-free tests of the file (a tokenizer from the demo world at most), run against each mutant.
+`equivalent`: mutants no test can tell from the original, with the reason; listed, not counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Mutant:
+    old: str
+    new: str
+    what: str
+    why: str = ""  # for an equivalent mutant: why no test can kill it
+
+
+@dataclass
+class Target:
+    path: str
+    tests: list[str]
+    mutants: list[Mutant]
+    equivalent: list[Mutant] = field(default_factory=list)
+
+
+M = Mutant
+
+REWARDS = Target("emotion_dpo/rewards.py", ["tests/test_rewards.py", "-k", "not needs_no_torch"], [
+    M("return confidence * 10 if label.lower() == target.lower() else 0.0",
+      "return confidence * 10 if label == target else 0.0", "emotion reward: labels compared case-sensitively"),
+    M("return confidence * 10 if label", "return confidence * 9 if label", "emotion reward: x 9"),
+    M("else 0.0\n", "else confidence\n", "emotion reward: another emotion earns its confidence"),
+    M("if abs(from_shortest) < 1:", "if abs(from_shortest) <= 1:", "length: first band includes |a| = 1"),
+    M("if abs(from_shortest) > 1 > abs(from_longest):", "if abs(from_shortest) >= 1 > abs(from_longest):",
+      "length: second band includes |a| = 1"),
+    M("if abs(from_shortest) > 1 > abs(from_longest):", "if abs(from_shortest) > 1 >= abs(from_longest):",
+      "length: second band includes |b| = 1"),
+    M("return from_shortest * 0.0001", "return from_shortest * 0.001", "length: first band x 0.001"),
+    M("abs(from_shortest + from_longest) * 10", "abs(from_shortest - from_longest) * 10", "length: |a - b|"),
+    M("return from_longest * 0.9", "return abs(from_longest) * 0.9", "length: |b| x 0.9"),
+    M("from_longest = (length - longest) / longest", "from_longest = (length - longest) / shortest",
+      "length: b divided by length_min"),
+    M("    label = label.lower()\n", "", "gibberish: labels compared case-sensitively"),
+    M("return confidence * 5", "return confidence * 0.5", "gibberish: mild x 0.5 (the reference code)"),
+    M("return confidence - 2", "return confidence - 1", "gibberish: other - 1"),
+    M("w_emotion, w_length, w_gibberish = weights", "w_emotion, w_gibberish, w_length = weights",
+      "total: weights in another order"),
+    M("w_gibberish * gibberish + bias", "w_gibberish * gibberish - bias", "total: bias subtracted"),
+    M("return len(reply.split())", "return len(reply.split(' '))", "words split on single spaces"),
+    M("return count_tokens(reply)", "return len(reply)", "tokens counted as characters"),
+    M('raise ValueError(f"unknown length unit {unit!r}")', "return 0", "an unknown unit measures 0"),
+])
+
+SELECTION = Target("emotion_dpo/selection.py", ["tests/test_selection.py"], [
+    M("return totals.index(max(totals)), totals.index(min(totals))",
+      "return len(totals) - 1 - totals[::-1].index(max(totals)), totals.index(min(totals))",
+      "chosen: the last of equal totals"),
+    M("return totals.index(max(totals)), totals.index(min(totals))",
+      "return totals.index(max(totals)), len(totals) - 1 - totals[::-1].index(min(totals))",
+      "rejected: the last of equal totals"),
+    M("if best - worst < selection.target_score_range:", "if best - worst <= selection.target_score_range:",
+      "score range: a gap equal to target_score_range fails"),
+    M("if best < selection.min_chosen_score:", "if best <= selection.min_chosen_score:",
+      "best score: equal to min_chosen_score fails"),
+    M("if chosen.gibberish_confidence < selection.min_chosen_gibberish_confidence:",
+      "if chosen.gibberish_confidence <= selection.min_chosen_gibberish_confidence:",
+      "clean confidence: equal to the minimum fails"),
+    M('''    if best - worst < selection.target_score_range:
+        return "score range below target_score_range"
+    if best < selection.min_chosen_score:
+        return "best score below min_chosen_score"
+''', '''    if best < selection.min_chosen_score:
+        return "best score below min_chosen_score"
+    if best - worst < selection.target_score_range:
+        return "score range below target_score_range"
+''', "order: best score checked before the score range"),
+    M('''    if best < selection.min_chosen_score:
+        return "best score below min_chosen_score"
+    return chosen_failure(chosen, target, selection)''', '''    problem = chosen_failure(chosen, target, selection)
+    if problem:
+        return problem
+    if best < selection.min_chosen_score:
+        return "best score below min_chosen_score"
+    return None''', "order: chosen filters before the best score"),
+    M("if chosen.emotion_label.lower() != target.lower():", "if chosen.emotion_label != target:",
+      "chosen emotion compared case-sensitively"),
+    M('if chosen.gibberish_label.lower() != "clean":', 'if chosen.gibberish_label != "clean":',
+      "chosen clean label compared case-sensitively"),
+    M('''    if chosen.gibberish_label.lower() != "clean":
+        return "chosen is not clean"
+''', "", "chosen may be mild gibberish"),
+    M('''    if chosen.emotion_label.lower() != target.lower():
+        return "chosen emotion is not the target"
+    if chosen.gibberish_label.lower() != "clean":
+        return "chosen is not clean"
+''', '''    if chosen.gibberish_label.lower() != "clean":
+        return "chosen is not clean"
+    if chosen.emotion_label.lower() != target.lower():
+        return "chosen emotion is not the target"
+''', "order: clean before emotion among the chosen filters"),
+    M("return ending_of(text) not in endings", "return ending_of(text.strip()) not in endings",
+      "ending: all whitespace stripped, not only spaces"),
+    M('return text.strip(" ")[-1:]', 'return text.strip(" ")[-1]', "ending of an empty reply: an IndexError"),
+    M("return rounds_done >= 1 + max_retries", "return rounds_done > 1 + max_retries", "gives up one round late"),
+    M("return rounds_done >= 1 + max_retries", "return rounds_done >= max_retries", "gives up one round early"),
+    M("reply.gibberish_confidence, reply.length, target, rewards, reply.token_ids)",
+      "reply.gibberish_confidence, reply.length, target, rewards)", "rescore drops the token ids"),
+    M("chosen, best, worst = replies[chosen_at], replies[chosen_at].total, replies[rejected_at].total",
+      "chosen, best, worst = replies[chosen_at], replies[chosen_at].total, min(replies[0].total, replies[-1].total)",
+      "worst: the lower of the first and last reply"),
+])
+
+STATS = Target("emotion_dpo/stats.py", ["tests/test_stats_and_card.py", "-k", "not statistics_files and not dataset_card"], [
+    M('"sd": statistics.stdev(values) if len(values) > 1', '"sd": statistics.pstdev(values) if len(values) > 1',
+      "reward-part SD: population SD"),
+    M('"sd": statistics.stdev(gaps) if len(gaps) > 1', '"sd": statistics.pstdev(gaps) if len(gaps) > 1',
+      "score-gap SD: population SD"),
+    M('"sd": statistics.stdev(gaps) if len(gaps) > 1', '"sd": statistics.stdev(gaps) if len(gaps) > 2',
+      "score-gap SD: needs three gaps"),
+    M('"sd": statistics.stdev(values) if len(values) > 1', '"sd": statistics.stdev(values) if len(values) > 2',
+      "reward-part SD: needs three values"),
+    M('"median": statistics.median(gaps) if gaps else None', '"median": statistics.median_high(gaps) if gaps else None',
+      "score-gap median: median_high"),
+    M('return {"median": statistics.median(values) if values else None',
+      'return {"median": statistics.median_low(values) if values else None', "spread: median_low"),
+    M("accepted            {summary['accepted']} ({100 * summary['acceptance_rate']:.1f} %)",
+      "accepted            {summary['accepted']} ({summary['acceptance_rate']:.1f} %)",
+      "statistics.txt: acceptance % not x 100"),
+    M("shares = [w * (chosen[part] - rejected[part]) for w, part in zip(weights, PARTS)]",
+      "shares = [chosen[part] - rejected[part] for w, part in zip(weights, PARTS)]", "decided_by ignores the weights"),
+    M("shares = [w * (chosen[part] - rejected[part]) for w, part in zip(weights, PARTS)]",
+      "shares = [w * abs(chosen[part] - rejected[part]) for w, part in zip(weights, PARTS)]",
+      "decided_by: a part that favours the rejected counts"),
+    M("counts[PARTS[shares.index(max(shares))]] += 1",
+      "counts[PARTS[len(shares) - 1 - shares[::-1].index(max(shares))]] += 1", "decided_by: the last of equal shares"),
+    M('for emotion in sorted({r["target_emotion"] for r in records}):',
+      'for emotion in sorted({r["target_emotion"] for r in records}, reverse=True):', "by_emotion rows in reverse order"),
+    M('"histogram": {str(k): v for k, v in sorted(Counter(rounds).items())}',
+      '"histogram": {str(k): v for k, v in Counter(rounds).items()}', "rounds histogram in order of appearance"),
+    M('dict(Counter(r["reason"] for r in records if r["status"] == "failed").most_common())',
+      'dict(Counter(r["reason"] for r in records if r["status"] == "failed"))',
+      "failure reasons in order of appearance, not by count"),
+    M('"mean_rounds": statistics.fmean(len(r["rounds"]) for r in mine)',
+      '"mean_rounds": statistics.fmean(len(r["rounds"]) for r in accepted or mine)',
+      "by_emotion: mean rounds of the accepted only"),
+    M('last = record["rounds"][-1]\n    return last[record["chosen_at"]]',
+      'last = record["rounds"][0]\n    return last[record["chosen_at"]]', "the pair read from the first round"),
+    M('"prompts_total": total_prompts if total_prompts is not None else len(records)',
+      '"prompts_total": len(records)', "prompts_total ignores the run's total"),
+    M('"acceptance_rate": len(accepted) / len(records) if records else 0.0',
+      '"acceptance_rate": len(accepted) / len(records) if records else None', "acceptance of no record: None"),
+    M('"max": max(gaps) if gaps else None', '"max": gaps[-1] if gaps else None', "score-gap max: the last gap"),
+    M('lines += [f"| {part} | {count}" + (f" ({100 * count / total:.1f} %)" if total else "") + " |"',
+      'lines += [f"| {part} | {count}" + (f" ({count / total:.1f} %)" if total else "") + " |"',
+      "decided_by table: share not x 100"),
+    M('''        lines.append(f"  failed: {reason}: {count}")''', "        pass", "statistics.txt: no failure reasons"),
+])
+
+JOURNAL = Target("emotion_dpo/journal.py", ["tests/test_journal.py"], [
+    M("            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)\n", "            pass\n",
+      "the journal's own lock removed"),
+    M("        return isinstance(value, (int, float)) and not isinstance(value, bool)",
+      "        return isinstance(value, (int, float))", "true accepted as a float"),
+    M("        return isinstance(value, int) and not isinstance(value, bool)",
+      "        return isinstance(value, int)", "true accepted as an int"),
+    M("not 0 <= record[key] < last", "not 0 <= record[key] <= last", "chosen_at == len(round) accepted"),
+    M("not 0 <= record[key] < last", "not -last <= record[key] < last", "a negative chosen_at accepted"),
+    M('    elif not isinstance(record.get("reason"), str):', '    elif False:', "a failed record without a reason"),
+    M('''    if not _are_ids(record.get("prompt_ids")):
+        return "key 'prompt_ids': expected a list of token ids"
+''', "", "a bad prompt_ids type accepted"),
+    M("return value is None or isinstance(value, list) and all(_is(i, int) for i in value)",
+      "return value is None or isinstance(value, list)", "token ids: any list"),
+    M("not _are_ids(reply.get(\"token_ids\"))", "False", "a reply's bad token_ids accepted"),
+    M('set(reply) - {"token_ids"} != set(REPLY_KEYS)', 'not set(REPLY_KEYS) <= set(reply)',
+      "a reply with an unknown key accepted"),
+    M('if not rounds or not all(isinstance(r, list) and r for r in rounds):',
+      'if not rounds or not all(isinstance(r, list) for r in rounds):', "an empty round accepted"),
+    M('if record.get("status") not in STATUSES:', 'if record.get("status") is None:', "any status accepted"),
+    M("        _cut_torn_tail(self.path)\n", "", "a torn tail is not cut when the journal opens"),
+    M("        self._file.flush()\n", "", "append not flushed"),
+    M("        os.fsync(self._file.fileno())\n", "", "append not fsync'ed"),
+    M("                if kept != record:", "                if False:", "two different records of a prompt: the first kept"),
+    M("    return [by_index[i][1] for i in sorted(by_index)]", "    return [record for _, record in by_index.values()]",
+      "merged records in file order, not by prompt index"),
+    M("    return items[rank::world_size]", "    return items[rank * len(items) // world_size:(rank + 1) * len(items) // world_size]",
+      "shard: contiguous blocks instead of every world_size-th"),
+], equivalent=[
+    M("                break  # the process died mid-write", "                continue  # the process died mid-write",
+      "a torn line skipped (continue) instead of ending the read (break)",
+      "only the last line of a file can lack its newline, so nothing follows it"),
+])
+
+PROMPTS = Target("emotion_dpo/prompts.py", ["tests/test_prompts.py"], [
+    M("prompts = [replace(p, index=i) for i, p in enumerate(prompts[cfg.skip_prompts:])]",
+      "prompts = prompts[cfg.skip_prompts:]", "skip_prompts: not numbered from 0"),
+    M("prompts = [replace(p, index=i) for i, p in enumerate(prompts[cfg.skip_prompts:])]",
+      "prompts = [replace(p, index=i) for i, p in enumerate(prompts[cfg.skip_prompts + 1:])]",
+      "skip_prompts: one more prompt skipped"),
+    M("if len(prompts) <= cfg.skip_prompts:", "if len(prompts) < cfg.skip_prompts:",
+      "skip_prompts leaving no prompt: not refused"),
+    M("wanted = None if cfg.num_prompts is None else cfg.skip_prompts + cfg.num_prompts",
+      "wanted = cfg.num_prompts", "skip_prompts: num_prompts counted with the skipped ones"),
+    M('known = {e.lower() for e in emotions}', 'known = set(emotions)', "dataset emotions: case-sensitive"),
+    M('names = [s.strip() for s in split.split("+")]', 'names = split.split("+")', "split names not stripped"),
+    M('''            if turn_at and turn["role"] == turns[turn_at - 1]["role"]:''', '''            if False:''',
+      "roles need not alternate"),
+    M('''            if not isinstance(content["dialog"], str):''', '''            if content["dialog"] is None:''',
+      "a number as dialog accepted"),
+    M("if len(content[\"dialog\"]) > LONG_TURN_CHARACTERS:", "if len(content[\"dialog\"]) >= LONG_TURN_CHARACTERS:",
+      "long turn: a turn of exactly the limit warned about"),
+    M("return starts if all_windows else starts[-1:]", "return starts if all_windows else starts[:1]",
+      "the first window by default, not the last"),
+    M("for s in range(len(turns) - window + 1)", "for s in range(len(turns) - window)",
+      "the window at the very end never taken"),
+    M('target = turns[-1]["content"]["emotion"]', 'target = turns[-2]["content"]["emotion"]',
+      "target: the user turn's emotion"),
+    M('messages = [{"role": "system", "content": {"emotion": "", "dialog": system_prompt}}]',
+      'messages = [{"role": "system", "content": {"emotion": "", "dialog": system_prompt}}] if system_prompt else []',
+      "no system message for an empty system prompt"),
+    M("if num_prompts is not None and len(prompts) >= num_prompts:",
+      "if num_prompts is not None and len(prompts) > num_prompts:", "num_prompts: one prompt too many"),
+    M("window = 2 + 2 * num_turns_history", "window = 2 * num_turns_history + 1", "window one turn short"),
+    M("prompts.append(Prompt(len(prompts), row, target, messages, text, context_ids(tokenizer, text)))",
+      "prompts.append(Prompt(len(prompts), start, target, messages, text, context_ids(tokenizer, text)))",
+      "dialogue: the window's start instead of the row"),
+    M("return any(line.strip() for line in f)", "return any(line for line in f)",
+      "a file of blank lines counts as rows"),
+])
+
+PROMPTS.equivalent.append(
+    M('if turns[s]["role"] == "user" and turns[s + window - 1]["role"] == "assistant"',
+      'if turns[s + window - 1]["role"] == "assistant"', "a window may start on an assistant turn",
+      "a window has an even number of turns and check_dialogues makes the roles alternate first, so a window that "
+      "ends on an assistant turn starts on a user turn"))
+
+TEMPLATE = Target("emotion_dpo/template.py", ["tests/test_template.py", "tests/test_prompts.py"], [
+    M('''    first = whole[len(ids)]
+    if not tokenizer.decode([first]).strip():''', '''    first = whole[len(ids)]
+    if False:''', "check_context_ids: the lone-space check removed"),
+    M("if whole[:len(ids)] != ids or len(whole) == len(ids):", "if len(whole) == len(ids):",
+      "check_context_ids: the prefix check removed"),
+    M('tokenizer.padding_side = "left"', 'tokenizer.padding_side = "right"', "padding on the right"),
+    M('texts = [prompt[:-1] if prompt.endswith(" ") else prompt for prompt in prompts]', "texts = list(prompts)",
+      "context ids keep the final space"),
+    M('return tokenizer(texts, add_special_tokens=False)["input_ids"]',
+      'return tokenizer(texts)["input_ids"]', "context ids: a second BOS"),
+    M('if "template" in doc and "chat_template" not in doc:', 'if "template" in doc:',
+      "a file with both keys read as the reference's format"),
+    M('''    if not isinstance(pad, str) or not pad:
+        problems.append''', '''    if not isinstance(pad, str):
+        problems.append''', "an empty pad token accepted"),
+    M("if not (isinstance(special, list) and all(isinstance(t, str) and t for t in special)):",
+      "if not isinstance(special, list):", "special tokens: any list"),
+    M('''    check_jinja_syntax(template, f"{path}: key '{template_key}'")\n''', "",
+      "jinja syntax not checked when the file loads"),
+    M('{"pad_token": chat.pad_token, "additional_special_tokens": list(chat.special_tokens)}',
+      '{"additional_special_tokens": list(chat.special_tokens)}', "the pad token not installed"),
+    M("def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True)",
+      "def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False)",
+      "rendered without the generation prompt"),
+    M('''    if not isinstance(shipped, str) or not shipped or (where, chat.source) in _warned:''',
+      '''    if not isinstance(shipped, str) or not shipped:''', "the shipped-template warning repeated"),
+    M("    if not same:\n        _warned.add", "    if same:\n        _warned.add", "warns when the templates agree"),
+    M('raise PipelineError(f"{path}: chat template file not found") from None', "raise",
+      "a missing template file: a raw FileNotFoundError"),
+])
+
+DATASET = Target("emotion_dpo/dataset.py", ["tests/test_dataset.py", "tests/test_selection.py"], [
+    M('return (record.get("prompt_ids") is not None and record.get("eos_token_id") is not None\n            and all(',
+      'return (record.get("prompt_ids") is not None\n            and all(', "has_ids without the EOS check"),
+    M("    if without:  # one schema", "    if without == len(rows):  # one schema",
+      "rows with and without ids mixed in one dataset"),
+    M('"chosen_ids": chosen["token_ids"] + [record["eos_token_id"]]', '"chosen_ids": chosen["token_ids"]',
+      "chosen ids without EOS"),
+    M('"rejected_ids": rejected["token_ids"] + [record["eos_token_id"]]', '"rejected_ids": chosen["token_ids"] + [record["eos_token_id"]]',
+      "rejected ids: the chosen's"),
+    M('stored = record["rounds"][:1 + selection.max_retries]', 'stored = record["rounds"][:selection.max_retries]',
+      "reselect counts one round too few"),
+    M('stored = record["rounds"][:1 + selection.max_retries]', 'stored = record["rounds"]',
+      "reselect counts every stored round"),
+    M('''        if round_failure(rounds[count - 1], target, selection) is None:
+            break''', '''        if round_failure(rounds[count - 1], target, selection) is None:
+            pass''', "reselect: the last passing round, not the first"),
+    M("    if reason is not None and not final:\n        return None",
+      "    if reason is not None:\n        return None", "settle: a given-up prompt is never recorded"),
+    M('"rounds": len(record["rounds"]),\n        "index"', '"rounds": len(record["rounds"][-1]),\n        "index"',
+      "row rounds: candidates of the last round"),
+    M('return {"index": record["index"], "dialogue": record["dialogue"], "reason": record["reason"],',
+      'return {"index": record["index"], "dialogue": record["index"], "reason": record["reason"],',
+      "failure row: the index as dialogue"),
+    M('        empty.save_to_disk(str(folder / "dataset"), num_shards=1)',
+      '        empty.save_to_disk(str(folder / "dataset"))', "an empty dataset saved without its one shard"),
+    M('kinds = {"prompt": "string", "chosen": "string", "rejected": "string", "target_emotion": "string",',
+      'kinds = {"prompt": "string", "chosen": "string", "rejected": "string", "target_emotion": "float64",',
+      "empty schema: target_emotion a float"),
+    M('row[f"chosen_{part}"] = chosen[part]', 'row[f"chosen_{part}"] = rejected[part]', "chosen parts: the rejected's"),
+    M('rounds = [[rescore(ScoredReply(**(r if length_of is None else {**r, "length": length_of(r["text"])})), target,',
+      'rounds = [[rescore(ScoredReply(**r), target,', "reselect ignores length_of"),
+    M('"eos_token_id": eos_token_id,', '"eos_token_id": None,', "settle forgets the EOS id"),
+])
+
+TARGETS = {"rewards": REWARDS, "selection": SELECTION, "stats": STATS, "journal": JOURNAL, "prompts": PROMPTS,
+           "template": TEMPLATE, "dataset": DATASET}

@@ -42,7 +42,10 @@ def project(results: list[dict], mean_rounds: float | None) -> dict:
     generation = next((r for r in reversed(results) if r.get("batched_seconds_for_2048_prompts")
                        and r.get("use_unsloth", "False") in ("False", "false", False)), None)
     candidates = [r for r in results if r.get("candidate") and not r.get("failed") and r.get("pairs_per_s")]
-    default = next((r for r in candidates if r["candidate"] == "batch2-accum8"), None)
+    # args/dpo_arg.json's settings: batch2-accum8 before issue 23; its levers' "all-levers" since (TRL's path is
+    # "trl-path"); the lever lines are measured at realistic lengths
+    default = next((r for r in candidates if r["candidate"] == "all-levers"), None) or next(
+        (r for r in candidates if r["candidate"] in ("batch2-accum8", "trl-path")), None)
     if default is None:  # dpo_memory.py's line for the default design: batch 2, pairs filling max_length (slower)
         memory = next((r for r in results if r.get("design") == "adapter" and r.get("train_modules_to_save")
                        and not r.get("unsloth") and r.get("mean_step_seconds")), None)

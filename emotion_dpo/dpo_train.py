@@ -20,12 +20,14 @@ from pathlib import Path
 from .config import differing_keys_except, save_config, to_dict, without_comments
 from .dpo_data import fully_truncated, load_preferences, report_overlong, token_id_rows
 from .dpo_guard import REFERENCE_ADAPTER, START_ADAPTER, guard_reference
+from .dpo_reference import REFERENCE_LOGPS
 from .errors import PipelineError
 from .files import run_folder_exists, write_text_atomic
 
 FINAL_ADAPTER = "final_adapter"
 METRICS_NAME = "metrics.json"
-STARTED_ONLY = {"config.json", "wandb", START_ADAPTER}  # what train() writes before training starts
+# what train() writes before training starts (the reference log-probs: dpo_reference, reused by the next start)
+STARTED_ONLY = {"config.json", "wandb", START_ADAPTER, REFERENCE_LOGPS}
 CONFIG_NAME = "training_config.json"  # the resolved config, in every checkpoint and in the final adapter
 # Keys that may change when a run is resumed without a warning: they do not change what is trained.
 RESUMABLE_CHANGES = {"resume_from_checkpoint", "output_dir", "wandb", "dpo.logging_steps", "dpo.save_steps", "dpo.save_total_limit",

@@ -38,11 +38,23 @@ def lines(path: Path) -> list[dict]:
     return found
 
 
-def project(results: list[dict], mean_rounds: float | None) -> dict:
+def lever_ratio_of(path: Path) -> dict | None:
+    """all-levers / trl-path pairs/s of a dpo_throughput.py run (its side-by-side lines), or None."""
+    rows = {r["candidate"]: r for r in lines(path) if r.get("pairs_per_s") and not r.get("failed")}
+    if "all-levers" not in rows or "trl-path" not in rows:
+        return None
+    return {"ratio": rows["all-levers"]["pairs_per_s"] / rows["trl-path"]["pairs_per_s"], "measured_in": str(path),
+            "device": rows["all-levers"].get("device")}
+
+
+def project(results: list[dict], mean_rounds: float | None, lever_ratio: dict | None = None) -> dict:
     generation = next((r for r in reversed(results) if r.get("batched_seconds_for_2048_prompts")
                        and r.get("use_unsloth", "False") in ("False", "false", False)), None)
     candidates = [r for r in results if r.get("candidate") and not r.get("failed") and r.get("pairs_per_s")]
-    default = next((r for r in candidates if r["candidate"] == "batch2-accum8"), None)
+    # args/dpo_arg.json's settings: batch2-accum8 before issue 23; its levers' "all-levers" since (TRL's path is
+    # "trl-path"); the lever lines are measured at realistic lengths
+    default = next((r for r in candidates if r["candidate"] == "all-levers"), None) or next(
+        (r for r in candidates if r["candidate"] in ("batch2-accum8", "trl-path")), None)
     if default is None:  # dpo_memory.py's line for the default design: batch 2, pairs filling max_length (slower)
         memory = next((r for r in results if r.get("design") == "adapter" and r.get("train_modules_to_save")
                        and not r.get("unsloth") and r.get("mean_step_seconds")), None)
@@ -68,7 +80,11 @@ def project(results: list[dict], mean_rounds: float | None) -> dict:
             out[f"{name}_device"] = row.get("device")
         else:
             out["missing"].append(name)
-    for name in ("dpo_default", "dpo_fastest"):
+    if lever_ratio and "dpo_default_s" in out and not str(out.get("dpo_default_candidate")).startswith("all-levers"):
+        # the GPU's TRL-path figure scaled by a side-by-side ratio measured elsewhere: a projection, labelled so
+        out["dpo_levers_s"] = out["dpo_default_s"] / lever_ratio["ratio"]
+        out["dpo_levers_from"] = lever_ratio
+    for name in ("dpo_default", "dpo_fastest", "dpo_levers"):
         if "generation_s" in out and f"{name}_s" in out:
             total = out["generation_s"] + out[f"{name}_s"] + out["evaluation_at_most_s"]
             out[f"job_with_{name}_s"] = total
@@ -81,11 +97,14 @@ def main() -> None:
     parser.add_argument("--results", required=True, help="JSON lines of the measuring scripts")
     parser.add_argument("--statistics", help="a demo run's statistics.json (its rounds_per_prompt.mean)")
     parser.add_argument("--mean-rounds", type=float, help="the mean rounds per prompt, if no statistics.json")
+    parser.add_argument("--lever-ratio-from", help="a dpo_throughput.py run with trl-path and all-levers (e.g. on the "
+                        "CPU): DPO with issue 23's levers projected as the default's time / that ratio")
     args = parser.parse_args()
     mean_rounds = args.mean_rounds
     if args.statistics and Path(args.statistics).exists():
         mean_rounds = json.loads(Path(args.statistics).read_text())["rounds_per_prompt"]["mean"]
-    print(json.dumps({"projection": project(lines(Path(args.results)), mean_rounds)}))
+    ratio = lever_ratio_of(Path(args.lever_ratio_from)) if args.lever_ratio_from else None
+    print(json.dumps({"projection": project(lines(Path(args.results)), mean_rounds, ratio)}))
 
 
 if __name__ == "__main__":

@@ -371,6 +371,12 @@ class TrainConfig(GeneratorSource):
     train_modules_to_save: bool = Field(
         True, description="false: train the LoRA matrices only; the SFT adapter's modules_to_save (embedding and "
         "LM-head copies) stay as SFT left them and the reference shares them (no gradient, optimizer state or copy)")
+    prefix_sharing: bool = Field(
+        True, description="true: one row per pair, [prompt, chosen, rejected] with a block mask, for the policy and the "
+        "reference (the prompt runs once, not twice); false: TRL's two rows per pair")
+    pack_pairs_tokens: int = Field(
+        0, ge=0, description="with prefix_sharing: pack consecutive pairs into one row up to this many tokens "
+        "(0: one pair per row)")
     dpo: DpoSection = Field(default_factory=lambda: dict(DPO_DEFAULTS), description="passed to trl.DPOConfig as it is")
 
 

@@ -108,14 +108,18 @@ def sequence_log_probs(trainer, model, inputs, adapter: str):
     from trl.models.utils import disable_gradient_checkpointing
     from trl.trainer.utils import selective_log_softmax, use_adapter
 
-    kwargs = {k: v for k, v in inputs.items()
-              if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
+    import contextlib
+
+    # the trainer's own forward path (dpo_prefix's shared rows when prefix_sharing is on), as for the reference
+    layout = getattr(trainer, "forward_layout", None) or contextlib.nullcontext
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    with use_adapter(unwrapped, adapter), disable_gradient_checkpointing(
+    with layout(inputs) as batch, use_adapter(unwrapped, adapter), disable_gradient_checkpointing(
             trainer.model, trainer.args.gradient_checkpointing_kwargs):
+        kwargs = {k: v for k, v in batch.items()
+                  if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
         logits = model(**kwargs, use_cache=False).logits[..., :-1, :]
-    completion = inputs["completion_mask"][..., 1:]
-    return selective_log_softmax(logits, inputs["input_ids"][..., 1:], row_mask=completion).sum(1)
+        completion = batch["completion_mask"][..., 1:]
+        return selective_log_softmax(logits, batch["input_ids"][..., 1:], row_mask=completion).sum(1)
 
 
 def check_first_batch(trainer, model, inputs, rounded: bool) -> dict:

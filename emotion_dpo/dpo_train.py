@@ -8,6 +8,7 @@ given a PeftModel with a pretrained adapter and `ref_model=None`, DPOTrainer add
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -20,6 +21,7 @@ from .config import TrainConfig, differing_keys_except, save_config, to_dict, wi
 from .dpo_data import check_pair_texts, fully_truncated, load_preferences, report_overlong, token_id_rows
 from .dpo_guard import REFERENCE_ADAPTER, START_ADAPTER, guard_reference
 from .distributed import on_cpus, process_state
+from .dpo_reference import REFERENCE_LOGPS
 from .errors import PipelineError
 from .faultpoints import reached
 from .files import FolderLock, folder_entries, run_folder_exists, write_text_atomic
@@ -28,8 +30,8 @@ from .kill_points import kill_point
 FINAL_ADAPTER = "final_adapter"
 METRICS_NAME = "metrics.json"
 # What train() writes before training starts, and TRL's model card (README.md), which it writes next to each checkpoint
-# it saves (so also before the first one is whole)
-STARTED_ONLY = {"config.json", "wandb", START_ADAPTER, "README.md"}
+# it saves (so also before the first one is whole), and the reference log-probs (dpo_reference: reused by the next start)
+STARTED_ONLY = {"config.json", "wandb", START_ADAPTER, "README.md", REFERENCE_LOGPS}
 CONFIG_NAME = "training_config.json"  # the resolved config, in every checkpoint and in the final adapter
 
 
@@ -344,16 +346,28 @@ def freeze_modules_to_save(model) -> int:
 
 
 
-def dpo_trainer_class():
-    """TRL's DPOTrainer, given token ids instead of text.
+def dpo_trainer_class(prefix_sharing: bool = False, pack_tokens: int = 0):
+    """TRL's DPOTrainer, given token ids instead of text; with prefix_sharing, each pair's prompt runs once.
 
     TRL tokenizes a text prompt with the tokenizer's defaults (a Llama tokenizer adds a second BOS to the `<s>` the
     prompt already holds) and appends the EOS text to each reply, so DPO would train on other ids than the
     generator saw. Here the ids generate_preferences kept are used as they are (token_id_rows), and TRL's
-    max_length rule is applied to them (fully_truncated)."""
+    max_length rule is applied to them (fully_truncated).
+
+    prefix_sharing: the policy's and the reference's passes run `[prompt, chosen, rejected]` as one row
+    (dpo_prefix), pack_tokens > 0 packs several pairs per row; TRL's loss and metrics are computed unchanged on the
+    logits that pass gives. With precompute_ref_log_probs the reference log-probs are kept in the run folder
+    (reference_cache) and reused on --resume."""
     from trl import DPOTrainer
 
+    from .dpo_prefix import build_layout, compact_inputs, shared_forward, split_pairs, unsupported_reason
+    from .dpo_reference import cached_reference_log_probs
+
     class TokenExactDPOTrainer(DPOTrainer):
+        _fallback_said = False
+        prefix_sharing_on = prefix_sharing  # attributes, so a test or a benchmark can switch them on one trainer
+        pack_pairs_tokens = pack_tokens
+
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             rows = token_id_rows(dataset, self._tokenizer, dataset_name)
             return rows.filter(lambda ids: not fully_truncated(ids, args.max_length, args.truncation_mode),
@@ -363,12 +377,56 @@ def dpo_trainer_class():
             super()._save_rng_state(output_dir)
             reached(f"dpo-save:{self.state.global_step}")  # inside the save: trainer_state.json not yet written
 
+        def _plain_path(self, reason: str) -> None:
+            if not self._fallback_said:
+                print(f"prefix sharing off, TRL's plain two-row pass instead: {reason}")
+                type(self)._fallback_said = True
+
+        def shared_layout(self, inputs):
+            """The packed rows for this batch, or None for TRL's plain path (the reason printed once)."""
+            if not self.prefix_sharing_on:
+                return None
+            model = self.accelerator.unwrap_model(self.model)
+            reason = ("use_liger_kernel computes log-probs in its own pass" if self.use_liger_kernel
+                      else unsupported_reason(model))
+            pairs, why = ([], reason) if reason else split_pairs(inputs)
+            if why:
+                self._plain_path(why)
+                return None
+            return build_layout(pairs, self.data_collator.pad_token_id, pack_tokens=self.pack_pairs_tokens)
+
+        @contextlib.contextmanager
+        def forward_layout(self, inputs):
+            """Yields the batch to hand TRL (compact under prefix sharing), the model's calls giving its logits."""
+            layout = self.shared_layout(inputs)
+            if layout is None:
+                yield inputs
+                return
+            with shared_forward(self.accelerator.unwrap_model(self.model), layout, self.accelerator.autocast):
+                yield compact_inputs(inputs, layout)
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            if return_outputs:  # the caller wants the logits of TRL's full layout
+                return super()._compute_loss(model, inputs, return_outputs)
+            with self.forward_layout(inputs) as batch:
+                return super()._compute_loss(model, batch, return_outputs)
+
+        def _compute_ref_log_probs(self, model, inputs):
+            with self.forward_layout(inputs) as batch:
+                return super()._compute_ref_log_probs(model, batch)
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            compute = super()._precompute_ref_logps
+            return cached_reference_log_probs(self, dataset, name, lambda: compute(dataset, name, batch_size),
+                                              path_tag="shared" if self.prefix_sharing_on else "plain")
+
     return TokenExactDPOTrainer
 
 
 def make_trainer(cfg, model, tokenizer, dpo_args, train_set, eval_set):
-    trainer = dpo_trainer_class()(model=model, ref_model=None, args=dpo_args, train_dataset=train_set,
-                         eval_dataset=eval_set, processing_class=tokenizer, callbacks=[config_saver(cfg)])
+    trainer_class = dpo_trainer_class(cfg.prefix_sharing, cfg.pack_pairs_tokens)
+    trainer = trainer_class(model=model, ref_model=None, args=dpo_args, train_dataset=train_set, eval_dataset=eval_set,
+                            processing_class=tokenizer, callbacks=[config_saver(cfg)])
     if REFERENCE_ADAPTER not in trainer.model.peft_config:
         raise PipelineError("TRL did not add the frozen reference adapter; this trl version is not supported")
     if not cfg.train_modules_to_save and not freeze_modules_to_save(trainer.model):  # before the optimizer is built

@@ -24,14 +24,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     def stages(cfg):
-        from emotion_dpo import preference_run
+        from emotion_dpo import generate
 
         if args.reselect:
-            preference_run.reselect_run(cfg, args.reselect)
+            generate.reselect_run(cfg, args.reselect)
         elif args.finalize:
-            preference_run.finalize_run(cfg)
+            generate.finalize_run(cfg)
         else:
-            preference_run.generate(cfg, fresh=args.fresh)
+            generate.generate(cfg, fresh=args.fresh)
 
     run_main(args, "GenerateConfig", stages)
 

@@ -43,22 +43,22 @@ def clocked(owner, name: str, log: list):
 
 
 def stage_generate(run: Path) -> dict:
-    from emotion_dpo import generation, preference_run
+    from emotion_dpo import generate, generation
     from emotion_dpo.config import GenerateConfig, load_config
 
-    rounds, generate, score = [], [], []
+    rounds, candidates, score = [], [], []
     clocked(generation.CandidateSampler, "sample", rounds)
-    clocked(generation, "generate_candidates", generate)  # CandidateSampler.sample looks it up in the module
+    clocked(generation, "generate_candidates", candidates)  # CandidateSampler.sample looks it up in the module
     clocked(generation.Scorer, "score", score)
     cfg = load_config(GenerateConfig, str(ROOT / "args/demo/generate_preferences_arg.json"),
                       [f"output_dir={run / 'preferences'}"])
     started = time.perf_counter()
-    preference_run.generate(cfg)
+    generate.generate(cfg)
     work = time.perf_counter() - started
     stats = json.loads((run / "preferences/statistics.json").read_text())
     mean_rounds = stats["rounds_per_prompt"]["mean"]
     return {"work_s": work, "sample_calls": len(rounds), "sampling_s": sum(rounds),
-            "generate_candidates_s": sum(generate), "scoring_s": sum(score),
+            "generate_candidates_s": sum(candidates), "scoring_s": sum(score),
             "prompts": cfg.num_prompts, "mean_rounds_per_prompt": mean_rounds,
             "rounds_histogram": stats["rounds_per_prompt"]["histogram"],
             "seconds_per_round_of_all_prompts": sum(rounds) / mean_rounds}
@@ -67,7 +67,7 @@ def stage_generate(run: Path) -> dict:
 def stage_dpo(run: Path) -> dict:
     from transformers import TrainerCallback
 
-    from emotion_dpo import dpo
+    from emotion_dpo import dpo_train
     from emotion_dpo.config import TrainConfig, load_config
 
     marks = []
@@ -85,18 +85,18 @@ def stage_dpo(run: Path) -> dict:
         def on_train_end(self, *a, **k):
             marks.append(("train_end", time.perf_counter()))
 
-    make_trainer = dpo.make_trainer
+    make_trainer = dpo_train.make_trainer
 
     def with_marks(*args, **kwargs):
         trainer = make_trainer(*args, **kwargs)
         trainer.add_callback(Marks())
         return trainer
 
-    dpo.make_trainer = with_marks
+    dpo_train.make_trainer = with_marks
     cfg = load_config(TrainConfig, str(ROOT / "args/demo/dpo_arg.json"),
                       [f"dataset={run / 'preferences/dataset'}", f"output_dir={run / 'dpo'}"])
     started = time.perf_counter()
-    metrics = dpo.train(cfg)
+    metrics = dpo_train.train(cfg)
     work = time.perf_counter() - started
     epochs, evals = [], []
     for (kind, t), (next_kind, t_next) in zip(marks, marks[1:]):

@@ -438,6 +438,9 @@ class EvaluateConfig(GeneratorSource, PromptSource, RewardConfig):
     complete_endings: list[str] = Field(default_factory=lambda: ["!", ".", "?"], min_length=1,
                                         description="a reply ending otherwise is cut off")
     bootstrap_samples: int = Field(2000, ge=100, description="resamples for the win-rate interval")
+    well_formed_replies: str | None = Field(
+        None, description="JSON {emotion: [every well-formed reply]} of a finite language (the demo world's): the "
+        "diversity ceiling of a model that always answers in the requested emotion, uniformly (null: none)")
 
 
 def stage_section(script_config: str) -> dict:

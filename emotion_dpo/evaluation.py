@@ -10,11 +10,19 @@ from pathlib import Path
 
 from . import EMOTIONS
 from .config import save_config, to_dict
+from .diversity import ceiling, collapse_warnings, diversity_report
 from .errors import PipelineError
 from .files import run_folder_exists
 from .prompts import load_prompts
 
 RESULT_FILES = ("results.json", "results.md", "replies.jsonl", "results.png")
+
+DIVERSITY_ROWS = [
+    ("distinct_replies", "distinct replies", "{:.0f}"), ("distinct_1", "distinct-1", "{:.3f}"),
+    ("distinct_2", "distinct-2", "{:.3f}"), ("canned_share", "canned share (reply to >= 3 prompts)", "{:.3f}"),
+    ("most_frequent_share", "most frequent reply's share", "{:.3f}"),
+    ("length_words_mean", "length in words, mean", "{:.2f}"), ("length_words_sd", "length in words, SD", "{:.2f}"),
+]
 
 METRIC_ROWS = [
     ("emotion_accuracy", "emotion accuracy"), ("emotion_macro_f1", "emotion macro-F1"), ("clean_rate", "clean rate"),
@@ -57,6 +65,21 @@ def model_metrics(targets, replies, clean_confidence: float, endings, labels=EMO
     }
 
 
+def diversity_figures(prompts, scored: dict, well_formed: dict | None = None) -> dict:
+    """Each model's degeneration figures (diversity.diversity_report, overall and per requested emotion), the
+    collapse warnings of each model against SFT, and the ceiling of a finite language when it is given."""
+    targets = [p.target_emotion for p in prompts]
+    indices = [p.index for p in prompts]
+    reports = {name: diversity_report([r.text for r in replies], targets, indices) for name, replies in scored.items()}
+    figures = {"models": reports,
+               "collapse": {name: collapse_warnings(report, reports["SFT"])
+                            for name, report in reports.items() if name != "SFT"}}
+    if well_formed is not None:
+        counts = {e: targets.count(e) for e in sorted(set(targets))}
+        figures["ceiling"] = ceiling(counts, {e: well_formed[e] for e in counts}, seed=0)
+    return figures
+
+
 def win_rate(a_totals, b_totals, samples: int = 2000, seed: int = 0) -> dict:
     """How often model A's reply out-scores model B's on the same prompt (ties count half), with a 95 %
     percentile-bootstrap interval over prompts."""
@@ -82,6 +105,20 @@ def is_evaluation_folder(folder: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(saved, dict) and set(saved) == set(EvaluateConfig.model_fields)
+
+
+def read_well_formed(cfg, emotions: set) -> dict | None:
+    if cfg.well_formed_replies is None:
+        return None
+    try:
+        table = json.loads(Path(cfg.well_formed_replies).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"{cfg.source}: key well_formed_replies: cannot read {cfg.well_formed_replies} ({e})") from None
+    missing = sorted(e for e in emotions if not (isinstance(table, dict) and table.get(e)))
+    if missing:
+        raise PipelineError(f"{cfg.source}: key well_formed_replies: {cfg.well_formed_replies} lists no replies for "
+                            f"{', '.join(missing)}; expected {{emotion: [replies]}} for every requested emotion")
+    return table
 
 
 def prepare_output_dir(cfg, fresh: bool = False) -> Path:
@@ -133,6 +170,7 @@ def evaluate(cfg, fresh: bool = False) -> dict:
     check_adapter_path(cfg.dpo_adapter, "dpo_adapter", cfg.source)
     generation_config = checked_generation_config(cfg.generation, cfg.source)
     tokenizer, prompts = load_prompts(cfg)
+    well_formed = read_well_formed(cfg, {p.target_emotion for p in prompts})
     folder = prepare_output_dir(cfg, fresh)
     print(f"{len(prompts)} prompts from {cfg.dataset} split {cfg.dataset_split!r}")
     run = start_wandb(cfg.wandb, "evaluate", to_dict(cfg), folder)
@@ -164,6 +202,7 @@ def evaluate(cfg, fresh: bool = False) -> dict:
                    for name, replies in scored.items()},
         "dpo_vs_sft": win_rate([r.total for r in scored["DPO"]], [r.total for r in scored["SFT"]],
                                cfg.bootstrap_samples, cfg.seed),
+        "diversity": diversity_figures(prompts, scored, well_formed),
     }
     write_results(folder, results, prompts, scored)
     print(format_table(results))
@@ -195,10 +234,41 @@ def format_table(results: dict) -> str:
     for emotion in emotions:
         cells = [f"{results['models'][m]['per_emotion_accuracy'].get(emotion, float('nan')):.3f}" for m in models]
         lines.append(f"| {emotion} | " + " | ".join(cells) + " |")
+    lines += ["", format_diversity(results["diversity"])]
     w = results["dpo_vs_sft"]
     lines += ["", f"DPO vs SFT win rate by total reward: {w['win_rate']:.3f} "
                   f"(95 % bootstrap interval {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f}; "
                   f"{w['wins']} wins, {w['ties']} ties, {w['losses']} losses)"]
+    return "\n".join(lines)
+
+
+def format_diversity(figures: dict) -> str:
+    """Degeneration figures per model, per requested emotion, the ceiling and the collapse warnings (markdown)."""
+    reports = figures["models"]
+    models = list(reports)
+    ceiling_column = "ceiling" in figures
+    head = models + (["ceiling (uniform over well-formed replies)"] if ceiling_column else [])
+    lines = ["| degeneration | " + " | ".join(head) + " |", "| --- |" + " --- |" * len(head)]
+    for key, label, fmt in DIVERSITY_ROWS:
+        cells = [fmt.format(reports[m][key]) for m in models]
+        if ceiling_column:
+            cells.append(f"{figures['ceiling']['expected_distinct_replies']:.1f}" if key == "distinct_replies" else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "| requested emotion (prompts) | " + " | ".join(f"{m}: distinct / most frequent share" for m in models)
+              + (" | ceiling: distinct / most frequent share |" if ceiling_column else " |"),
+              "| --- |" + " --- |" * (len(models) + ceiling_column)]
+    for emotion, row in reports[models[0]]["by_group"].items():
+        cells = [f"{reports[m]['by_group'][emotion]['distinct_replies']} / "
+                 f"{reports[m]['by_group'][emotion]['most_frequent_share']:.3f}" for m in models]
+        if ceiling_column:
+            c = figures["ceiling"]["by_group"][emotion]
+            w, n = c["well_formed"], c["prompts"]
+            cells.append(f"{w * (1 - (1 - 1 / w) ** n):.1f} / {c['expected_most_frequent_share']:.3f}")
+        lines.append(f"| {emotion} ({row['replies']}) | " + " | ".join(cells) + " |")
+    lines.append("")
+    for name, reasons in figures["collapse"].items():
+        lines.append(f"**COLLAPSE WARNING, {name}**: " + "; ".join(reasons) if reasons else
+                     f"{name}: no collapse warning (thresholds in README, 'Collapse warning').")
     return "\n".join(lines)
 
 
@@ -210,7 +280,7 @@ def plot_results(results: dict, path: Path) -> None:
 
     keys = ["emotion_accuracy", "emotion_macro_f1", "clean_rate", "cutoff_rate"]
     models = list(results["models"])
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax, right) = plt.subplots(1, 2, figsize=(12, 4))
     width = 0.8 / len(models)
     for i, m in enumerate(models):
         ax.bar([k + i * width for k in range(len(keys))], [results["models"][m][k] for k in keys], width, label=m)
@@ -219,6 +289,15 @@ def plot_results(results: dict, path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.legend()
     ax.set_title(f"{results['models'][models[0]]['prompts']} held-out prompts")
+    reports = results["diversity"]["models"]
+    shares = ["distinct_share", "distinct_1", "distinct_2", "canned_share", "most_frequent_share"]
+    for i, m in enumerate(models):
+        right.bar([k + i * width for k in range(len(shares))], [reports[m][k] for k in shares], width, label=m)
+    right.set_xticks([k + width * (len(models) - 1) / 2 for k in range(len(shares))])
+    right.set_xticklabels(["distinct\nreplies", "distinct-1", "distinct-2", "canned\nshare", "most frequent\nshare"])
+    right.set_ylim(0, 1)
+    right.legend()
+    right.set_title("degeneration (shares of replies)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -243,6 +243,16 @@ def run_stage(stage: Stage) -> str:
 # ------------------------------------------------------------------ iterations side by side
 
 MODEL_KEYS = ("emotion_accuracy", "emotion_macro_f1", "clean_rate", "cutoff_rate")
+DIVERSITY_KEYS = ("distinct_replies", "distinct_1", "distinct_2", "canned_share", "most_frequent_share",
+                  "length_words_mean", "length_words_sd")
+
+
+def diversity_columns(report: dict) -> dict:
+    """A model's degeneration figures for the table, with the worst requested emotion's most frequent reply."""
+    worst = max(report["by_group"].items(), key=lambda item: item[1]["most_frequent_share"])
+    return {**{key: report[key] for key in DIVERSITY_KEYS}, "most_frequent_reply": report["most_frequent_reply"],
+            "worst_emotion": worst[0], "worst_emotion_share": worst[1]["most_frequent_share"],
+            "worst_emotion_reply": worst[1]["most_frequent_reply"]}
 
 
 def iteration_row(iteration: int, results: dict, statistics: dict) -> dict:
@@ -253,6 +263,8 @@ def iteration_row(iteration: int, results: dict, statistics: dict) -> dict:
         "iteration": iteration,
         "adapter": results["setup"]["sources"]["DPO"],
         **{key: dpo[key] for key in MODEL_KEYS},
+        **diversity_columns(results["diversity"]["models"]["DPO"]),
+        "collapse": results["diversity"]["collapse"]["DPO"],
         "win_rate": win["win_rate"], "win_rate_ci95": win["ci95"],
         "acceptance_rate": statistics["acceptance_rate"],
         "accepted": statistics["accepted"], "prompts_settled": statistics["prompts_settled"],
@@ -270,7 +282,10 @@ def iterations_table(stages: list[Stage]) -> dict:
         statistics = json.loads((generate_folder / "statistics.json").read_text())
         if sft is None:
             sft = {"adapter": results["setup"]["sources"]["SFT"], "prompts": results["setup"]["prompts"],
-                   **{key: results["models"]["SFT"][key] for key in MODEL_KEYS}}
+                   **{key: results["models"]["SFT"][key] for key in MODEL_KEYS},
+                   **diversity_columns(results["diversity"]["models"]["SFT"]),
+                   **({"ceiling_distinct_replies": results["diversity"]["ceiling"]["expected_distinct_replies"]}
+                      if "ceiling" in results["diversity"] else {})}
         rows.append(iteration_row(stage.iteration, results, statistics))
     return {"sft": sft, "iterations": rows}
 
@@ -290,7 +305,27 @@ def format_iterations(table: dict) -> str:
         lines.append(f"| iteration {row['iteration']} | " + " | ".join(f3(row[k]) for k in MODEL_KEYS)
                      + f" | {f3(row['win_rate'])} ({f3(low)}-{f3(high)}) | {f3(row['acceptance_rate'])} "
                        f"({row['accepted']}/{row['prompts_settled']}) | {gap} |")
+    lines += ["", "Degeneration (one reply per held-out prompt; canned: the same text given to >= 3 different prompts;"
+              " worst emotion: the requested emotion whose most frequent reply takes the largest share of its prompts)"
+              + (f"; the demo world's ceiling keeps {sft['ceiling_distinct_replies']:.1f} distinct replies"
+                 if "ceiling_distinct_replies" in sft else "") + ":", "",
+              "| model | distinct replies (of SFT's) | distinct-1 | distinct-2 | canned share | most frequent reply "
+              "(share) | worst emotion: its most frequent reply's share | length in words, mean (SD) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, row in [("SFT", sft)] + [(f"iteration {r['iteration']}", r) for r in table["iterations"]]:
+        lines.append(f"| {name} | {row['distinct_replies']} ({row['distinct_replies'] / sft['distinct_replies']:.0%}) "
+                     f"| {f3(row['distinct_1'])} | {f3(row['distinct_2'])} | {f3(row['canned_share'])} | "
+                     f"{row['most_frequent_reply']!r} ({f3(row['most_frequent_share'])}) | {row['worst_emotion']}: "
+                     f"{f3(row['worst_emotion_share'])} | {row['length_words_mean']:.2f} ({row['length_words_sd']:.2f}) |")
+    lines += [""] + collapse_lines(table)
     return "\n".join(lines) + "\n"
+
+
+def collapse_lines(table: dict) -> list[str]:
+    """The collapse warning of each iteration (diversity.collapse_warnings against SFT), or that there is none."""
+    flagged = [f"COLLAPSE WARNING, iteration {r['iteration']}: " + "; ".join(r["collapse"])
+               for r in table["iterations"] if r["collapse"]]
+    return flagged or ["No collapse warning (thresholds: README, 'Collapse warning')."]
 
 
 def plot_iterations(table: dict, path: Path) -> None:
@@ -301,7 +336,7 @@ def plot_iterations(table: dict, path: Path) -> None:
 
     rows = table["iterations"]
     steps = [0] + [r["iteration"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right, degeneration) = plt.subplots(1, 3, figsize=(15, 4))
     for key in MODEL_KEYS:
         left.plot(steps, [table["sft"][key]] + [r[key] for r in rows], marker="o", label=key.replace("_", " "))
     left.set_xticks(steps)
@@ -317,6 +352,16 @@ def plot_iterations(table: dict, path: Path) -> None:
     right.set_xticks(steps[1:])
     right.set_ylim(0, 1)
     right.set_title("win rate vs SFT (95 % bootstrap interval)")
+    sft = table["sft"]
+    for key, label in (("distinct_replies", "distinct replies / SFT's"), ("canned_share", "canned share"),
+                       ("worst_emotion_share", "worst emotion's most frequent share")):
+        scale = sft["distinct_replies"] if key == "distinct_replies" else 1
+        degeneration.plot(steps, [sft[key] / scale] + [r[key] / scale for r in rows], marker="o", label=label)
+    degeneration.set_xticks(steps)
+    degeneration.set_xticklabels(["SFT"] + [f"iter {s}" for s in steps[1:]])
+    degeneration.set_ylim(0, max(1.05, max(r["distinct_replies"] / sft["distinct_replies"] for r in rows) + 0.05))
+    degeneration.legend(fontsize=8)
+    degeneration.set_title("degeneration")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -356,4 +401,5 @@ def run_pipeline(cfg) -> dict | None:
     if table is not None:
         print(format_iterations(table))
         print(f"wrote iterations.md, iterations.json and iterations.png to {run}")
+        print("\n".join(collapse_lines(table)))
     return table

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from .dataset import PARTS  # in reward_weights' order
+from .diversity import diversity_report
 
 
 def pair_of(record: dict) -> tuple[dict, dict]:
@@ -51,6 +52,15 @@ def reward_parts(accepted: list[dict]) -> dict:
     return table
 
 
+def reply_diversity(accepted: list[dict]) -> dict:
+    """The degeneration figures (diversity.py) of the chosen and of the rejected replies, overall and per target
+    emotion: a preference set whose chosen replies are a few stock sentences teaches DPO to collapse."""
+    emotions = [r["target_emotion"] for r in accepted]
+    prompts = [r["index"] for r in accepted]
+    return {side: diversity_report([pair_of(r)[i]["text"] for r in accepted], emotions, prompts)
+            for i, side in enumerate(("chosen", "rejected"))}
+
+
 def decided_by(accepted: list[dict], weights) -> dict:
     """How many pairs each part decides: the part whose weighted difference (chosen - rejected) adds most to
     the score gap."""
@@ -88,6 +98,7 @@ def summarize(records: list[dict], total_prompts: int | None = None, weights=Non
         "failure_reasons": dict(Counter(r["reason"] for r in records if r["status"] == "failed").most_common()),
         "by_emotion": by_emotion(records),
         "reward_parts": reward_parts(accepted),
+        "diversity": reply_diversity(accepted),
         **({"decided_by": decided_by(accepted, weights)} if weights is not None else {}),
         "gaps": gaps,
     }
@@ -123,6 +134,21 @@ def format_tables(summary: dict) -> str:
         for side, d in sides.items():
             lines.append(f"| {part} | {side} | {fmt(d['median'])} | {fmt(d['mean'])} | {fmt(d['sd'])} | "
                          f"{fmt(d['min'])} | {fmt(d['max'])} |")
+    if "diversity" in summary:
+        d = summary["diversity"]
+        lines += ["", "| replies | distinct | distinct-1 | distinct-2 | canned share (to >= 3 prompts) | most frequent "
+                  "reply (share) | length in words, mean (SD) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for side, r in d.items():
+            lines.append(f"| {side} | {r['distinct_replies']} of {r['replies']} | {fmt(r['distinct_1'])} | "
+                         f"{fmt(r['distinct_2'])} | {fmt(r['canned_share'])} | {r['most_frequent_reply']!r} "
+                         f"({fmt(r['most_frequent_share'])}) | {r['length_words_mean']:.2f} ({r['length_words_sd']:.2f}) |")
+        lines += ["", "| target emotion | chosen: distinct / most frequent share | rejected: distinct / most frequent "
+                  "share |", "| --- | --- | --- |"]
+        for emotion, chosen in d["chosen"]["by_group"].items():
+            rejected = d["rejected"]["by_group"][emotion]
+            lines.append(f"| {emotion} | {chosen['distinct_replies']} of {chosen['replies']} / "
+                         f"{fmt(chosen['most_frequent_share'])} | {rejected['distinct_replies']} of "
+                         f"{rejected['replies']} / {fmt(rejected['most_frequent_share'])} |")
     if "decided_by" in summary:
         total = sum(summary["decided_by"].values())
         lines += ["", "| reward part | pairs it decides (largest weighted share of the gap) |", "| --- | --- |"]

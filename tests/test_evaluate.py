@@ -111,6 +111,15 @@ def test_a_model_compared_with_itself_under_the_same_seed_ties(demo_world, tmp_p
     assert "DPO vs SFT win rate by total reward: 0.500" in (tmp_path / "eval" / "results.md").read_text()
     rows = [json.loads(line) for line in (tmp_path / "eval" / "replies.jsonl").read_text().splitlines()]
     assert len(rows) == 24 and all(r["SFT"]["text"] == r["DPO"]["text"] for r in rows)
+    # the degeneration figures count the replies written: distinct texts and the most frequent one, by Counter
+    from collections import Counter
+
+    counts = Counter(r["SFT"]["text"].strip() for r in rows)
+    figures = results["diversity"]
+    assert figures["models"]["SFT"]["distinct_replies"] == len(counts) == figures["models"]["DPO"]["distinct_replies"]
+    assert figures["models"]["SFT"]["most_frequent_count"] == counts.most_common(1)[0][1]
+    assert figures["collapse"] == {"DPO": []}
+    assert "| distinct replies | " in (tmp_path / "eval" / "results.md").read_text()
 
 
 @pytest.mark.parametrize("key", ["adapter", "dpo_adapter"])

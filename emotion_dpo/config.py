@@ -420,7 +420,17 @@ class TrainConfig(GeneratorSource):
     train_modules_to_save: bool = Field(
         True, description="false: train the LoRA matrices only; the SFT adapter's modules_to_save (embedding and "
         "LM-head copies) stay as SFT left them and the reference shares them (no gradient, optimizer state or copy)")
+    reference_adapter: str | None = Field(
+        None, description="adapter the frozen reference is loaded from (e.g. the SFT adapter as an anchor while "
+        "training on from a later iteration's adapter); null: a copy of `adapter`, TRL's default")
     dpo: DpoSection = Field(default_factory=lambda: dict(DPO_DEFAULTS), description="passed to trl.DPOConfig as it is")
+
+
+class JudgeConfig(Section):
+    name: str = Field(description="the judge's name in the results")
+    model: str = Field(description="Hub id or folder of an emotion classifier training never saw")
+    label_map: dict[str, str] = Field(default_factory=dict, description="the judge's label -> an emotion_labels "
+                                      "entry, for labels named otherwise (e.g. {\"joy\": \"happiness\"})")
 
 
 class EvaluateConfig(GeneratorSource, PromptSource, RewardConfig):
@@ -438,6 +448,8 @@ class EvaluateConfig(GeneratorSource, PromptSource, RewardConfig):
     complete_endings: list[str] = Field(default_factory=lambda: ["!", ".", "?"], min_length=1,
                                         description="a reply ending otherwise is cut off")
     bootstrap_samples: int = Field(2000, ge=100, description="resamples for the win-rate interval")
+    judges: list[JudgeConfig] = Field(default_factory=list, description="held-out emotion classifiers: accuracy, "
+                                      "F1, agreement with the training classifier and a win rate under each")
     well_formed_replies: str | None = Field(
         None, description="JSON {emotion: [every well-formed reply]} of a finite language (the demo world's): the "
         "diversity ceiling of a model that always answers in the requested emotion, uniformly (null: none)")
@@ -461,6 +473,9 @@ class PipelineConfig(Section):
     fresh_prompts_per_iteration: bool = option(True, "each iteration generates from prompts the earlier ones did "
                                                      "not use (false: the same prompts again)")
     output_dir: str = option("outputs/pipeline", "the run folder: iter-k/{preferences,dpo,evaluation}, iterations.*")
+    dpo_reference: choice("previous", "sft") = option(
+        "previous", "DPO's frozen reference in iteration k >= 2: the adapter it trains on from (previous: iteration "
+                    "k-1's) or the SFT adapter (sft: one anchor for every iteration)")
 
     @staticmethod
     def rules(values: dict) -> list[tuple[str, str]]:

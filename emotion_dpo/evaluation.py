@@ -11,6 +11,7 @@ from pathlib import Path
 from . import EMOTIONS
 from .config import save_config, to_dict
 from .diversity import ceiling, collapse_warnings, diversity_report
+from .judges import agreement, check_judges, judge_figures, judge_replies, predicted
 from .errors import PipelineError
 from .files import run_folder_exists
 from .prompts import load_prompts
@@ -25,7 +26,8 @@ DIVERSITY_ROWS = [
 ]
 
 METRIC_ROWS = [
-    ("emotion_accuracy", "emotion accuracy"), ("emotion_macro_f1", "emotion macro-F1"), ("clean_rate", "clean rate"),
+    ("emotion_accuracy", "emotion accuracy"), ("emotion_weighted_f1", "emotion weighted F1"),
+    ("emotion_macro_f1", "emotion macro-F1"), ("clean_rate", "clean rate"),
     ("cutoff_rate", "cut-off rate"), ("mean_length", "mean length"), ("mean_total_reward", "mean total reward"),
     ("mean_emotion_reward", "  emotion reward"), ("mean_length_reward", "  length reward"),
     ("mean_gibberish_reward", "  gibberish reward"),
@@ -37,7 +39,8 @@ METRIC_ROWS = [
 def model_metrics(targets, replies, clean_confidence: float, endings, labels=EMOTIONS) -> dict:
     """Per-model figures from scored replies (ScoredReply-like: emotion_label, gibberish_label, ...).
 
-    Macro-F1 averages over the emotions that were requested (a class never requested has no recall to earn);
+    Macro-F1 averages over the emotions that were requested (weighted F1 weighs them by their prompts, as the
+    reference's evaluate_dpo.py reports it) (a class never requested has no recall to earn);
     per-emotion accuracy is the recall of each requested emotion: how often a reply asked for it showed it.
     A reply is cut off unless it ends in one of `endings`, as generate_preferences' chosen filter reads it.
     """
@@ -53,6 +56,8 @@ def model_metrics(targets, replies, clean_confidence: float, endings, labels=EMO
         "emotion_accuracy": float(accuracy_score(targets, predicted)),
         "emotion_macro_f1": float(f1_score(targets, predicted, labels=sorted(present), average="macro",
                                            zero_division=0)),
+        "emotion_weighted_f1": float(f1_score(targets, predicted, labels=sorted(present), average="weighted",
+                                              zero_division=0)),
         "per_emotion_accuracy": {label: float(acc) for label, acc in zip(labels, per_emotion) if label in present},
         "clean_rate": statistics.fmean(
             r.gibberish_label.lower() == "clean" and r.gibberish_confidence >= clean_confidence for r in replies),
@@ -78,6 +83,26 @@ def diversity_figures(prompts, scored: dict, well_formed: dict | None = None) ->
         counts = {e: targets.count(e) for e in sorted(set(targets))}
         figures["ceiling"] = ceiling(counts, {e: well_formed[e] for e in counts}, seed=0)
     return figures
+
+
+def held_out_judges(cfg, mappings, targets, scored: dict) -> dict:
+    """Per judge: each model's accuracy, weighted and macro F1 under it; its Cohen's kappa with the training
+    classifier on SFT's replies; DPO's win rate over SFT by the judge's confidence in the requested emotion."""
+    table = {}
+    for judge, mapping in zip(cfg.judges, mappings):
+        print(f"judging the replies with {judge.name} ...")
+        probabilities = {name: judge_replies(judge.model, mapping, [r.text for r in replies], cfg.classifier_batch_size)
+                         for name, replies in scored.items()}
+        figures = {name: judge_figures(targets, rows) for name, rows in probabilities.items()}
+        table[judge.name] = {
+            "model": judge.model,
+            "models": {name: {k: v for k, v in f.items() if k != "target_confidence"} for name, f in figures.items()},
+            "kappa_with_training_classifier_on_sft": agreement([r.emotion_label for r in scored["SFT"]],
+                                                               predicted(probabilities["SFT"])),
+            "dpo_vs_sft": win_rate(figures["DPO"]["target_confidence"], figures["SFT"]["target_confidence"],
+                                   cfg.bootstrap_samples, cfg.seed),
+        }
+    return table
 
 
 def win_rate(a_totals, b_totals, samples: int = 2000, seed: int = 0) -> dict:
@@ -160,6 +185,57 @@ def sample_replies(model, tokenizer, prompts, generation_config, batch_prompts: 
     return replies
 
 
+def sampled_ids(replies, eos_token_id: int, max_new_tokens: int) -> list[list[int]]:
+    """What was sampled for each reply: its ids, and the EOS that ended it unless max_new_tokens cut it first."""
+    return [list(r.token_ids) + ([eos_token_id] if len(r.token_ids) < max_new_tokens else []) for r in replies]
+
+
+def reply_log_probs(model, contexts: list[list[int]], replies: list[list[int]], batch_size: int) -> list[float]:
+    """log p(reply | context) under the model's active adapter: the sum of the reply tokens' log-probs, conditioned
+    on the context ids the reply was sampled from. Right-padded batches (positions count from each row's start)."""
+    import torch
+
+    device = next(model.parameters()).device
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(contexts), batch_size):
+            rows = [list(c) + list(r) for c, r in zip(contexts[start:start + batch_size], replies[start:start + batch_size])]
+            width = max(len(row) for row in rows)
+            ids = torch.zeros((len(rows), width), dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, row in enumerate(rows):
+                ids[i, :len(row)] = torch.tensor(row)
+                mask[i, :len(row)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            logps = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+            for i, (context, reply) in enumerate(zip(contexts[start:start + batch_size],
+                                                     replies[start:start + batch_size])):
+                first = len(context) - 1  # the logit at position t predicts token t + 1
+                out.append(float(logps[i, first:first + len(reply)].sum()))
+    return out
+
+
+def kl_to_sft(model, adapter: str | None, prompts, replies, eos_token_id: int, max_new_tokens: int,
+              batch_size: int) -> dict:
+    """The Monte-Carlo KL estimate of a model from SFT on its own sampled replies: the mean over prompts of
+    log p_model(y|x) - log p_SFT(y|x), both through the one base (`adapter`, or adapters disabled for None, against
+    "default", the SFT adapter). Exact in expectation when the replies were sampled from the model's own
+    distribution (temperature 1, no top-k/top-p/repetition penalty: the demo's settings)."""
+    contexts = [p.ids for p in prompts]
+    ids = sampled_ids(replies, eos_token_id, max_new_tokens)
+    if adapter is None:
+        with model.disable_adapter():
+            own = reply_log_probs(model, contexts, ids, batch_size)
+    else:
+        model.set_adapter(adapter)
+        own = reply_log_probs(model, contexts, ids, batch_size)
+    model.set_adapter("default")
+    sft = reply_log_probs(model, contexts, ids, batch_size)
+    differences = [a - b for a, b in zip(own, sft)]
+    return {"kl": statistics.fmean(differences), "sd": statistics.stdev(differences) if len(differences) > 1 else 0.0,
+            "mean_log_prob": statistics.fmean(own), "mean_sft_log_prob": statistics.fmean(sft)}
+
+
 def evaluate(cfg, fresh: bool = False) -> dict:
     from .generation import Scorer, checked_generation_config
     from .models import add_adapter, check_adapter_path, load_generator
@@ -171,6 +247,7 @@ def evaluate(cfg, fresh: bool = False) -> dict:
     generation_config = checked_generation_config(cfg.generation, cfg.source)
     tokenizer, prompts = load_prompts(cfg)
     well_formed = read_well_formed(cfg, {p.target_emotion for p in prompts})
+    judge_mappings = check_judges(cfg)
     folder = prepare_output_dir(cfg, fresh)
     print(f"{len(prompts)} prompts from {cfg.dataset} split {cfg.dataset_split!r}")
     run = start_wandb(cfg.wandb, "evaluate", to_dict(cfg), folder)
@@ -180,8 +257,9 @@ def evaluate(cfg, fresh: bool = False) -> dict:
     add_adapter(model, cfg.dpo_adapter, "dpo", cfg.source)
     scorer = Scorer(cfg, tokenizer)
     targets = [p.target_emotion for p in prompts]
-    scored = {}
+    scored, adapters = {}, {}
     for name, adapter in [("SFT", "default"), ("DPO", "dpo")] + ([("base", None)] if cfg.include_base else []):
+        adapters[name] = adapter
         print(f"sampling {len(prompts)} replies from {name} ...")
         if adapter is None:
             with model.disable_adapter():
@@ -190,6 +268,10 @@ def evaluate(cfg, fresh: bool = False) -> dict:
             model.set_adapter(adapter)
             replies = sample_replies(model, tokenizer, prompts, generation_config, cfg.batch_prompts, cfg.seed)
         scored[name] = scorer.score(replies, targets)
+
+    max_new_tokens = generation_config.max_new_tokens
+    kl = {name: kl_to_sft(model, adapter, prompts, scored[name], tokenizer.eos_token_id, max_new_tokens,
+                          cfg.batch_prompts) for name, adapter in adapters.items() if name != "SFT"}
 
     # ---- compare, report
     results = {
@@ -203,6 +285,8 @@ def evaluate(cfg, fresh: bool = False) -> dict:
         "dpo_vs_sft": win_rate([r.total for r in scored["DPO"]], [r.total for r in scored["SFT"]],
                                cfg.bootstrap_samples, cfg.seed),
         "diversity": diversity_figures(prompts, scored, well_formed),
+        "kl_to_sft": kl,
+        "judges": held_out_judges(cfg, judge_mappings, targets, scored),
     }
     write_results(folder, results, prompts, scored)
     print(format_table(results))
@@ -234,12 +318,34 @@ def format_table(results: dict) -> str:
     for emotion in emotions:
         cells = [f"{results['models'][m]['per_emotion_accuracy'].get(emotion, float('nan')):.3f}" for m in models]
         lines.append(f"| {emotion} | " + " | ".join(cells) + " |")
-    lines += ["", format_diversity(results["diversity"])]
+    lines += ["", format_diversity(results["diversity"]), ""]
+    lines += [f"KL to SFT of {name} (mean log p_{name}(y|x) - log p_SFT(y|x) over its own replies): {k['kl']:.3f} "
+              f"nats (SD {k['sd']:.3f})" for name, k in results.get("kl_to_sft", {}).items()]
+    if results.get("judges"):
+        lines += ["", format_judges(results["judges"])]
     w = results["dpo_vs_sft"]
     lines += ["", f"DPO vs SFT win rate by total reward: {w['win_rate']:.3f} "
                   f"(95 % bootstrap interval {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f}; "
                   f"{w['wins']} wins, {w['ties']} ties, {w['losses']} losses)"]
     return "\n".join(lines)
+
+
+def format_judges(judges: dict) -> str:
+    """Each held-out judge's figures per model, its agreement with the training classifier, its win rate."""
+    lines = []
+    for name, j in judges.items():
+        models = list(j["models"])
+        w = j["dpo_vs_sft"]
+        lines += [f"Held-out judge **{name}** (`{j['model']}`; Cohen's kappa with the training classifier on SFT's "
+                  f"replies: {j['kappa_with_training_classifier_on_sft']:.3f}):", "",
+                  "| under the judge | " + " | ".join(models) + " |", "| --- |" + " --- |" * len(models)]
+        for key, label in (("emotion_accuracy", "emotion accuracy"), ("emotion_weighted_f1", "emotion weighted F1"),
+                           ("emotion_macro_f1", "emotion macro-F1"),
+                           ("mean_target_confidence", "confidence in the requested emotion")):
+            lines.append(f"| {label} | " + " | ".join(f"{j['models'][m][key]:.3f}" for m in models) + " |")
+        lines += ["", f"DPO vs SFT win rate by {name}'s confidence in the requested emotion: {w['win_rate']:.3f} "
+                      f"(95 % bootstrap interval {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f})", ""]
+    return "\n".join(lines).rstrip()
 
 
 def format_diversity(figures: dict) -> str:

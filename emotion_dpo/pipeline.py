@@ -46,7 +46,7 @@ GENERATE = StageKind("generate", "preferences", "generate_preferences.py", "Gene
                      frozenset({"output_dir", "skip_prompts"}),
                      frozenset({"output_dir", "wandb", "batch_prompts", "classifier_batch_size", "push_to_hub"}))
 DPO = StageKind("dpo", "dpo", "fine_tune_dpo.py", "TrainConfig",
-                frozenset({"output_dir", "dataset", "resume_from_checkpoint"}),
+                frozenset({"output_dir", "dataset", "resume_from_checkpoint", "reference_adapter"}),
                 frozenset({"output_dir", "wandb", "resume_from_checkpoint", "dpo.logging_steps", "dpo.save_steps",
                            "dpo.save_total_limit", "dpo.per_device_eval_batch_size"}))
 EVALUATE = StageKind("evaluate", "evaluation", "evaluate.py", "EvaluateConfig",
@@ -141,8 +141,10 @@ def plan(cfg) -> list[Stage]:
             first["generate"].skip_prompts
         owned = {
             "generate": [f"adapter={generator}", f"skip_prompts={skip}"],
-            # iteration k trains on from the adapter that sampled its data; TRL's frozen "ref" is a copy of it
-            "dpo": [f"adapter={generator}", f"dataset={folder / GENERATE.folder / 'dataset'}"],
+            # iteration k trains on from the adapter that sampled its data; TRL's frozen "ref" is a copy of it,
+            "dpo": [f"adapter={generator}", f"dataset={folder / GENERATE.folder / 'dataset'}"]
+            # dpo_reference "sft": the SFT adapter stays the frozen reference of every iteration (an anchor)
+            + ([f"reference_adapter={sft}"] if k > 1 and cfg.dpo_reference == "sft" else []),
             # every iteration against the SFT model, on the same held-out prompts
             "evaluate": [f"adapter={sft}", f"dpo_adapter={folder / DPO.folder / FINAL_ADAPTER}"],
         }
@@ -265,6 +267,12 @@ def iteration_row(iteration: int, results: dict, statistics: dict) -> dict:
         **{key: dpo[key] for key in MODEL_KEYS},
         **diversity_columns(results["diversity"]["models"]["DPO"]),
         "collapse": results["diversity"]["collapse"]["DPO"],
+        "mean_total_reward": dpo["mean_total_reward"],
+        "kl_to_sft": results.get("kl_to_sft", {}).get("DPO", {}).get("kl"),
+        "judges": {name: {"emotion_accuracy": j["models"]["DPO"]["emotion_accuracy"],
+                          "emotion_weighted_f1": j["models"]["DPO"]["emotion_weighted_f1"],
+                          "win_rate": j["dpo_vs_sft"]["win_rate"], "win_rate_ci95": j["dpo_vs_sft"]["ci95"]}
+                   for name, j in results.get("judges", {}).items()},
         "win_rate": win["win_rate"], "win_rate_ci95": win["ci95"],
         "acceptance_rate": statistics["acceptance_rate"],
         "accepted": statistics["accepted"], "prompts_settled": statistics["prompts_settled"],
@@ -284,6 +292,11 @@ def iterations_table(stages: list[Stage]) -> dict:
             sft = {"adapter": results["setup"]["sources"]["SFT"], "prompts": results["setup"]["prompts"],
                    **{key: results["models"]["SFT"][key] for key in MODEL_KEYS},
                    **diversity_columns(results["diversity"]["models"]["SFT"]),
+                   "mean_total_reward": results["models"]["SFT"]["mean_total_reward"],
+                   "judges": {name: {"emotion_accuracy": j["models"]["SFT"]["emotion_accuracy"],
+                                     "emotion_weighted_f1": j["models"]["SFT"]["emotion_weighted_f1"],
+                                     "kappa_with_training_classifier": j["kappa_with_training_classifier_on_sft"]}
+                              for name, j in results.get("judges", {}).items()},
                    **({"ceiling_distinct_replies": results["diversity"]["ceiling"]["expected_distinct_replies"]}
                       if "ceiling" in results["diversity"] else {})}
         rows.append(iteration_row(stage.iteration, results, statistics))
@@ -317,6 +330,23 @@ def format_iterations(table: dict) -> str:
                      f"| {f3(row['distinct_1'])} | {f3(row['distinct_2'])} | {f3(row['canned_share'])} | "
                      f"{row['most_frequent_reply']!r} ({f3(row['most_frequent_share'])}) | {row['worst_emotion']}: "
                      f"{f3(row['worst_emotion_share'])} | {row['length_words_mean']:.2f} ({row['length_words_sd']:.2f}) |")
+    lines += ["", "Away from SFT and under the held-out judges (KL: mean log p_iter(y|x) - log p_SFT(y|x) over the "
+              "iteration's own replies, nats; judges: emotion accuracy, and the win rate over SFT by the judge's "
+              "confidence in the requested emotion):", ""]
+    judges = list(sft["judges"])
+    lines += ["| model | mean total reward | KL to SFT | " + " | ".join(f"{j}: accuracy | {j}: win rate vs SFT"
+                                                                    for j in judges) + " |",
+              "| --- | --- | --- |" + " --- | --- |" * len(judges),
+              f"| SFT | {f3(sft['mean_total_reward'])} | 0 | " + " | ".join(
+                  f"{f3(sft['judges'][j]['emotion_accuracy'])} (kappa with the training classifier "
+                  f"{f3(sft['judges'][j]['kappa_with_training_classifier'])}) | -" for j in judges) + " |"]
+    for row in table["iterations"]:
+        kl = "-" if row["kl_to_sft"] is None else f3(row["kl_to_sft"])
+        cells = [f"{f3(row['judges'][j]['emotion_accuracy'])} | {f3(row['judges'][j]['win_rate'])} "
+                 f"({f3(row['judges'][j]['win_rate_ci95'][0])}-{f3(row['judges'][j]['win_rate_ci95'][1])})"
+                 for j in judges if j in row["judges"]]
+        lines.append(f"| iteration {row['iteration']} | {f3(row['mean_total_reward'])} | {kl} | "
+                     + " | ".join(cells) + " |")
     lines += [""] + collapse_lines(table)
     return "\n".join(lines) + "\n"
 
@@ -336,7 +366,7 @@ def plot_iterations(table: dict, path: Path) -> None:
 
     rows = table["iterations"]
     steps = [0] + [r["iteration"] for r in rows]
-    fig, (left, right, degeneration) = plt.subplots(1, 3, figsize=(15, 4))
+    fig, (left, right, degeneration, reward_kl) = plt.subplots(1, 4, figsize=(20, 4))
     for key in MODEL_KEYS:
         left.plot(steps, [table["sft"][key]] + [r[key] for r in rows], marker="o", label=key.replace("_", " "))
     left.set_xticks(steps)
@@ -362,6 +392,15 @@ def plot_iterations(table: dict, path: Path) -> None:
     degeneration.set_ylim(0, max(1.05, max(r["distinct_replies"] / sft["distinct_replies"] for r in rows) + 0.05))
     degeneration.legend(fontsize=8)
     degeneration.set_title("degeneration")
+    # reward against KL to SFT, the curve RLHF papers plot: SFT at KL 0
+    points = [(0.0, sft["mean_total_reward"], "SFT")] + [(r["kl_to_sft"], r["mean_total_reward"], f"iter {r['iteration']}")
+                                                          for r in rows if r["kl_to_sft"] is not None]
+    reward_kl.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+    for x, y, label in points:
+        reward_kl.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    reward_kl.set_xlabel("KL to SFT (nats, on the model's own replies)")
+    reward_kl.set_ylabel("mean total reward")
+    reward_kl.set_title("reward vs KL to SFT")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -89,7 +89,8 @@ def hand_results(dpo_model: str) -> dict:
     prompts = [SimpleNamespace(index=r["index"], target_emotion=r["target_emotion"]) for r in rows]
     scored = {name: [SimpleNamespace(text=r[source]["text"]) for r in rows]
               for name, source in (("SFT", "SFT"), ("DPO", dpo_model))}
-    figures = {"emotion_accuracy": 0.5, "emotion_macro_f1": 0.5, "clean_rate": 1.0, "cutoff_rate": 0.0}
+    figures = {"emotion_accuracy": 0.5, "emotion_macro_f1": 0.5, "clean_rate": 1.0, "cutoff_rate": 0.0,
+               "mean_total_reward": 10.0}
     return {"setup": {"prompts": 8, "sources": {"SFT": "sft", "DPO": "dpo"}},
             "models": {"SFT": figures, "DPO": figures}, "dpo_vs_sft": {"win_rate": 0.5, "ci95": [0.4, 0.6]},
             "diversity": diversity_figures(prompts, scored)}
@@ -103,7 +104,7 @@ def test_the_iterations_table_flags_a_collapsed_iteration_only(dpo_model, flagge
     statistics = {"acceptance_rate": 1.0, "accepted": 8, "prompts_settled": 8, "score_gap": {"median": 5, "mean": 5}}
     table = {"sft": {"adapter": "sft", "prompts": 8, **results["models"]["SFT"],
                      **{k: v for k, v in iteration_row(1, hand_results("SFT"), statistics).items()
-                        if k.startswith(("distinct", "canned", "most_frequent", "length", "worst"))}},
+                        if k.startswith(("distinct", "canned", "most_frequent", "length", "worst"))}, "judges": {}},
              "iterations": [iteration_row(1, results, statistics)]}
     text = format_iterations(table)
     assert ("COLLAPSE WARNING, iteration 1: distinct replies 3 < 0.5 x SFT's 7" in text) is flagged

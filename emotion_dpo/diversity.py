@@ -24,7 +24,7 @@ CANNED_PROMPTS = 3  # a reply given to this many different prompts is canned
 #  - its distinct replies fall below DISTINCT_FLOOR x SFT's (half its variety gone), or
 #  - its canned share exceeds CANNED_FACTOR x SFT's (twice as many stock replies), or
 #  - within a requested emotion with at least MIN_GROUP prompts, one reply takes more than TOP_SHARE_LIMIT of them
-#    (the demo world's ceiling leaves at most 22 % there; SFT's own worst is ~7 %).
+#    (on the demo world the ceiling's expected share is 8-15 %, SFT's worst 12.5 %).
 DISTINCT_FLOOR = 0.5
 CANNED_FACTOR = 2.0
 TOP_SHARE_LIMIT = 0.30

@@ -18,7 +18,8 @@ def test_dpo_beats_sft_on_the_demo_test_prompts(demo_world, demo_preferences, tm
     # generate_preferences (192 prompts, the demo_preferences fixture) -> fine_tune_dpo -> evaluate
     train(load_config(TrainConfig, ROOT / "args/demo/dpo_arg.json",
                       common + [f"dataset={demo_preferences}", f"output_dir={tmp_path / 'dpo'}",
-                                "dpo.num_train_epochs=3"]))  # 192 pairs: the demo's 1 epoch is for 512
+                                "dpo.num_train_epochs=3", "dpo.beta=0.1"]))  # calibrated on 192 pairs before the
+    # demo moved to 1 epoch at beta 0.5 (for 512 pairs per iteration, against the collapse of iteration 2)
     results = evaluate(load_config(EvaluateConfig, ROOT / "args/demo/evaluate_arg.json", common + [
         f"dataset={w / 'dialogues'}", f"emotion_classifier={w / 'emotion_classifier'}",
         f"gibberish_detector={w / 'gibberish_detector'}", f"dpo_adapter={tmp_path / 'dpo' / FINAL_ADAPTER}",

@@ -377,7 +377,17 @@ class TrainConfig(GeneratorSource):
     pack_pairs_tokens: int = Field(
         0, ge=0, description="with prefix_sharing: pack consecutive pairs into one row up to this many tokens "
         "(0: one pair per row)")
+    reference_adapter: str | None = Field(
+        None, description="adapter the frozen reference is loaded from (e.g. the SFT adapter as an anchor while "
+        "training on from a later iteration's adapter); null: a copy of `adapter`, TRL's default")
     dpo: DpoSection = Field(default_factory=lambda: dict(DPO_DEFAULTS), description="passed to trl.DPOConfig as it is")
+
+
+class JudgeConfig(Section):
+    name: str = Field(description="the judge's name in the results")
+    model: str = Field(description="Hub id or folder of an emotion classifier training never saw")
+    label_map: dict[str, str] = Field(default_factory=dict, description="the judge's label -> an emotion_labels "
+                                      "entry, for labels named otherwise (e.g. {\"joy\": \"happiness\"})")
 
 
 class EvaluateConfig(GeneratorSource, PromptSource, RewardConfig):
@@ -397,6 +407,11 @@ class EvaluateConfig(GeneratorSource, PromptSource, RewardConfig):
     complete_endings: list[str] = Field(default_factory=lambda: ["!", ".", "?"], min_length=1,
                                         description="a reply ending otherwise is cut off")
     bootstrap_samples: int = Field(2000, ge=100, description="resamples for the win-rate interval")
+    judges: list[JudgeConfig] = Field(default_factory=list, description="held-out emotion classifiers: accuracy, "
+                                      "F1, agreement with the training classifier and a win rate under each")
+    well_formed_replies: str | None = Field(
+        None, description="JSON {emotion: [every well-formed reply]} of a finite language (the demo world's): the "
+        "diversity ceiling of a model that always answers in the requested emotion, uniformly (null: none)")
 
     @staticmethod
     def rules(values: dict) -> list[tuple[str, str]]:
@@ -432,6 +447,9 @@ class PipelineConfig(Section):
     output_dir: Folder = Field("outputs/pipeline",
                                description="the run folder: iter-k/{preferences,dpo,evaluation}, iterations.*")
     launcher: LauncherConfig = Field(default_factory=LauncherConfig, description="how each stage is started")
+    dpo_reference: Literal["previous", "sft"] = Field(
+        "previous", description="DPO's frozen reference in iteration k >= 2: the adapter it trains on from (previous: "
+        "iteration k-1's) or the SFT adapter (sft: one anchor for every iteration)")
 
     @staticmethod
     def rules(values: dict) -> list[tuple[str, str]]:

@@ -404,6 +404,74 @@ def sft_emotion_accuracy(root: Path, recipe: dict, seed: int) -> float:
     return sum(label["label"] == p.target_emotion for label, p in zip(labels, prompts)) / len(prompts)
 
 
+# ------------------------------------------------------------------ the held-out judge and the language's ceiling
+
+# The held-out judge's names and order: those of j-hartmann/emotion-english-distilroberta-base (joy for happiness),
+# so that the demo exercises a judge whose labels need a mapping to emotion_labels.
+JUDGE_LABELS = ("anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise")
+JUDGE_LABEL_MAP = {"joy": "happiness"}
+JUDGE = {"shape": {"dim": 32, "hidden_dim": 64, "n_layers": 2, "n_heads": 2}, "steps": 300, "examples": 6000}
+WELL_FORMED_REPLIES = "well_formed_replies.json"
+
+
+def well_formed_replies() -> dict:
+    """Every well-formed reply of each emotion: each core alone or after one of its openers (4 x 7 = 28)."""
+    return {emotion: sorted(cores + [f"{opener} {core}" for opener in openers for core in cores])
+            for emotion, (openers, cores) in LANGUAGE.items()}
+
+
+def judge_texts(rng: random.Random, n: int, vocab: list[str]):
+    """The judge's own training texts, drawn from another seed than the training classifier's (a disjoint sample):
+    well-formed, cut off or mildly garbled replies, each labelled with the emotion it was written in."""
+    texts, labels = [], []
+    for _ in range(n):
+        emotion = rng.choice(EMOTIONS)
+        text = sentence(rng, emotion)
+        roll = rng.random()
+        texts.append(cut_off(rng, text) if roll < 0.2 else garble(rng, text, vocab) if roll < 0.35 else text)
+        judge_names = {ours: theirs for theirs, ours in JUDGE_LABEL_MAP.items()}
+        labels.append(JUDGE_LABELS.index(judge_names.get(emotion, emotion)))
+    return texts, labels
+
+
+def make_judge(folder: Path, vocab: list[str], seed: int, small: bool = False) -> float:
+    """A held-out emotion judge the pipeline never trains against: another architecture (DistilBERT, not BERT),
+    another training sample (garbled replies included) and another label set (JUDGE_LABELS); returns its accuracy
+    on fresh texts."""
+    import torch
+    from tokenizers import processors
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification, PreTrainedTokenizerFast
+
+    core, _ = make_tokenizer(vocab, ["[PAD]", "[UNK]", "[CLS]", "[SEP]"], unk_token="[UNK]")
+    core.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]",
+                                        cls_token="[CLS]", sep_token="[SEP]", model_max_length=64)
+    texts, targets = judge_texts(random.Random(seed + 7), JUDGE["examples"] // (10 if small else 1), vocab)
+    torch.manual_seed(seed)
+    model = DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=64, id2label=dict(enumerate(JUDGE_LABELS)),
+        label2id={label: i for i, label in enumerate(JUDGE_LABELS)}, **JUDGE["shape"]))
+    encoded = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+    targets_tensor = torch.tensor(targets)
+
+    def batch(step):
+        rows = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed + step))[:128]
+        return {"input_ids": encoded["input_ids"][rows], "attention_mask": encoded["attention_mask"][rows],
+                "labels": targets_tensor[rows]}
+
+    _train(model, batch, JUDGE["steps"] // (10 if small else 1), 3e-3, seed)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    held_out = judge_texts(random.Random(seed + 8), 500, vocab)
+    return classifier_accuracy(folder, *held_out)
+
+
+def add_judge_and_ceiling(staging: Path, seed: int, small: bool) -> dict:
+    """The judge (judge/) and the language's well-formed replies (the ceiling evaluate reports against)."""
+    (staging / WELL_FORMED_REPLIES).write_text(json.dumps(well_formed_replies(), indent=1) + "\n")
+    return {"judge_accuracy": make_judge(staging / "judge", _vocabulary(), seed + 9, small)}
+
+
 # ------------------------------------------------------------------ building and caching
 
 def recipe_hash(seed: int, small: bool) -> str:
@@ -457,6 +525,7 @@ def _build(staging: Path, seed: int, small: bool) -> dict:
         "emotion_classifier_accuracy": classifier_accuracy(staging / "emotion_classifier", held_out[0], held_out[1]),
         "gibberish_detector_accuracy": classifier_accuracy(staging / "gibberish_detector", held_out[2], held_out[3]),
         "sft_emotion_accuracy": sft_emotion_accuracy(staging, recipe, seed),
+        **add_judge_and_ceiling(staging, seed, small),
         "build_seconds": round(time.time() - started, 1),  # the one field that differs between identical builds
     }
 

@@ -62,7 +62,22 @@ def is_quantized(model) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
 
-def check_reference_weights(model, resumed: bool = False, start_digests: dict | None = None) -> dict:
+def reference_file_differences(model, source: str) -> list[str]:
+    """The tensors of adapter `source` (as PEFT saved them) that `ref` does not hold bitwise."""
+    import torch
+    from peft import get_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    saved = load_peft_weights(source, device="cpu")
+    held = get_peft_model_state_dict(model, adapter_name=REFERENCE_ADAPTER, save_embedding_layers=False)
+    return sorted(name for name, value in saved.items()
+                  if name in held and not torch.equal(held[name].detach().cpu().to(value.dtype), value)) or \
+        sorted(set(saved) - set(held) - {k for k in saved if k.endswith((".original_module.weight",
+                                                                          ".modules_to_save.weight"))})
+
+
+def check_reference_weights(model, resumed: bool = False, start_digests: dict | None = None,
+                            reference_adapter: str | None = None) -> dict:
     """Before training: `ref` exists, is frozen, and equals the adapter the run starts from, bitwise,
     modules_to_save included. On a fresh start that is the trainable `default`, compared at the dtype TRL gave
     it (bf16 on a quantized base, which TRL casts to bf16; the reference keeps the loaded values); on resume,
@@ -80,7 +95,11 @@ def check_reference_weights(model, resumed: bool = False, start_digests: dict | 
     if resumed and start_digests is None:
         return {"adapter": REFERENCE_ADAPTER, "frozen": True, "tensors": len(ref),
                 "equal_to": f"not checked: the run recorded no {START_ADAPTER}"}
-    if not resumed:
+    if not resumed and reference_adapter is not None:
+        against = f"the reference_adapter {reference_adapter}"
+        compared_at = "their saved dtype"
+        differing = reference_file_differences(model, reference_adapter)
+    elif not resumed:
         default = adapter_tensors(model, "default")
         dtype = torch.bfloat16 if is_quantized(model) else None
         against = "the trainable adapter 'default'"
@@ -122,10 +141,11 @@ def sequence_log_probs(trainer, model, inputs, adapter: str):
         return selective_log_softmax(logits, batch["input_ids"][..., 1:], row_mask=completion).sum(1)
 
 
-def check_first_batch(trainer, model, inputs, rounded: bool) -> dict:
+def check_first_batch(trainer, model, inputs, rounded: bool, anchored: bool = False) -> dict:
     """On the first training batch, before any optimizer step: the policy's log-probs equal the reference's as
     DPOTrainer computes them (its compute_ref_log_probs, or the precomputed columns), so every reward margin is 0.
-    Dropout off for both passes."""
+    Anchored to another reference_adapter, the policy differs from it: then the reference log-probs must equal those
+    computed here through `ref`. Dropout off for both passes."""
     import torch
 
     if trainer.ld_alpha is not None:  # the reference log-probs are weighted then; the weights check still ran
@@ -138,7 +158,7 @@ def check_first_batch(trainer, model, inputs, rounded: bool) -> dict:
                 reference = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
             else:
                 reference = torch.cat(trainer.compute_ref_log_probs(model, inputs))
-            policy = sequence_log_probs(trainer, model, inputs, "default")
+            policy = sequence_log_probs(trainer, model, inputs, REFERENCE_ADAPTER if anchored else "default")
     finally:
         model.train(training)
     logratios = (policy.float() - reference.float().to(policy.device))
@@ -147,7 +167,7 @@ def check_first_batch(trainer, model, inputs, rounded: bool) -> dict:
     tolerance = REFERENCE_TOLERANCE["rounded" if rounded else "exact"]
     worst = float(logratios.abs().max())
     record = {"pairs": len(chosen), "max_abs_logratio": worst, "max_abs_margin": float(margins.abs().max()),
-              "tolerance": tolerance}
+              "tolerance": tolerance, "compared_with": REFERENCE_ADAPTER if anchored else "default"}
     if not worst <= tolerance:
         raise PipelineError(f"on the first batch the policy and the reference disagree by up to {worst:.4g} nats of "
                             f"log-prob (allowed: {tolerance}); before training they are one adapter, so the "
@@ -155,7 +175,8 @@ def check_first_batch(trainer, model, inputs, rounded: bool) -> dict:
     return record
 
 
-def guard_reference(trainer, folder: Path, checkpoint: Path | None, main_process: bool) -> dict:
+def guard_reference(trainer, folder: Path, checkpoint: Path | None, main_process: bool,
+                    reference_adapter: str | None = None) -> dict:
     """The guard on the reference, before the first optimizer step; returns the record train() writes to
     metrics.json as `reference_check` (its first batch filled in when training computes its first loss).
 
@@ -163,7 +184,7 @@ def guard_reference(trainer, folder: Path, checkpoint: Path | None, main_process
     copied into every checkpoint), and the first batch's margins are 0 (check_first_batch). A resumed run: `ref`
     equals the recorded start adapter; the policy is trained, so its margins are not 0 and are not checked."""
     start_digests = read_start_digests(checkpoint, folder) if checkpoint else None
-    record = check_reference_weights(trainer.model, checkpoint is not None, start_digests)
+    record = check_reference_weights(trainer.model, checkpoint is not None, start_digests, reference_adapter)
     # a fresh start replaces what an earlier start that stopped before its first checkpoint left
     if main_process and (not checkpoint or not (folder / START_ADAPTER).exists()):
         digests = start_digests or adapter_digests(trainer.model, REFERENCE_ADAPTER)
@@ -177,7 +198,7 @@ def guard_reference(trainer, folder: Path, checkpoint: Path | None, main_process
 
     def checked_compute_loss(model, inputs, *rest, **kwargs):
         if model.training and "first_batch" not in record:
-            record["first_batch"] = check_first_batch(trainer, model, inputs, rounded)
+            record["first_batch"] = check_first_batch(trainer, model, inputs, rounded, reference_adapter is not None)
             del trainer.compute_loss  # the class's own again
         return compute_loss(model, inputs, *rest, **kwargs)
 

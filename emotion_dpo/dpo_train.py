@@ -432,8 +432,23 @@ def make_trainer(cfg, model, tokenizer, dpo_args, train_set, eval_set):
     if not cfg.train_modules_to_save and not freeze_modules_to_save(trainer.model):  # before the optimizer is built
         warnings.warn(f"{cfg.adapter}: train_modules_to_save is false, but the adapter has no modules_to_save: "
                       "nothing to freeze", stacklevel=2)
+    if cfg.reference_adapter is not None:
+        load_reference_adapter(trainer.model, cfg.reference_adapter)
     keep_trainable_in_fp32(trainer)
     return trainer
+
+
+def load_reference_adapter(model, source: str) -> None:
+    """Replace TRL's copy of the start adapter in `ref` by another adapter's weights (an anchor: e.g. the SFT
+    adapter while iteration k trains on from iteration k-1's); the guard then checks `ref` against that adapter."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    result = set_peft_model_state_dict(model, load_peft_weights(source, device="cpu"), adapter_name=REFERENCE_ADAPTER)
+    unexpected = [k for k in getattr(result, "unexpected_keys", None) or []
+                  if not k.endswith((".original_module.weight", ".modules_to_save.weight"))]
+    if unexpected:
+        raise PipelineError(f"reference_adapter {source}: its weights do not fit the model ({unexpected[:3]} ...)")
 
 
 def restore_trained_adapter(trainer, checkpoint: Path) -> None:
@@ -499,6 +514,8 @@ def train(cfg, resume: bool = False) -> dict:
     # ---- inputs, checked before any model loads
     state = process_state()
     check_adapter_path(cfg.adapter, "adapter", cfg.source)
+    if cfg.reference_adapter is not None:
+        check_adapter_path(cfg.reference_adapter, "reference_adapter", cfg.source)
     chat = load_chat_format(cfg.chat_template)
     folder = Path(cfg.output_dir)
     lock = None
@@ -544,7 +561,7 @@ def _train(cfg, state, chat, folder: Path, checkpoint: Path | None) -> dict:
               + ("; modules_to_save frozen in both, one shared copy" if not cfg.train_modules_to_save else "") + ")")
     if checkpoint:
         restore_trained_adapter(trainer, checkpoint)
-    reference_check = guard_reference(trainer, folder, checkpoint, state.is_main_process)
+    reference_check = guard_reference(trainer, folder, checkpoint, state.is_main_process, cfg.reference_adapter)
 
     # ---- training, then the held-out figures
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from . import EMOTIONS
 from .config import save_config, to_dict
+from .diversity import ceiling, collapse_warnings, diversity_report
+from .judges import agreement, check_judges, judge_figures, judge_replies, predicted
 from .errors import PipelineError
 from .files import FolderLock, folder_entries, move_aside, run_folder_exists
 from .plotting import pyplot
@@ -18,8 +20,16 @@ from .selection import is_cut_off
 RESULTS_JSON, RESULTS_MD, REPLIES, RESULTS_PNG = "results.json", "results.md", "replies.jsonl", "results.png"
 RESULT_FILES = (RESULTS_JSON, RESULTS_MD, REPLIES, RESULTS_PNG)  # what a finished evaluation wrote
 
+DIVERSITY_ROWS = [
+    ("distinct_replies", "distinct replies", "{:.0f}"), ("distinct_1", "distinct-1", "{:.3f}"),
+    ("distinct_2", "distinct-2", "{:.3f}"), ("canned_share", "canned share (reply to >= 3 prompts)", "{:.3f}"),
+    ("most_frequent_share", "most frequent reply's share", "{:.3f}"),
+    ("length_words_mean", "length in words, mean", "{:.2f}"), ("length_words_sd", "length in words, SD", "{:.2f}"),
+]
+
 METRIC_ROWS = [
-    ("emotion_accuracy", "emotion accuracy"), ("emotion_macro_f1", "emotion macro-F1"), ("clean_rate", "clean rate"),
+    ("emotion_accuracy", "emotion accuracy"), ("emotion_weighted_f1", "emotion weighted F1"),
+    ("emotion_macro_f1", "emotion macro-F1"), ("clean_rate", "clean rate"),
     ("cutoff_rate", "cut-off rate"), ("mean_length", "mean length"), ("mean_total_reward", "mean total reward"),
     ("mean_emotion_reward", "  emotion reward"), ("mean_length_reward", "  length reward"),
     ("mean_gibberish_reward", "  gibberish reward"),
@@ -31,7 +41,8 @@ METRIC_ROWS = [
 def model_metrics(targets, replies, clean_confidence: float, endings, labels=EMOTIONS) -> dict:
     """Per-model figures from scored replies (ScoredReply-like: emotion_label, gibberish_label, ...).
 
-    Macro-F1 averages over the emotions that were requested (a class never requested has no recall to earn);
+    Macro-F1 averages over the emotions that were requested (weighted F1 weighs them by their prompts, as the
+    reference's evaluate_dpo.py reports it) (a class never requested has no recall to earn);
     per-emotion accuracy is the recall of each requested emotion: how often a reply asked for it showed it.
     A reply is cut off unless it ends in one of `endings`, as generate_preferences' chosen filter reads it.
     """
@@ -47,6 +58,8 @@ def model_metrics(targets, replies, clean_confidence: float, endings, labels=EMO
         "emotion_accuracy": float(accuracy_score(targets, predicted)),
         "emotion_macro_f1": float(f1_score(targets, predicted, labels=sorted(present), average="macro",
                                            zero_division=0)),
+        "emotion_weighted_f1": float(f1_score(targets, predicted, labels=sorted(present), average="weighted",
+                                              zero_division=0)),
         "per_emotion_accuracy": {label: float(acc) for label, acc in zip(labels, per_emotion) if label in present},
         "clean_rate": statistics.fmean(
             r.gibberish_label.lower() == "clean" and r.gibberish_confidence >= clean_confidence for r in replies),
@@ -57,6 +70,41 @@ def model_metrics(targets, replies, clean_confidence: float, endings, labels=EMO
         "mean_length_reward": statistics.fmean(r.length_reward for r in replies),
         "mean_gibberish_reward": statistics.fmean(r.gibberish_reward for r in replies),
     }
+
+
+def diversity_figures(prompts, scored: dict, well_formed: dict | None = None) -> dict:
+    """Each model's degeneration figures (diversity.diversity_report, overall and per requested emotion), the
+    collapse warnings of each model against SFT, and the ceiling of a finite language when it is given."""
+    targets = [p.target_emotion for p in prompts]
+    indices = [p.index for p in prompts]
+    reports = {name: diversity_report([r.text for r in replies], targets, indices) for name, replies in scored.items()}
+    figures = {"models": reports,
+               "collapse": {name: collapse_warnings(report, reports["SFT"])
+                            for name, report in reports.items() if name != "SFT"}}
+    if well_formed is not None:
+        counts = {e: targets.count(e) for e in sorted(set(targets))}
+        figures["ceiling"] = ceiling(counts, {e: well_formed[e] for e in counts}, seed=0)
+    return figures
+
+
+def held_out_judges(cfg, mappings, targets, scored: dict) -> dict:
+    """Per judge: each model's accuracy, weighted and macro F1 under it; its Cohen's kappa with the training
+    classifier on SFT's replies; DPO's win rate over SFT by the judge's confidence in the requested emotion."""
+    table = {}
+    for judge, mapping in zip(cfg.judges, mappings):
+        print(f"judging the replies with {judge.name} ...")
+        probabilities = {name: judge_replies(judge.model, mapping, [r.text for r in replies], cfg.classifier_batch_size)
+                         for name, replies in scored.items()}
+        figures = {name: judge_figures(targets, rows) for name, rows in probabilities.items()}
+        table[judge.name] = {
+            "model": judge.model,
+            "models": {name: {k: v for k, v in f.items() if k != "target_confidence"} for name, f in figures.items()},
+            "kappa_with_training_classifier_on_sft": agreement([r.emotion_label for r in scored["SFT"]],
+                                                               predicted(probabilities["SFT"])),
+            "dpo_vs_sft": win_rate(figures["DPO"]["target_confidence"], figures["SFT"]["target_confidence"],
+                                   cfg.bootstrap_samples, cfg.seed),
+        }
+    return table
 
 
 def win_rate(a_totals, b_totals, samples: int = 2000, seed: int = 0) -> dict:
@@ -83,6 +131,20 @@ def is_evaluation_folder(folder: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(saved, dict) and "dpo_adapter" in saved
+
+
+def read_well_formed(cfg, emotions: set) -> dict | None:
+    if cfg.well_formed_replies is None:
+        return None
+    try:
+        table = json.loads(Path(cfg.well_formed_replies).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"{cfg.source}: key well_formed_replies: cannot read {cfg.well_formed_replies} ({e})") from None
+    missing = sorted(e for e in emotions if not (isinstance(table, dict) and table.get(e)))
+    if missing:
+        raise PipelineError(f"{cfg.source}: key well_formed_replies: {cfg.well_formed_replies} lists no replies for "
+                            f"{', '.join(missing)}; expected {{emotion: [replies]}} for every requested emotion")
+    return table
 
 
 def prepare_output_dir(cfg, fresh: bool = False) -> Path:
@@ -148,6 +210,57 @@ def gather_scored(mine: dict[str, dict[int, list]], batches: int) -> dict[str, l
     return {name: [r for n in range(batches) for r in by_batch[n]] for name, by_batch in merged.items()}
 
 
+def sampled_ids(replies, eos_token_id: int, max_new_tokens: int) -> list[list[int]]:
+    """What was sampled for each reply: its ids, and the EOS that ended it unless max_new_tokens cut it first."""
+    return [list(r.token_ids) + ([eos_token_id] if len(r.token_ids) < max_new_tokens else []) for r in replies]
+
+
+def reply_log_probs(model, contexts: list[list[int]], replies: list[list[int]], batch_size: int) -> list[float]:
+    """log p(reply | context) under the model's active adapter: the sum of the reply tokens' log-probs, conditioned
+    on the context ids the reply was sampled from. Right-padded batches (positions count from each row's start)."""
+    import torch
+
+    device = next(model.parameters()).device
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(contexts), batch_size):
+            rows = [list(c) + list(r) for c, r in zip(contexts[start:start + batch_size], replies[start:start + batch_size])]
+            width = max(len(row) for row in rows)
+            ids = torch.zeros((len(rows), width), dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, row in enumerate(rows):
+                ids[i, :len(row)] = torch.tensor(row)
+                mask[i, :len(row)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            logps = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+            for i, (context, reply) in enumerate(zip(contexts[start:start + batch_size],
+                                                     replies[start:start + batch_size])):
+                first = len(context) - 1  # the logit at position t predicts token t + 1
+                out.append(float(logps[i, first:first + len(reply)].sum()))
+    return out
+
+
+def kl_to_sft(model, adapter: str | None, prompts, replies, eos_token_id: int, max_new_tokens: int,
+              batch_size: int) -> dict:
+    """The Monte-Carlo KL estimate of a model from SFT on its own sampled replies: the mean over prompts of
+    log p_model(y|x) - log p_SFT(y|x), both through the one base (`adapter`, or adapters disabled for None, against
+    "default", the SFT adapter). Exact in expectation when the replies were sampled from the model's own
+    distribution (temperature 1, no top-k/top-p/repetition penalty: the demo's settings)."""
+    contexts = [p.ids for p in prompts]
+    ids = sampled_ids(replies, eos_token_id, max_new_tokens)
+    if adapter is None:
+        with model.disable_adapter():
+            own = reply_log_probs(model, contexts, ids, batch_size)
+    else:
+        model.set_adapter(adapter)
+        own = reply_log_probs(model, contexts, ids, batch_size)
+    model.set_adapter("default")
+    sft = reply_log_probs(model, contexts, ids, batch_size)
+    differences = [a - b for a, b in zip(own, sft)]
+    return {"kl": statistics.fmean(differences), "sd": statistics.stdev(differences) if len(differences) > 1 else 0.0,
+            "mean_log_prob": statistics.fmean(own), "mean_sft_log_prob": statistics.fmean(sft)}
+
+
 def evaluate(cfg, fresh: bool = False) -> dict | None:
     """Under `accelerate launch` / torchrun each process samples and scores every N-th batch of prompts
     (journal.shard); the main process holds the run folder's lock, gathers them and writes the results. Returns them
@@ -162,6 +275,8 @@ def evaluate(cfg, fresh: bool = False) -> dict | None:
     check_adapter_path(cfg.dpo_adapter, "dpo_adapter", cfg.source)
     generation_config = checked_generation_config(cfg.generation, cfg.source)
     tokenizer, prompts = load_prompts(cfg)
+    well_formed = read_well_formed(cfg, {p.target_emotion for p in prompts})
+    judge_mappings = check_judges(cfg)
     lock, folder = None, Path(cfg.output_dir)
     try:
         if state.is_main_process:
@@ -172,13 +287,15 @@ def evaluate(cfg, fresh: bool = False) -> dict | None:
                 lock.release()
                 lock = FolderLock(folder, doing="evaluating")
         state.wait_for_everyone()  # (a refused output_dir ends the main process; the launcher then stops the rest)
-        return _evaluate(cfg, state, folder, tokenizer, prompts, generation_config)
+        return _evaluate(cfg, state, folder, tokenizer, prompts, generation_config, well_formed,
+                         judge_mappings)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _evaluate(cfg, state, folder: Path, tokenizer, prompts, generation_config) -> dict | None:
+def _evaluate(cfg, state, folder: Path, tokenizer, prompts, generation_config, well_formed,
+              judge_mappings) -> dict | None:
     from .generation import Scorer
     from .journal import shard
     from .models import add_adapter, load_generator
@@ -198,8 +315,9 @@ def _evaluate(cfg, state, folder: Path, tokenizer, prompts, generation_config) -
     add_adapter(model, cfg.dpo_adapter, "dpo", cfg.source)
     scorer = Scorer(cfg, tokenizer)
     targets = [p.target_emotion for p in prompts]
-    scored_here = {}
+    scored_here, adapters = {}, {}
     for name, adapter in [("SFT", "default"), ("DPO", "dpo")] + ([("base", None)] if cfg.include_base else []):
+        adapters[name] = adapter
         if state.is_main_process:
             print(f"sampling {len(prompts)} replies from {name} ...")
         if adapter is None:
@@ -215,6 +333,10 @@ def _evaluate(cfg, state, folder: Path, tokenizer, prompts, generation_config) -
     if scored is None:
         return None
 
+    max_new_tokens = generation_config.max_new_tokens
+    kl = {name: kl_to_sft(model, adapter, prompts, scored[name], tokenizer.eos_token_id, max_new_tokens,
+                          cfg.batch_prompts) for name, adapter in adapters.items() if name != "SFT"}
+
     # ---- compare, report
     results = {
         "setup": {"prompts": len(prompts), "dataset": cfg.dataset, "dataset_split": cfg.dataset_split,
@@ -226,6 +348,9 @@ def _evaluate(cfg, state, folder: Path, tokenizer, prompts, generation_config) -
                    for name, replies in scored.items()},
         "dpo_vs_sft": win_rate([r.total for r in scored["DPO"]], [r.total for r in scored["SFT"]],
                                cfg.bootstrap_samples, cfg.seed),
+        "diversity": diversity_figures(prompts, scored, well_formed),
+        "kl_to_sft": kl,
+        "judges": held_out_judges(cfg, judge_mappings, targets, scored),
     }
     write_results(folder, results, prompts, scored)
     print(format_table(results))
@@ -257,10 +382,63 @@ def format_table(results: dict) -> str:
     for emotion in emotions:
         cells = [f"{results['models'][m]['per_emotion_accuracy'].get(emotion, float('nan')):.3f}" for m in models]
         lines.append(f"| {emotion} | " + " | ".join(cells) + " |")
+    lines += ["", format_diversity(results["diversity"]), ""]
+    lines += [f"KL to SFT of {name} (mean log p_{name}(y|x) - log p_SFT(y|x) over its own replies): {k['kl']:.3f} "
+              f"nats (SD {k['sd']:.3f})" for name, k in results.get("kl_to_sft", {}).items()]
+    if results.get("judges"):
+        lines += ["", format_judges(results["judges"])]
     w = results["dpo_vs_sft"]
     lines += ["", f"DPO vs SFT win rate by total reward: {w['win_rate']:.3f} "
                   f"(95 % bootstrap interval {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f}; "
                   f"{w['wins']} wins, {w['ties']} ties, {w['losses']} losses)"]
+    return "\n".join(lines)
+
+
+def format_judges(judges: dict) -> str:
+    """Each held-out judge's figures per model, its agreement with the training classifier, its win rate."""
+    lines = []
+    for name, j in judges.items():
+        models = list(j["models"])
+        w = j["dpo_vs_sft"]
+        lines += [f"Held-out judge **{name}** (`{j['model']}`; Cohen's kappa with the training classifier on SFT's "
+                  f"replies: {j['kappa_with_training_classifier_on_sft']:.3f}):", "",
+                  "| under the judge | " + " | ".join(models) + " |", "| --- |" + " --- |" * len(models)]
+        for key, label in (("emotion_accuracy", "emotion accuracy"), ("emotion_weighted_f1", "emotion weighted F1"),
+                           ("emotion_macro_f1", "emotion macro-F1"),
+                           ("mean_target_confidence", "confidence in the requested emotion")):
+            lines.append(f"| {label} | " + " | ".join(f"{j['models'][m][key]:.3f}" for m in models) + " |")
+        lines += ["", f"DPO vs SFT win rate by {name}'s confidence in the requested emotion: {w['win_rate']:.3f} "
+                      f"(95 % bootstrap interval {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f})", ""]
+    return "\n".join(lines).rstrip()
+
+
+def format_diversity(figures: dict) -> str:
+    """Degeneration figures per model, per requested emotion, the ceiling and the collapse warnings (markdown)."""
+    reports = figures["models"]
+    models = list(reports)
+    ceiling_column = "ceiling" in figures
+    head = models + (["ceiling (uniform over well-formed replies)"] if ceiling_column else [])
+    lines = ["| degeneration | " + " | ".join(head) + " |", "| --- |" + " --- |" * len(head)]
+    for key, label, fmt in DIVERSITY_ROWS:
+        cells = [fmt.format(reports[m][key]) for m in models]
+        if ceiling_column:
+            cells.append(f"{figures['ceiling']['expected_distinct_replies']:.1f}" if key == "distinct_replies" else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "| requested emotion (prompts) | " + " | ".join(f"{m}: distinct / most frequent share" for m in models)
+              + (" | ceiling: distinct / most frequent share |" if ceiling_column else " |"),
+              "| --- |" + " --- |" * (len(models) + ceiling_column)]
+    for emotion, row in reports[models[0]]["by_group"].items():
+        cells = [f"{reports[m]['by_group'][emotion]['distinct_replies']} / "
+                 f"{reports[m]['by_group'][emotion]['most_frequent_share']:.3f}" for m in models]
+        if ceiling_column:
+            c = figures["ceiling"]["by_group"][emotion]
+            w, n = c["well_formed"], c["prompts"]
+            cells.append(f"{w * (1 - (1 - 1 / w) ** n):.1f} / {c['expected_most_frequent_share']:.3f}")
+        lines.append(f"| {emotion} ({row['replies']}) | " + " | ".join(cells) + " |")
+    lines.append("")
+    for name, reasons in figures["collapse"].items():
+        lines.append(f"**COLLAPSE WARNING, {name}**: " + "; ".join(reasons) if reasons else
+                     f"{name}: no collapse warning (thresholds in README, 'Collapse warning').")
     return "\n".join(lines)
 
 
@@ -269,7 +447,7 @@ def plot_results(results: dict, path: Path) -> None:
 
     keys = ["emotion_accuracy", "emotion_macro_f1", "clean_rate", "cutoff_rate"]
     models = list(results["models"])
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax, right) = plt.subplots(1, 2, figsize=(12, 4))
     width = 0.8 / len(models)
     for i, m in enumerate(models):
         ax.bar([k + i * width for k in range(len(keys))], [results["models"][m][k] for k in keys], width, label=m)
@@ -278,6 +456,15 @@ def plot_results(results: dict, path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.legend()
     ax.set_title(f"{results['models'][models[0]]['prompts']} held-out prompts")
+    reports = results["diversity"]["models"]
+    shares = ["distinct_share", "distinct_1", "distinct_2", "canned_share", "most_frequent_share"]
+    for i, m in enumerate(models):
+        right.bar([k + i * width for k in range(len(shares))], [reports[m][k] for k in shares], width, label=m)
+    right.set_xticks([k + width * (len(models) - 1) / 2 for k in range(len(shares))])
+    right.set_xticklabels(["distinct\nreplies", "distinct-1", "distinct-2", "canned\nshare", "most frequent\nshare"])
+    right.set_ylim(0, 1)
+    right.legend()
+    right.set_title("degeneration (shares of replies)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

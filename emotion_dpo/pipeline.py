@@ -51,7 +51,7 @@ class StageKind:
 GENERATE = StageKind("generate", "preferences", "generate_preferences.py", "GenerateConfig",
                      frozenset({"output_dir", "skip_prompts"}))
 DPO = StageKind("dpo", "dpo", "fine_tune_dpo.py", "TrainConfig",
-                frozenset({"output_dir", "dataset", "resume_from_checkpoint"}))
+                frozenset({"output_dir", "dataset", "resume_from_checkpoint", "reference_adapter"}))
 EVALUATE = StageKind("evaluate", "evaluation", "evaluate.py", "EvaluateConfig",
                      frozenset({"output_dir", "dpo_adapter"}))
 KINDS = (GENERATE, DPO, EVALUATE)
@@ -155,8 +155,10 @@ def plan(cfg) -> list[Stage]:
                 first["generate"].skip_prompts
             owned = {
                 "generate": [f"adapter={generator}", f"skip_prompts={skip}"],
-                # iteration k trains on from the adapter that sampled its data; TRL's frozen "ref" is a copy of it
-                "dpo": [f"adapter={generator}", f"dataset={folder / GENERATE.folder / 'dataset'}"],
+                # iteration k trains on from the adapter that sampled its data; TRL's frozen "ref" is a copy of it,
+                "dpo": [f"adapter={generator}", f"dataset={folder / GENERATE.folder / 'dataset'}"]
+                # dpo_reference "sft": the SFT adapter stays the frozen reference of every iteration (an anchor)
+                + ([f"reference_adapter={sft}"] if k > 1 and cfg.dpo_reference == "sft" else []),
                 # every iteration against the SFT model, on the same held-out prompts
                 "evaluate": [f"adapter={sft}", f"dpo_adapter={folder / DPO.folder / FINAL_ADAPTER}"],
             }
@@ -267,6 +269,16 @@ def run_stage(stage: Stage, lock: FolderLock | None = None, num_processes: int =
 # ------------------------------------------------------------------ iterations side by side
 
 MODEL_KEYS = ("emotion_accuracy", "emotion_macro_f1", "clean_rate", "cutoff_rate")
+DIVERSITY_KEYS = ("distinct_replies", "distinct_1", "distinct_2", "canned_share", "most_frequent_share",
+                  "length_words_mean", "length_words_sd")
+
+
+def diversity_columns(report: dict) -> dict:
+    """A model's degeneration figures for the table, with the worst requested emotion's most frequent reply."""
+    worst = max(report["by_group"].items(), key=lambda item: item[1]["most_frequent_share"])
+    return {**{key: report[key] for key in DIVERSITY_KEYS}, "most_frequent_reply": report["most_frequent_reply"],
+            "worst_emotion": worst[0], "worst_emotion_share": worst[1]["most_frequent_share"],
+            "worst_emotion_reply": worst[1]["most_frequent_reply"]}
 
 
 def iteration_row(iteration: int, results: dict, statistics: dict) -> dict:
@@ -277,6 +289,14 @@ def iteration_row(iteration: int, results: dict, statistics: dict) -> dict:
         "iteration": iteration,
         "adapter": results["setup"]["sources"]["DPO"],
         **{key: dpo[key] for key in MODEL_KEYS},
+        **diversity_columns(results["diversity"]["models"]["DPO"]),
+        "collapse": results["diversity"]["collapse"]["DPO"],
+        "mean_total_reward": dpo["mean_total_reward"],
+        "kl_to_sft": results.get("kl_to_sft", {}).get("DPO", {}).get("kl"),
+        "judges": {name: {"emotion_accuracy": j["models"]["DPO"]["emotion_accuracy"],
+                          "emotion_weighted_f1": j["models"]["DPO"]["emotion_weighted_f1"],
+                          "win_rate": j["dpo_vs_sft"]["win_rate"], "win_rate_ci95": j["dpo_vs_sft"]["ci95"]}
+                   for name, j in results.get("judges", {}).items()},
         "win_rate": win["win_rate"], "win_rate_ci95": win["ci95"],
         "acceptance_rate": statistics["acceptance_rate"],
         "accepted": statistics["accepted"], "prompts_settled": statistics["prompts_settled"],
@@ -294,7 +314,15 @@ def iterations_table(stages: list[Stage]) -> dict:
         statistics = json.loads((generate_folder / "statistics.json").read_text())
         if sft is None:
             sft = {"adapter": results["setup"]["sources"]["SFT"], "prompts": results["setup"]["prompts"],
-                   **{key: results["models"]["SFT"][key] for key in MODEL_KEYS}}
+                   **{key: results["models"]["SFT"][key] for key in MODEL_KEYS},
+                   **diversity_columns(results["diversity"]["models"]["SFT"]),
+                   "mean_total_reward": results["models"]["SFT"]["mean_total_reward"],
+                   "judges": {name: {"emotion_accuracy": j["models"]["SFT"]["emotion_accuracy"],
+                                     "emotion_weighted_f1": j["models"]["SFT"]["emotion_weighted_f1"],
+                                     "kappa_with_training_classifier": j["kappa_with_training_classifier_on_sft"]}
+                              for name, j in results.get("judges", {}).items()},
+                   **({"ceiling_distinct_replies": results["diversity"]["ceiling"]["expected_distinct_replies"]}
+                      if "ceiling" in results["diversity"] else {})}
         rows.append(iteration_row(stage.iteration, results, statistics))
     return {"sft": sft, "iterations": rows}
 
@@ -314,7 +342,44 @@ def format_iterations(table: dict) -> str:
         lines.append(f"| iteration {row['iteration']} | " + " | ".join(f3(row[k]) for k in MODEL_KEYS)
                      + f" | {f3(row['win_rate'])} ({f3(low)}-{f3(high)}) | {f3(row['acceptance_rate'])} "
                        f"({row['accepted']}/{row['prompts_settled']}) | {gap} |")
+    lines += ["", "Degeneration (one reply per held-out prompt; canned: the same text given to >= 3 different prompts;"
+              " worst emotion: the requested emotion whose most frequent reply takes the largest share of its prompts)"
+              + (f"; the demo world's ceiling keeps {sft['ceiling_distinct_replies']:.1f} distinct replies"
+                 if "ceiling_distinct_replies" in sft else "") + ":", "",
+              "| model | distinct replies (of SFT's) | distinct-1 | distinct-2 | canned share | most frequent reply "
+              "(share) | worst emotion: its most frequent reply's share | length in words, mean (SD) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, row in [("SFT", sft)] + [(f"iteration {r['iteration']}", r) for r in table["iterations"]]:
+        lines.append(f"| {name} | {row['distinct_replies']} ({row['distinct_replies'] / sft['distinct_replies']:.0%}) "
+                     f"| {f3(row['distinct_1'])} | {f3(row['distinct_2'])} | {f3(row['canned_share'])} | "
+                     f"{row['most_frequent_reply']!r} ({f3(row['most_frequent_share'])}) | {row['worst_emotion']}: "
+                     f"{f3(row['worst_emotion_share'])} | {row['length_words_mean']:.2f} ({row['length_words_sd']:.2f}) |")
+    lines += ["", "Away from SFT and under the held-out judges (KL: mean log p_iter(y|x) - log p_SFT(y|x) over the "
+              "iteration's own replies, nats; judges: emotion accuracy, and the win rate over SFT by the judge's "
+              "confidence in the requested emotion):", ""]
+    judges = list(sft["judges"])
+    lines += ["| model | mean total reward | KL to SFT | " + " | ".join(f"{j}: accuracy | {j}: win rate vs SFT"
+                                                                    for j in judges) + " |",
+              "| --- | --- | --- |" + " --- | --- |" * len(judges),
+              f"| SFT | {f3(sft['mean_total_reward'])} | 0 | " + " | ".join(
+                  f"{f3(sft['judges'][j]['emotion_accuracy'])} (kappa with the training classifier "
+                  f"{f3(sft['judges'][j]['kappa_with_training_classifier'])}) | -" for j in judges) + " |"]
+    for row in table["iterations"]:
+        kl = "-" if row["kl_to_sft"] is None else f3(row["kl_to_sft"])
+        cells = [f"{f3(row['judges'][j]['emotion_accuracy'])} | {f3(row['judges'][j]['win_rate'])} "
+                 f"({f3(row['judges'][j]['win_rate_ci95'][0])}-{f3(row['judges'][j]['win_rate_ci95'][1])})"
+                 for j in judges if j in row["judges"]]
+        lines.append(f"| iteration {row['iteration']} | {f3(row['mean_total_reward'])} | {kl} | "
+                     + " | ".join(cells) + " |")
+    lines += [""] + collapse_lines(table)
     return "\n".join(lines) + "\n"
+
+
+def collapse_lines(table: dict) -> list[str]:
+    """The collapse warning of each iteration (diversity.collapse_warnings against SFT), or that there is none."""
+    flagged = [f"COLLAPSE WARNING, iteration {r['iteration']}: " + "; ".join(r["collapse"])
+               for r in table["iterations"] if r["collapse"]]
+    return flagged or ["No collapse warning (thresholds: README, 'Collapse warning')."]
 
 
 def plot_iterations(table: dict, path: Path) -> None:
@@ -322,7 +387,7 @@ def plot_iterations(table: dict, path: Path) -> None:
 
     rows = table["iterations"]
     steps = [0] + [r["iteration"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right, degeneration, reward_kl) = plt.subplots(1, 4, figsize=(20, 4))
     for key in MODEL_KEYS:
         left.plot(steps, [table["sft"][key]] + [r[key] for r in rows], marker="o", label=key.replace("_", " "))
     left.set_xticks(steps)
@@ -338,6 +403,25 @@ def plot_iterations(table: dict, path: Path) -> None:
     right.set_xticks(steps[1:])
     right.set_ylim(0, 1)
     right.set_title("win rate vs SFT (95 % bootstrap interval)")
+    sft = table["sft"]
+    for key, label in (("distinct_replies", "distinct replies / SFT's"), ("canned_share", "canned share"),
+                       ("worst_emotion_share", "worst emotion's most frequent share")):
+        scale = sft["distinct_replies"] if key == "distinct_replies" else 1
+        degeneration.plot(steps, [sft[key] / scale] + [r[key] / scale for r in rows], marker="o", label=label)
+    degeneration.set_xticks(steps)
+    degeneration.set_xticklabels(["SFT"] + [f"iter {s}" for s in steps[1:]])
+    degeneration.set_ylim(0, max(1.05, max(r["distinct_replies"] / sft["distinct_replies"] for r in rows) + 0.05))
+    degeneration.legend(fontsize=8)
+    degeneration.set_title("degeneration")
+    # reward against KL to SFT, the curve RLHF papers plot: SFT at KL 0
+    points = [(0.0, sft["mean_total_reward"], "SFT")] + [(r["kl_to_sft"], r["mean_total_reward"], f"iter {r['iteration']}")
+                                                          for r in rows if r["kl_to_sft"] is not None]
+    reward_kl.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+    for x, y, label in points:
+        reward_kl.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    reward_kl.set_xlabel("KL to SFT (nats, on the model's own replies)")
+    reward_kl.set_ylabel("mean total reward")
+    reward_kl.set_title("reward vs KL to SFT")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -386,4 +470,5 @@ def run_stages(cfg, stages: list[Stage], run: Path, lock: FolderLock) -> dict | 
     if table is not None:
         print(format_iterations(table))
         print(f"wrote iterations.md, iterations.json and iterations.png to {run}")
+        print("\n".join(collapse_lines(table)))
     return table

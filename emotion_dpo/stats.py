@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from .dataset import PARTS  # in reward_weights' order
+from .diversity import diversity_report
 from .plotting import pyplot
 
 
@@ -50,6 +51,15 @@ def reward_parts(accepted: list[dict]) -> dict:
             table[part][side] = {**spread(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
                                  "min": min(values) if values else None, "max": max(values) if values else None}
     return table
+
+
+def reply_diversity(accepted: list[dict]) -> dict:
+    """The degeneration figures (diversity.py) of the chosen and of the rejected replies, overall and per target
+    emotion: a preference set whose chosen replies are a few stock sentences teaches DPO to collapse."""
+    emotions = [r["target_emotion"] for r in accepted]
+    prompts = [r["index"] for r in accepted]
+    return {side: diversity_report([pair_of(r)[i]["text"] for r in accepted], emotions, prompts)
+            for i, side in enumerate(("chosen", "rejected"))}
 
 
 def decided_by(accepted: list[dict], weights) -> dict:
@@ -99,6 +109,7 @@ def summarize(records: list[dict], total_prompts: int | None = None, weights=Non
         "by_emotion": by_emotion(records),
         "reward_parts": reward_parts(accepted),
         "cut_off": cut_off_shares(accepted),
+        "diversity": reply_diversity(accepted),
         **({"decided_by": decided_by(accepted, weights)} if weights is not None else {}),
         "gaps": gaps,
     }
@@ -138,6 +149,21 @@ def format_tables(summary: dict) -> str:
         for side, d in sides.items():
             lines.append(f"| {part} | {side} | {fmt(d['median'])} | {fmt(d['mean'])} | {fmt(d['sd'])} | "
                          f"{fmt(d['min'])} | {fmt(d['max'])} |")
+    if "diversity" in summary:
+        d = summary["diversity"]
+        lines += ["", "| replies | distinct | distinct-1 | distinct-2 | canned share (to >= 3 prompts) | most frequent "
+                  "reply (share) | length in words, mean (SD) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for side, r in d.items():
+            lines.append(f"| {side} | {r['distinct_replies']} of {r['replies']} | {fmt(r['distinct_1'])} | "
+                         f"{fmt(r['distinct_2'])} | {fmt(r['canned_share'])} | {r['most_frequent_reply']!r} "
+                         f"({fmt(r['most_frequent_share'])}) | {r['length_words_mean']:.2f} ({r['length_words_sd']:.2f}) |")
+        lines += ["", "| target emotion | chosen: distinct / most frequent share | rejected: distinct / most frequent "
+                  "share |", "| --- | --- | --- |"]
+        for emotion, chosen in d["chosen"]["by_group"].items():
+            rejected = d["rejected"]["by_group"][emotion]
+            lines.append(f"| {emotion} | {chosen['distinct_replies']} of {chosen['replies']} / "
+                         f"{fmt(chosen['most_frequent_share'])} | {rejected['distinct_replies']} of "
+                         f"{rejected['replies']} / {fmt(rejected['most_frequent_share'])} |")
     if "decided_by" in summary:
         total = sum(summary["decided_by"].values())
         lines += ["", "| reward part | pairs it decides (largest weighted share of the gap) |", "| --- | --- |"]

@@ -64,3 +64,11 @@ def _settled_record(index: int, accepted: bool = True, chosen: str = "that is fi
 @pytest.fixture
 def settled_record():
     return _settled_record
+
+
+def demo_evaluation_overrides(w: Path) -> list[str]:
+    """evaluate's keys that name demo-world files beyond the models: the held-out judge and the well-formed replies."""
+    import json
+
+    judge = {"name": "demo judge", "model": str(w / "judge"), "label_map": {"joy": "happiness"}}
+    return [f"judges={json.dumps([judge])}", f"well_formed_replies={w / 'well_formed_replies.json'}"]

@@ -1,15 +1,18 @@
 """evaluate.py: metrics checked by hand, a model compared with itself, and bad input refused early."""
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from emotion_dpo.config import EvaluateConfig, load_config
 from emotion_dpo.errors import PipelineError
 from emotion_dpo.evaluation import evaluate, model_metrics, prepare_output_dir, win_rate
 from emotion_dpo.models import check_adapter_path
+from conftest import demo_evaluation_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "args/demo/evaluate_arg.json"
@@ -94,7 +97,7 @@ def demo_config(demo_world, output_dir, *extra):
     sets = [f"base_model={w / 'base'}", f"adapter={w / 'sft_adapter'}", f"dataset={w / 'dialogues'}",
             f"emotion_classifier={w / 'emotion_classifier'}", f"gibberish_detector={w / 'gibberish_detector'}",
             f"chat_template={ROOT / 'args/chat_template.json'}", f"output_dir={output_dir}", "wandb.mode=disabled",
-            "include_base=false", "num_prompts=24", *extra]
+            "include_base=false", "num_prompts=24", *demo_evaluation_overrides(w), *extra]
     return load_config(EvaluateConfig, DEMO_CONFIG, sets)
 
 
@@ -112,6 +115,16 @@ def test_a_model_compared_with_itself_under_the_same_seed_ties(demo_world, tmp_p
     assert "DPO vs SFT win rate by total reward: 0.500" in (tmp_path / "eval" / "results.md").read_text()
     rows = [json.loads(line) for line in (tmp_path / "eval" / "replies.jsonl").read_text().splitlines()]
     assert len(rows) == 24 and all(r["SFT"]["text"] == r["DPO"]["text"] for r in rows)
+    # the degeneration figures count the replies written: distinct texts and the most frequent one, by Counter
+    from collections import Counter
+
+    counts = Counter(r["SFT"]["text"].strip() for r in rows)
+    figures = results["diversity"]
+    assert figures["models"]["SFT"]["distinct_replies"] == len(counts) == figures["models"]["DPO"]["distinct_replies"]
+    assert figures["models"]["SFT"]["most_frequent_count"] == counts.most_common(1)[0][1]
+    assert figures["collapse"] == {"DPO": []}
+    assert results["kl_to_sft"]["DPO"]["kl"] == pytest.approx(0, abs=1e-6)  # the DPO adapter is the SFT adapter
+    assert "| distinct replies | " in (tmp_path / "eval" / "results.md").read_text()
 
 
 @pytest.mark.parametrize("key", ["adapter", "dpo_adapter"])
@@ -165,3 +178,49 @@ def test_an_evaluation_folder_of_another_version_is_still_an_evaluation(tmp_path
     (tmp_path / "eval" / "results.json").write_text("{}")
     with pytest.raises(PipelineError, match="already holds results"):  # not "holds no evaluation"
         prepare_output_dir(cfg)
+
+
+def test_kl_to_sft_on_a_tiny_case_equals_the_log_prob_difference_computed_token_by_token(demo_world, tmp_path):
+    """Two prompts, one reply each (one ended by EOS, one cut by max_new_tokens), an adapter 0.01 away from SFT:
+    the estimate equals log p_dpo(y|x) - log p_SFT(y|x) summed here one token at a time, one sequence at a time."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file, save_file
+
+    from emotion_dpo.evaluation import kl_to_sft
+    from emotion_dpo.models import add_adapter, load_generator
+    from emotion_dpo.prompts import load_prompts
+
+    moved = tmp_path / "moved"
+    shutil.copytree(demo_world / "sft_adapter", moved)
+    tensors = load_file(str(moved / "adapter_model.safetensors"))
+    save_file({k: v + 0.01 if "lora_B" in k else v for k, v in tensors.items()},
+              str(moved / "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = demo_config(demo_world, tmp_path / "eval", f"dpo_adapter={moved}", "num_prompts=2")
+    tokenizer, prompts = load_prompts(cfg)
+    model, tokenizer = load_generator(cfg)
+    add_adapter(model, str(moved), "dpo", cfg.source)
+    eos = tokenizer.eos_token_id
+    words = tokenizer("i am so happy .", add_special_tokens=False)["input_ids"]
+    replies = [SimpleNamespace(token_ids=words), SimpleNamespace(token_ids=words[:3])]
+    # both shorter than max_new_tokens 6: both were ended by an EOS, which counts as sampled
+    estimate = kl_to_sft(model, "dpo", prompts, replies, eos, 6, batch_size=2)
+
+    def by_hand(adapter, context, reply):
+        model.set_adapter(adapter)
+        total, ids = 0.0, list(context)
+        with torch.no_grad():
+            for token in reply:
+                logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+                total += float(logits.log_softmax(-1)[token])
+                ids.append(token)
+        return total
+
+    differences = [by_hand("dpo", p.ids, r.token_ids + [eos]) - by_hand("default", p.ids, r.token_ids + [eos])
+                   for p, r in zip(prompts, replies)]
+    assert estimate["kl"] == pytest.approx(sum(differences) / 2, abs=1e-4)
+    assert abs(estimate["kl"]) > 1e-3  # the adapters differ: not a trivial 0
+    # a reply cut at max_new_tokens has no EOS: only its own ids count
+    cut = kl_to_sft(model, "dpo", prompts[:1], replies[1:], eos, 3, batch_size=1)
+    assert cut["kl"] == pytest.approx(by_hand("dpo", prompts[0].ids, words[:3])
+                                      - by_hand("default", prompts[0].ids, words[:3]), abs=1e-4)

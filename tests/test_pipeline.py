@@ -16,6 +16,7 @@ import pytest
 from emotion_dpo.config import GenerateConfig, PipelineConfig, load_config
 from emotion_dpo.errors import PipelineError
 from emotion_dpo.journal import read_journal
+from conftest import demo_evaluation_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "args/demo/pipeline_arg.json"
@@ -28,7 +29,7 @@ def world_overrides(w: Path) -> list[str]:
     scored = [f"dataset={w / 'dialogues'}", f"emotion_classifier={w / 'emotion_classifier'}",
               f"gibberish_detector={w / 'gibberish_detector'}"]
     return ([f"generate.{o}" for o in shared + scored] + [f"dpo.{o}" for o in shared]
-            + [f"evaluate.{o}" for o in shared + scored])
+            + [f"evaluate.{o}" for o in shared + scored + demo_evaluation_overrides(w)])
 
 
 # The reduced demo: 16 prompts per iteration, 24 small DPO steps with a checkpoint every 2, 16 held-out prompts.

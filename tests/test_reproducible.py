@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import demo_evaluation_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,7 +26,7 @@ def run_reduced_demo(w: Path, out: Path, threads: str | None) -> None:
                                               f"output_dir={out / 'dpo'}", "dpo.max_steps=2"]),
         ("evaluate.py", "evaluate_arg.json", scorers + [f"dpo_adapter={out / 'dpo' / 'final_adapter'}",
                                                         f"output_dir={out / 'evaluation'}", "include_base=false",
-                                                        "bootstrap_samples=100"]),
+                                                        "bootstrap_samples=100", *demo_evaluation_overrides(w)]),
     ]
     for script, config, sets in stages:
         args = [sys.executable, str(ROOT / script), "--config", str(ROOT / "args/demo" / config)]

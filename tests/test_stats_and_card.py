@@ -71,6 +71,25 @@ def test_reward_parts_of_chosen_and_rejected_on_a_hand_made_journal():
     assert summary["failure_reasons"] == {"chosen is cut off": 1, "score range below target_score_range": 1}
 
 
+def test_diversity_of_chosen_and_rejected_on_a_hand_made_journal():
+    def pair(index, target, chosen, rejected):
+        return record(index, target, [[reply(20, 10, 40, 9, chosen), reply(5, 0, 10, 2, rejected)]], 0, 1)
+
+    journal = [pair(0, "happiness", "yay !", "qx qx"), pair(1, "happiness", "yay !", "oh no"),
+               pair(2, "happiness", "yay !", "well , fine ."), pair(3, "sadness", "so sad .", "qx qx"),
+               record(4, "sadness", [FILLER], reason="chosen is cut off")]
+    d = summarize(journal, weights=WEIGHTS)["diversity"]
+    chosen, rejected = d["chosen"], d["rejected"]
+    # chosen: "yay !" to prompts 0, 1, 2 (canned), "so sad ." once; the failed prompt counts on neither side
+    assert (chosen["replies"], chosen["distinct_replies"], chosen["canned_replies"]) == (4, 2, 3)
+    assert (chosen["most_frequent_reply"], chosen["most_frequent_share"]) == ("yay !", 0.75)
+    assert chosen["distinct_1"] == pytest.approx(5 / 9)  # yay ! yay ! yay ! so sad . -> yay ! so sad .
+    # rejected: "qx qx" twice (2 prompts: not canned), "oh no", "well , fine ."
+    assert (rejected["distinct_replies"], rejected["canned_replies"]) == (3, 0)
+    assert rejected["length_words_mean"] == pytest.approx((2 + 2 + 4 + 2) / 4)
+    assert chosen["by_group"]["happiness"]["most_frequent_share"] == 1.0
+
+
 @pytest.fixture(scope="module")
 def finalized(tmp_path_factory):
     from emotion_dpo.generate import finalize
@@ -92,6 +111,7 @@ def test_the_statistics_files_hold_the_tables_and_plots(finalized):
     text = (folder / "statistics.txt").read_text()
     assert "| happiness | 4 | 3 | 0.750 | 2.250 | 8.000 | 8.333 |" in text
     assert "| length_reward | chosen | 35.000 | 42.500 |" in text
+    assert "| chosen | 1 of 4 | " in text  # every chosen reply of the hand-made journal is "a reply ."
     for plot in ("score_gap.png", "reward_parts.png"):
         assert (folder / plot).read_bytes()[:4] == b"\x89PNG"
 

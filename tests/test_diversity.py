@@ -1,0 +1,112 @@
+"""Degeneration figures and the collapse warning, on a hand-made replies file (tests/data/hand_replies.jsonl, in
+evaluate's replies.jsonl format), every expected value counted by hand."""
+
+import math
+from pathlib import Path
+
+import pytest
+
+from emotion_dpo.diversity import ceiling, collapse_warnings, diversity, replies_file_reports
+
+HAND = Path(__file__).parent / "data" / "hand_replies.jsonl"
+
+
+def test_sft_figures_counted_by_hand():
+    sft = replies_file_reports(HAND)["SFT"]
+    # 8 replies; "the store closes ." twice, the rest once: 7 different texts
+    assert sft["replies"] == 8 and sft["distinct_replies"] == 7
+    # words 5+7+4+4+4+5+3+5 = 37; different: you made my day ! great , i love it the store closes . okay bus get out
+    # enough = 19
+    assert sft["distinct_1"] == pytest.approx(19 / 37)
+    # word pairs 4+6+3+3+3+4+2+4 = 29; different: 4 (t0) + 2 (t1: "great ,", ", you") + 3 + 3 + 0 + 4 + 2 + 2 = 20
+    assert sft["distinct_2"] == pytest.approx(20 / 29)
+    assert sft["canned_replies"] == 0 and sft["canned_share"] == 0  # no text reached 3 different prompts
+    assert (sft["most_frequent_reply"], sft["most_frequent_count"]) == ("the store closes .", 2)
+    assert sft["most_frequent_share"] == pytest.approx(2 / 8)
+    assert sft["length_words_mean"] == pytest.approx(37 / 8)
+    # squared deviations from 4.625: .140625 + 5.640625 + 3 x .390625 + .140625 + 2.640625 + .140625 = 9.875
+    assert sft["length_words_sd"] == pytest.approx(math.sqrt(9.875 / 7))
+    happiness = sft["by_group"]["happiness"]
+    assert (happiness["replies"], happiness["distinct_replies"]) == (3, 3)
+    assert happiness["length_words_mean"] == pytest.approx((5 + 7 + 4) / 3)
+
+
+def test_collapsed_figures_counted_by_hand():
+    dpo = replies_file_reports(HAND)["DPO"]
+    assert dpo["distinct_replies"] == 3
+    # "you made my day !" to prompts 0-2, "the store closes ." to 3, 4, 5, 7: both canned, 7 of 8 replies
+    assert dpo["canned_replies"] == 7 and dpo["canned_share"] == pytest.approx(7 / 8)
+    assert (dpo["most_frequent_reply"], dpo["most_frequent_share"]) == ("the store closes .", 4 / 8)
+    assert dpo["distinct_1"] == pytest.approx(11 / 34)  # 3 x 5 + 4 x 4 + 3 words; 11 different
+    assert dpo["distinct_2"] == pytest.approx(9 / 26)  # 3 x 4 + 4 x 3 + 2 pairs; 4 + 3 + 2 different
+    anger = dpo["by_group"]["anger"]
+    assert anger["distinct_replies"] == 2 and anger["canned_replies"] == 0  # within anger: 2 prompts, 2 texts
+    assert dpo["by_group"]["neutral"]["most_frequent_share"] == 1.0
+
+
+def test_a_reply_repeated_to_one_prompt_is_not_canned():
+    figures = diversity(["hi .", "hi .", "hi .", "bye ."], prompts=[0, 0, 1, 2])  # "hi ." reached 2 prompts
+    assert figures["canned_replies"] == 0 and figures["distinct_replies"] == 2
+
+
+def test_collapse_warning_fires_on_the_collapsed_file_and_not_on_sft():
+    reports = replies_file_reports(HAND)
+    reasons = collapse_warnings(reports["DPO"], reports["SFT"])
+    assert any(r.startswith("distinct replies 3 < 0.5 x SFT's 7") for r in reasons)
+    assert any(r.startswith("canned share 0.875 > 2 x SFT's 0.000") for r in reasons)
+    assert collapse_warnings(reports["SFT"], reports["SFT"]) == []
+
+
+def test_collapse_warning_names_an_emotion_whose_prompts_share_one_reply():
+    sft = diversity(["hello ."] * 3 + [f"reply {i} ." for i in range(9)])  # canned share 3/12: 4/12 is not twice it
+    texts = ["you made my day !"] * 4 + [f"reply {i} ." for i in range(8)]  # 4 of 12 = 33 % > 30 %
+    model = {**diversity(texts), "by_group": {"happiness": diversity(texts)}}
+    assert collapse_warnings(model, sft) == ["happiness: 33% of its 12 prompts get 'you made my day !'"]
+    texts[3] = "reply 99 ."  # 3 of 12 = 25 %: fine
+    model = {**diversity(texts), "by_group": {"happiness": diversity(texts)}}
+    assert collapse_warnings(model, sft) == []
+
+
+def test_ceiling_of_a_finite_language():
+    # one group of 2 prompts over 2 replies: both the same with probability 1/2 -> expected distinct 1.5, expected
+    # top share 1/2 x 1 + 1/2 x 1/2 = 0.75
+    c = ceiling({"happiness": 2}, {"happiness": ["a .", "b ."]}, draws=4000, seed=1)
+    assert c["expected_distinct_replies"] == pytest.approx(1.5)
+    assert c["by_group"]["happiness"]["expected_most_frequent_share"] == pytest.approx(0.75, abs=0.02)
+    # the issue's figure: 28 replies per emotion; 30 prompts keep 28 (1 - (27/28)^30) = 18.96 of them
+    c = ceiling({"happiness": 30}, {"happiness": [str(i) for i in range(28)]}, draws=10)
+    assert c["expected_distinct_replies"] == pytest.approx(28 * (1 - (27 / 28) ** 30))
+
+
+def hand_results(dpo_model: str) -> dict:
+    """evaluate's results.json for the hand-made file, with `dpo_model`'s replies as the DPO model's."""
+    import json
+    from types import SimpleNamespace
+
+    from emotion_dpo.evaluation import diversity_figures
+
+    rows = [json.loads(line) for line in HAND.read_text().splitlines()]
+    prompts = [SimpleNamespace(index=r["index"], target_emotion=r["target_emotion"]) for r in rows]
+    scored = {name: [SimpleNamespace(text=r[source]["text"]) for r in rows]
+              for name, source in (("SFT", "SFT"), ("DPO", dpo_model))}
+    figures = {"emotion_accuracy": 0.5, "emotion_macro_f1": 0.5, "clean_rate": 1.0, "cutoff_rate": 0.0,
+               "mean_total_reward": 10.0}
+    return {"setup": {"prompts": 8, "sources": {"SFT": "sft", "DPO": "dpo"}},
+            "models": {"SFT": figures, "DPO": figures}, "dpo_vs_sft": {"win_rate": 0.5, "ci95": [0.4, 0.6]},
+            "diversity": diversity_figures(prompts, scored)}
+
+
+@pytest.mark.parametrize("dpo_model, flagged", [("DPO", True), ("SFT", False)])
+def test_the_iterations_table_flags_a_collapsed_iteration_only(dpo_model, flagged):
+    from emotion_dpo.pipeline import format_iterations, iteration_row
+
+    results = hand_results(dpo_model)
+    statistics = {"acceptance_rate": 1.0, "accepted": 8, "prompts_settled": 8, "score_gap": {"median": 5, "mean": 5}}
+    table = {"sft": {"adapter": "sft", "prompts": 8, **results["models"]["SFT"],
+                     **{k: v for k, v in iteration_row(1, hand_results("SFT"), statistics).items()
+                        if k.startswith(("distinct", "canned", "most_frequent", "length", "worst"))}, "judges": {}},
+             "iterations": [iteration_row(1, results, statistics)]}
+    text = format_iterations(table)
+    assert ("COLLAPSE WARNING, iteration 1: distinct replies 3 < 0.5 x SFT's 7" in text) is flagged
+    assert ("No collapse warning" in text) is not flagged
+    assert "| iteration 1 | " + ("3 (43%)" if flagged else "7 (100%)") in text

@@ -29,3 +29,5 @@ def test_dpo_beats_sft_on_the_demo_test_prompts(demo_world, demo_preferences, tm
     assert dpo["cutoff_rate"] <= sft["cutoff_rate"] + 0.02
     assert dpo["clean_rate"] >= sft["clean_rate"] - 0.02
     assert results["dpo_vs_sft"]["win_rate"] > 0.5
+    # DPO moved the policy away from SFT: on its own replies it gives them more probability than SFT does (issue 25)
+    assert results["kl_to_sft"]["DPO"]["kl"] > 0.05

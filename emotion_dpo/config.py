@@ -249,12 +249,18 @@ def dpo_problems(values: dict) -> list[tuple[str, str]]:
                 return library_problems(e, settings, key)
         return []
 
+    from accelerate.state import AcceleratorState, PartialState
+
+    started = bool(PartialState._shared_state)
     problems = [p for k, v in values.items() if k not in DEVICE_KEYS for p in built({k: v}, k)]
     for name in [values["loss_type"]] if isinstance(values.get("loss_type"), str) else values.get("loss_type", []):
         if name not in dpo_loss_types():
             problems.append(("loss_type", f"expected one of TRL's loss types {', '.join(dpo_loss_types())}, "
                                           f"got {dumps(name)}{closest(name, dpo_loss_types())}"))
-    return problems or built(values)
+    problems = problems or built(values)
+    if not started:  # building a DPOConfig set up accelerate's process state as one process; under a launcher the
+        AcceleratorState._reset_state(reset_partial_state=True)  # script sets it up itself (distributed.process_state)
+    return problems
 
 
 def _checked_dpo(section: dict) -> dict:

@@ -346,7 +346,7 @@ def freeze_modules_to_save(model) -> int:
 
 
 
-def dpo_trainer_class(prefix_sharing: bool = False, pack_tokens: int = 0):
+def dpo_trainer_class(prefix_sharing: bool = False, pack_tokens: int = 0, reference_adapter: str | None = None):
     """TRL's DPOTrainer, given token ids instead of text; with prefix_sharing, each pair's prompt runs once.
 
     TRL tokenizes a text prompt with the tokenizer's defaults (a Llama tokenizer adds a second BOS to the `<s>` the
@@ -367,6 +367,7 @@ def dpo_trainer_class(prefix_sharing: bool = False, pack_tokens: int = 0):
         _fallback_said = False
         prefix_sharing_on = prefix_sharing  # attributes, so a test or a benchmark can switch them on one trainer
         pack_pairs_tokens = pack_tokens
+        reference_source = reference_adapter  # loaded into `ref` before anything reads it (make_trainer)
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             rows = token_id_rows(dataset, self._tokenizer, dataset_name)
@@ -416,6 +417,8 @@ def dpo_trainer_class(prefix_sharing: bool = False, pack_tokens: int = 0):
                 return super()._compute_ref_log_probs(model, batch)
 
         def _precompute_ref_logps(self, dataset, name, batch_size):
+            if self.reference_source is not None:  # TRL precomputes inside __init__: the anchor must be `ref` first
+                load_reference_adapter(self.model, self.reference_source)
             compute = super()._precompute_ref_logps
             return cached_reference_log_probs(self, dataset, name, lambda: compute(dataset, name, batch_size),
                                               path_tag="shared" if self.prefix_sharing_on else "plain")
@@ -424,7 +427,7 @@ def dpo_trainer_class(prefix_sharing: bool = False, pack_tokens: int = 0):
 
 
 def make_trainer(cfg, model, tokenizer, dpo_args, train_set, eval_set):
-    trainer_class = dpo_trainer_class(cfg.prefix_sharing, cfg.pack_pairs_tokens)
+    trainer_class = dpo_trainer_class(cfg.prefix_sharing, cfg.pack_pairs_tokens, cfg.reference_adapter)
     trainer = trainer_class(model=model, ref_model=None, args=dpo_args, train_dataset=train_set, eval_dataset=eval_set,
                             processing_class=tokenizer, callbacks=[config_saver(cfg)])
     if REFERENCE_ADAPTER not in trainer.model.peft_config:
@@ -518,7 +521,7 @@ def train(cfg, resume: bool = False) -> dict:
         check_adapter_path(cfg.reference_adapter, "reference_adapter", cfg.source)
     chat = load_chat_format(cfg.chat_template)
     folder = Path(cfg.output_dir)
-    lock = None
+    lock, created = None, not folder.exists()
     with state.main_process_first():  # the main process locks the folder and tidies it; the others then read it
         if state.is_main_process:  # one writer per run folder, to the end of the run
             run_folder_exists(folder)
@@ -526,6 +529,12 @@ def train(cfg, resume: bool = False) -> dict:
         checkpoint = resolve_resume(cfg, resume, tidy=state.is_main_process)
     try:
         return _train(cfg, state, chat, folder, checkpoint)
+    except PipelineError:
+        # refused input leaves no half-made run behind: a folder this run made holding only its lock goes again
+        if lock is not None and created and [p.name for p in folder.iterdir()] == [lock.path.name]:
+            lock.release()
+            shutil.rmtree(folder)
+        raise
     finally:
         if lock is not None:
             lock.release()

@@ -323,8 +323,8 @@ def test_e_resuming_with_a_changed_setting_warns(saved_run):
     from emotion_dpo.dpo_train import resolve_resume
 
     _, sets = saved_run
-    cfg = load_config(TrainConfig, DEMO_CONFIG, [*sets, "dpo.beta=0.5"])
-    with pytest.warns(UserWarning, match=r"differs from the checkpoint's:\n  dpo.beta: 0.1 -> 0.5$"):
+    cfg = load_config(TrainConfig, DEMO_CONFIG, [*sets, "dpo.beta=0.2"])
+    with pytest.warns(UserWarning, match=r"differs from the checkpoint's:\n  dpo.beta: 0.5 -> 0.2$"):
         assert resolve_resume(cfg, True).name == "checkpoint-6"
 
 

@@ -223,7 +223,7 @@ def test_a_changed_stage_config_is_refused_on_a_finished_run(resumed_run):
     before = marker_times(r.run)
     sets = world_overrides(r.world) + REDUCED + [f"output_dir={r.run}", "dpo.dpo.beta=0.2"]
     with pytest.raises(PipelineError, match=r"iteration 1 fine_tune_dpo.py finished with another config; these keys "
-                                            r"differ:\n  dpo.beta: 0.1 -> 0.2\n"):
+                                            r"differ:\n  dpo.beta: 0.5 -> 0.2\n"):
         run_pipeline(load_config(PipelineConfig, DEMO_CONFIG, sets))
     assert marker_times(r.run) == before
 

@@ -419,11 +419,28 @@ def dpo_trainer_class(prefix_sharing: bool = False, pack_tokens: int = 0, refere
         def _precompute_ref_logps(self, dataset, name, batch_size):
             if self.reference_source is not None:  # TRL precomputes inside __init__: the anchor must be `ref` first
                 load_reference_adapter(self.model, self.reference_source)
+            if self.accelerator.num_processes > 1 and not dataset.cache_files:
+                dataset = shared_on_disk(self, dataset, name)
             compute = super()._precompute_ref_logps
             return cached_reference_log_probs(self, dataset, name, lambda: compute(dataset, name, batch_size),
                                               path_tag="shared" if self.prefix_sharing_on else "plain")
 
     return TokenExactDPOTrainer
+
+
+def shared_on_disk(trainer, dataset, name: str):
+    """The dataset saved in the run folder and read back by every process. TRL's precompute writes the reference
+    log-probs next to the dataset's files on the main process and the others read them there; an in-memory dataset
+    (read so, to leave no cache files in a published dataset/) has none, and each process would look in its own
+    temporary folder."""
+    from datasets import load_from_disk
+
+    path = Path(trainer.args.output_dir) / REFERENCE_LOGPS / f"dataset-{name}"
+    if trainer.accelerator.is_main_process:
+        shutil.rmtree(path, ignore_errors=True)
+        dataset.save_to_disk(str(path))
+    trainer.accelerator.wait_for_everyone()
+    return load_from_disk(str(path))
 
 
 def make_trainer(cfg, model, tokenizer, dpo_args, train_set, eval_set):

@@ -161,7 +161,10 @@ def measure(args) -> dict:
     base, adapter = Path(args.world) / "base", Path(args.world) / "adapter"
     four_bit = cuda or args.four_bit
     model, tokenizer = load(base, adapter, four_bit=four_bit, trainable=True, unsloth=unsloth)
-    pairs = realistic_pairs(tokenizer, args.effective_batch * args.steps, real_config=args.real_lengths)
+    # the dataset: the pairs trained on, or more (--dataset-pairs): a precomputed reference runs over all of them, as
+    # over a real dataset, so that its fixed costs (TRL hashes the whole model) are spread over more than a few steps
+    pairs = realistic_pairs(tokenizer, max(args.dataset_pairs, args.effective_batch * args.steps),
+                            real_config=args.real_lengths)
     if lever:  # the ids fine_tune_dpo trains on, measured as it gives them to TRL
         from emotion_dpo.dpo_data import token_id_rows
 
@@ -217,7 +220,7 @@ def measure(args) -> dict:
         "prompt_tokens_mean": sum(prompt_tokens) / len(prompt_tokens), "reply_tokens_max": max(reply_tokens),
         "prompt_tokens_min_max": [min(prompt_tokens), max(prompt_tokens)],
         "reply_tokens_mean": sum(reply_tokens) / len(reply_tokens), "reply_tokens_min": min(reply_tokens),
-        "precompute_amortized_over_epochs": args.epochs if precompute else None,
+        "precompute_amortized_over_epochs": args.epochs if precompute else None, "dataset_pairs": len(pairs),
         "prefix_sharing": lever[1] if lever else False, "pack_pairs_tokens": lever[2] if lever else 0,
         "device": torch.cuda.get_device_name() if cuda else "cpu", "four_bit": four_bit,
         "load_average_1m_after": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -240,6 +243,9 @@ def main() -> None:
                         help="prompts as args/generate_preferences_arg.json renders them (realistic_pairs)")
     parser.add_argument("--epochs", type=int, default=3,
                         help="passes over the pairs a precomputed reference serves (args/dpo_arg.json: 3)")
+    parser.add_argument("--dataset-pairs", type=int, default=0,
+                        help="pairs in the dataset, if more than --effective-batch x --steps (the precomputed "
+                             "reference covers them all; the real dataset: 2048)")
     parser.add_argument("--build-cpu-world", choices=sorted(CPU_SHAPES),
                         help="only build a random Llama world of this shape in --world (dpo_memory.cpu_world)")
     parser.add_argument("--candidate", help=argparse.SUPPRESS)  # the child process
@@ -266,7 +272,8 @@ def main() -> None:
             command += ["--frozen-copies"] if args.frozen_copies else []
             command += ["--four-bit"] if args.four_bit else []
             command += ["--real-lengths"] if args.real_lengths else []
-            command += ["--epochs", str(args.epochs), "--effective-batch", str(args.effective_batch)]
+            command += ["--epochs", str(args.epochs), "--effective-batch", str(args.effective_batch),
+                        "--dataset-pairs", str(args.dataset_pairs)]
             started = time.time()
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=args.limit or None)

@@ -39,12 +39,21 @@ def lines(path: Path) -> list[dict]:
 
 
 def lever_ratio_of(path: Path) -> dict | None:
-    """all-levers / trl-path pairs/s of a dpo_throughput.py run (its side-by-side lines), or None."""
-    rows = {r["candidate"]: r for r in lines(path) if r.get("pairs_per_s") and not r.get("failed")}
-    if "all-levers" not in rows or "trl-path" not in rows:
+    """all-levers / trl-path pairs/s of a dpo_throughput.py run (its side-by-side lines), or None; with --repeats,
+    the median of the rounds' ratios (each round's two candidates ran back to back)."""
+    import statistics
+
+    rounds: dict[int, dict] = {}
+    for r in lines(path):
+        if r.get("pairs_per_s") and not r.get("failed"):
+            rounds.setdefault(r.get("repeat", 1), {})[r["candidate"]] = r
+    ratios = [row["all-levers"]["pairs_per_s"] / row["trl-path"]["pairs_per_s"]
+              for row in rounds.values() if "all-levers" in row and "trl-path" in row]
+    if not ratios:
         return None
-    return {"ratio": rows["all-levers"]["pairs_per_s"] / rows["trl-path"]["pairs_per_s"], "measured_in": str(path),
-            "device": rows["all-levers"].get("device")}
+    device = next(row["all-levers"].get("device") for row in rounds.values() if "all-levers" in row)
+    return {"ratio": statistics.median(ratios), "rounds": [round(r, 3) for r in ratios], "measured_in": str(path),
+            "device": device}
 
 
 def project(results: list[dict], mean_rounds: float | None, lever_ratio: dict | None = None) -> dict:

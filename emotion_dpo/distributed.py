@@ -39,6 +39,19 @@ def process_state():
     return state
 
 
+def shard(items: list, rank: int, world_size: int) -> list:
+    """This process's share of the work under `accelerate launch`: every world_size-th item."""
+    return items[rank::world_size]
+
+
+def prompt_batches(prompts, batch_prompts: int) -> list[tuple[int, list]]:
+    """(number, prompts) of each batch of `batch_prompts` consecutive prompts: the unit a process samples whole,
+    from seed + number, so that a prompt's batch, and with it its replies, does not depend on how many processes
+    share the work."""
+    return [(number, prompts[start:start + batch_prompts])
+            for number, start in enumerate(range(0, len(prompts), batch_prompts))]
+
+
 def is_main_process() -> bool:
     """Rank 0 of the launcher's processes (the only process without a launcher); readable before accelerate starts."""
     return int(os.environ.get("RANK", "0")) == 0

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import EMOTIONS
 from .config import save_config, to_dict
+from .distributed import prompt_batches, shard
 from .diversity import ceiling, collapse_warnings, diversity_report
 from .judges import agreement, check_judges, judge_figures, judge_replies, predicted
 from .errors import PipelineError
@@ -169,13 +170,6 @@ def prepare_output_dir(cfg, fresh: bool = False) -> Path:
 
 # ------------------------------------------------------------------ generating and scoring
 
-def prompt_batches(prompts, batch_prompts: int) -> list[tuple[int, list]]:
-    """(number, prompts) of each batch of `batch_prompts`: the unit every process samples and scores whole, so
-    that a prompt's batch, and with it its reply, does not depend on how many processes share the work."""
-    return [(number, prompts[start:start + batch_prompts])
-            for number, start in enumerate(range(0, len(prompts), batch_prompts))]
-
-
 def sample_replies(model, tokenizer, batches, generation_config, seed: int) -> list[list[tuple]]:
     """One reply per prompt, per batch, as (text, token ids); conditioned on each prompt's context ids, as
     generate_preferences samples and DPO trains. Batch `number` is sampled from seed + number, for every model
@@ -263,7 +257,7 @@ def kl_to_sft(model, adapter: str | None, prompts, replies, eos_token_id: int, m
 
 def evaluate(cfg, fresh: bool = False) -> dict | None:
     """Under `accelerate launch` / torchrun each process samples and scores every N-th batch of prompts
-    (journal.shard); the main process holds the run folder's lock, gathers them and writes the results. Returns them
+    (distributed.shard); the main process holds the run folder's lock, gathers them and writes the results. Returns them
     there, None elsewhere."""
     from .distributed import process_state
     from .generation import checked_generation_config
@@ -297,7 +291,6 @@ def evaluate(cfg, fresh: bool = False) -> dict | None:
 def _evaluate(cfg, state, folder: Path, tokenizer, prompts, generation_config, well_formed,
               judge_mappings) -> dict | None:
     from .generation import Scorer
-    from .journal import shard
     from .models import add_adapter, load_generator
     from .tracking import start_wandb
 

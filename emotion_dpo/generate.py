@@ -14,9 +14,9 @@ from .card import push_card, write_card
 from .config import GenerateConfig, differing_keys_except, save_config, to_dict
 from .errors import PipelineError
 from .files import FINALIZE_LOCK, FolderLock, folder_entries, move_aside, publish_set, run_folder_exists
-from .journal import Journal, journal_files, journal_path, merge_journals, shard
+from .journal import Journal, journal_files, journal_path, merge_journals
 from .dataset import reselect, settle, write_dataset
-from .distributed import process_state
+from .distributed import process_state, prompt_batches, shard
 from .prompts import load_prompts
 from .selection import gives_up
 from .stats import format_summary, write_report
@@ -116,38 +116,44 @@ def settled_records(folder: Path, prompts) -> dict[int, dict]:
 
 # ------------------------------------------------------------------ the sampling pool
 
-def sample_pool(cfg, prompts, sampler, journal: Journal, metrics, progress) -> None:
-    """Rounds for many prompts at once until each one is accepted or given up; each is journaled as it settles."""
-    pending = deque((prompt, []) for prompt in prompts)
+def sample_pool(cfg, batches, sampler, journal: Journal, metrics, progress) -> None:
+    """Rounds for a batch of prompts at once until each one is accepted or given up, batch after batch; each prompt
+    is journaled as it settles. Batch `number` is sampled from seed + number, its retries with it, so its prompts'
+    rounds depend on the batch alone, not on which process samples it or what it sampled before."""
+    from transformers import set_seed
+
     accepted = failed = rounds_settled = 0
     started = time.time()
-    while pending:
-        batch = [pending.popleft() for _ in range(min(sampler.batch_prompts, len(pending)))]
-        new_rounds = sampler.sample([prompt for prompt, _ in batch])
-        retry = []
-        for (prompt, rounds), new_round in zip(batch, new_rounds):
-            rounds.append(new_round)
-            record = settle(prompt, rounds, cfg, final=gives_up(len(rounds), cfg.max_retries),
-                            eos_token_id=sampler.tokenizer.eos_token_id)
-            if record is None:
-                retry.append((prompt, rounds))
-                continue
-            journal.append(record)  # flushed to disk before it counts
-            accepted += record["status"] == "accepted"
-            failed += record["status"] == "failed"
-            rounds_settled += len(rounds)
-            progress.update(1)
-        pending.extendleft(reversed(retry))  # retried first: their rounds live in memory until settled
-        done = accepted + failed
-        figures = {
-            "settled": progress.n, "accepted": accepted, "failed": failed,
-            "mean_rounds": rounds_settled / done if done else 0.0,
-            "prompts_per_minute": 60 * done / (time.time() - started),
-            "batch_prompts": sampler.batch_prompts,
-        }
-        progress.set_postfix(acc=accepted, fail=failed, rounds=f"{figures['mean_rounds']:.2f}",
-                             ppm=f"{figures['prompts_per_minute']:.1f}")
-        metrics.log(figures)
+    for number, prompts in batches:
+        set_seed(cfg.seed + number)
+        pending = deque((prompt, []) for prompt in prompts)
+        while pending:  # a round for all of them (fewer only when out-of-memory halved batch_prompts)
+            batch = [pending.popleft() for _ in range(min(sampler.batch_prompts, len(pending)))]
+            new_rounds = sampler.sample([prompt for prompt, _ in batch])
+            retry = []
+            for (prompt, rounds), new_round in zip(batch, new_rounds):
+                rounds.append(new_round)
+                record = settle(prompt, rounds, cfg, final=gives_up(len(rounds), cfg.max_retries),
+                                eos_token_id=sampler.tokenizer.eos_token_id)
+                if record is None:
+                    retry.append((prompt, rounds))
+                    continue
+                journal.append(record)  # flushed to disk before it counts
+                accepted += record["status"] == "accepted"
+                failed += record["status"] == "failed"
+                rounds_settled += len(rounds)
+                progress.update(1)
+            pending.extendleft(reversed(retry))  # retried first: their rounds live in memory until settled
+            done = accepted + failed
+            figures = {
+                "settled": progress.n, "accepted": accepted, "failed": failed,
+                "mean_rounds": rounds_settled / done if done else 0.0,
+                "prompts_per_minute": 60 * done / (time.time() - started),
+                "batch_prompts": sampler.batch_prompts,
+            }
+            progress.set_postfix(acc=accepted, fail=failed, rounds=f"{figures['mean_rounds']:.2f}",
+                                 ppm=f"{figures['prompts_per_minute']:.1f}")
+            metrics.log(figures)
 
 
 def warn_long_prompts(cfg, tokenizer, prompts, max_new_tokens: int | None) -> None:
@@ -171,7 +177,6 @@ def warn_long_prompts(cfg, tokenizer, prompts, max_new_tokens: int | None) -> No
 
 def generate(cfg, fresh: bool = False) -> None:
     from tqdm.auto import tqdm
-    from transformers import set_seed
 
     from .generation import CandidateSampler, Scorer, checked_generation_config
     from .models import check_adapter_path, load_generator
@@ -190,22 +195,25 @@ def generate(cfg, fresh: bool = False) -> None:
         state.wait_for_everyone()
         folder = Path(cfg.output_dir)
         settled = settled_records(folder, prompts)
-        mine = shard(prompts, state.process_index, state.num_processes)
-        todo = [p for p in mine if p.index not in settled]
-        print(f"{len(prompts)} prompts; this process: {len(mine)}, already settled {len(mine) - len(todo)}, "
-              f"to do {len(todo)}")
+        # whole batches of consecutive prompts, batch b sampled from seed + b by whichever process takes it: the
+        # same pairs with 1 process or N
+        mine = shard(prompt_batches(prompts, cfg.batch_prompts), state.process_index, state.num_processes)
+        total = sum(len(batch) for _, batch in mine)
+        mine = [(number, unsettled) for number, batch in mine
+                if (unsettled := [p for p in batch if p.index not in settled])]
+        todo = sum(len(batch) for _, batch in mine)
+        print(f"{len(prompts)} prompts; this process: {total}, already settled {total - todo}, to do {todo}")
         if todo:
-            set_seed(cfg.seed + state.process_index)
             run = start_wandb(cfg.wandb, "generate_preferences", to_dict(cfg), folder) if state.is_main_process else None
             metrics = MetricsLog(folder / f"metrics.rank{state.process_index}.jsonl", run)
             model, tokenizer = load_generator(cfg)
             sampler = CandidateSampler(model, tokenizer, Scorer(cfg, tokenizer), cfg.n_candidates, generation_config,
                                        cfg.batch_prompts)
             journal = Journal(journal_path(folder, state.process_index))
-            with tqdm(total=len(mine), initial=len(mine) - len(todo), desc="prompts", unit="prompt",
+            with tqdm(total=total, initial=total - todo, desc="prompts", unit="prompt",
                       disable=not state.is_main_process) as progress:
                 try:
-                    sample_pool(cfg, todo, sampler, journal, metrics, progress)
+                    sample_pool(cfg, mine, sampler, journal, metrics, progress)
                 finally:
                     journal.close()
             if run is not None:

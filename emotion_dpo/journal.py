@@ -30,11 +30,6 @@ def journal_path(folder: str | Path, rank: int) -> Path:
     return Path(folder) / f"journal.rank{rank}.jsonl"
 
 
-def shard(items: list, rank: int, world_size: int) -> list:
-    """This process's share of the prompts under `accelerate launch`: every world_size-th one."""
-    return items[rank::world_size]
-
-
 def _cut_torn_tail(path: Path) -> None:
     with open(path, "rb+") as f:
         data = f.read()

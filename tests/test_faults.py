@@ -62,14 +62,15 @@ def test_two_processes_on_one_output_dir_the_second_is_refused_naming_the_first(
 def test_torchrun_with_two_processes_gives_each_its_share_and_journal(demo_world, tmp_path):
     """torchrun (no accelerate launcher) on CPUs: accelerate alone saw 1 process, so both wrote rank 0."""
     out = tmp_path / "torchrun"
-    args = run_script(demo_world, out, num_prompts=8, extra=["batch_prompts=8"])
+    args = run_script(demo_world, out, num_prompts=8, extra=["batch_prompts=2"])
     # --standalone: torchrun picks a free port for its rendezvous (no fixed port that another run may hold)
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
               *args[1:]]
     result = subprocess.run(launch, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     by_rank = [[r["index"] for r in read_journal(out / f"journal.rank{rank}.jsonl")] for rank in (0, 1)]
-    assert sorted(by_rank[0]) == [0, 2, 4, 6] and sorted(by_rank[1]) == [1, 3, 5, 7]  # every 2nd prompt each
+    # batches of 2 prompts dealt in turn: rank 0 batches 0 and 2, rank 1 batches 1 and 3
+    assert sorted(by_rank[0]) == [0, 1, 4, 5] and sorted(by_rank[1]) == [2, 3, 6, 7]
     assert len(datasets.load_from_disk(str(out / "dataset"))) == json.loads(
         (out / "statistics.json").read_text())["accepted"]
 

@@ -15,7 +15,8 @@ import torch
 
 from emotion_dpo.config import GenerateConfig, load_config
 from emotion_dpo.errors import PipelineError
-from emotion_dpo.journal import journal_files, merge_journals, read_journal, shard
+from emotion_dpo.distributed import shard
+from emotion_dpo.journal import journal_files, merge_journals, read_journal
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "args/demo/generate_preferences_arg.json"

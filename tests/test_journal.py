@@ -7,7 +7,7 @@ import os
 import pytest
 
 from emotion_dpo.errors import PipelineError
-from emotion_dpo.journal import Journal, merge_journals, read_journal, record_problem, shard
+from emotion_dpo.journal import Journal, merge_journals, read_journal, record_problem
 
 
 def write(path, records):
@@ -97,9 +97,3 @@ def test_two_different_records_of_one_prompt_are_an_error(tmp_path, settled_reco
     path = write(tmp_path / "journal.rank0.jsonl", [settled_record(0), settled_record(0, chosen="other .")])
     with pytest.raises(PipelineError, match="prompt 0 is settled twice with different results"):
         merge_journals([path])
-
-
-def test_each_process_takes_every_world_size_th_prompt():
-    assert shard(list(range(7)), 0, 3) == [0, 3, 6]
-    assert shard(list(range(7)), 1, 3) == [1, 4]
-    assert shard(list(range(7)), 2, 3) == [2, 5]

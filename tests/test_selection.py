@@ -79,17 +79,55 @@ class ScriptedSampler:
         return [self.rounds.pop(0) for _ in prompts]
 
 
-def run_pool(tmp_path, sampler, prompts):
-    journal = Journal(tmp_path / "journal.rank0.jsonl")
+def run_pool(tmp_path, sampler, prompts, batches=None, name="journal.rank0.jsonl"):
+    journal = Journal(tmp_path / name)
     progress = SimpleNamespace(n=0, update=lambda k: None, set_postfix=lambda **k: None)
-    cfg = SimpleNamespace(**vars(SELECTION))
-    sample_pool(cfg, prompts, sampler, journal, SimpleNamespace(log=lambda f: None), progress)
+    cfg = SimpleNamespace(**vars(SELECTION), seed=100)
+    sample_pool(cfg, batches or [(0, prompts)], sampler, journal, SimpleNamespace(log=lambda f: None), progress)
     journal.close()
-    return read_journal(tmp_path / "journal.rank0.jsonl")
+    return read_journal(tmp_path / name)
 
 
 def prompt(index=0):
     return Prompt(index, index, "happiness", [], f"<s> prompt {index}", [1, 50 + index])
+
+
+class SeedRecordingSampler(ScriptedSampler):
+    """Prompt 1 and prompt 6 pass on their second round, every other prompt on its first; records each call's
+    torch seed and prompts."""
+
+    def __init__(self):
+        super().__init__([])
+        self.batch_prompts, self.seen, self.log = 2, set(), []
+
+    def sample(self, prompts):
+        import torch
+
+        self.log.append((torch.initial_seed(), [p.index for p in prompts]))
+        rounds = [[reply(emotion="sadness"), SHORT] if p.index in (1, 6) and p.index not in self.seen else [SHORT, GOOD]
+                  for p in prompts]
+        self.seen |= {p.index for p in prompts}
+        return rounds
+
+
+def test_a_batch_and_its_retries_are_sampled_from_seed_plus_its_number_by_whichever_process_takes_it(tmp_path):
+    """The same rounds from the same seeds with 1 process or 2 (issue 24): batches of 2 consecutive prompts, batch b
+    from seed 100 + b, a retry in its own batch's stream, the batches dealt to the processes in turn."""
+    from emotion_dpo.distributed import prompt_batches, shard
+
+    prompts = [prompt(i) for i in range(7)]
+    batches = prompt_batches(prompts, 2)
+    assert [(n, [p.index for p in b]) for n, b in batches] == [(0, [0, 1]), (1, [2, 3]), (2, [4, 5]), (3, [6])]
+    calls = {}
+    for processes in (1, 2):
+        calls[processes] = []
+        for rank in range(processes):
+            sampler = SeedRecordingSampler()
+            run_pool(tmp_path, sampler, None, shard(batches, rank, processes), f"journal.{processes}.{rank}.jsonl")
+            calls[processes] += sampler.log
+    assert calls[1] == [(100, [0, 1]), (100, [1]), (101, [2, 3]), (102, [4, 5]), (103, [6]), (103, [6])]
+    assert sorted(calls[2]) == sorted(calls[1])
+    assert [call[0] for call in calls[2][:3]] == [100, 100, 102]  # process 0: batches 0 and 2
 
 
 def test_a_prompt_is_given_up_after_exactly_one_plus_max_retries_rounds(tmp_path):

@@ -186,8 +186,6 @@ JOURNAL = Target("emotion_dpo/journal.py", ["tests/test_journal.py"], [
     M("                if kept != record:", "                if False:", "two different records of a prompt: the first kept"),
     M("    return [by_index[i][1] for i in sorted(by_index)]", "    return [record for _, record in by_index.values()]",
       "merged records in file order, not by prompt index"),
-    M("    return items[rank::world_size]", "    return items[rank * len(items) // world_size:(rank + 1) * len(items) // world_size]",
-      "shard: contiguous blocks instead of every world_size-th"),
 ], equivalent=[
     M("                break  # the process died mid-write", "                continue  # the process died mid-write",
       "a torn line skipped (continue) instead of ending the read (break)",

@@ -5,6 +5,12 @@ from pathlib import Path
 
 import pytest
 
+# README's test command runs two pytest-xdist workers on the two cores: each worker, and every process it starts, gets
+# one OpenMP thread (with torch's default of one per core, the two workers' threads would wait on each other's).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 
 @pytest.fixture(scope="session")
 def demo_world() -> Path:

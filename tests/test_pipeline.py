@@ -32,9 +32,10 @@ def world_overrides(w: Path) -> list[str]:
             + [f"evaluate.{o}" for o in shared + scored + demo_evaluation_overrides(w)])
 
 
-# The reduced demo: 16 prompts per iteration, 24 small DPO steps with a checkpoint every 2, 16 held-out prompts.
+# The reduced demo: 16 prompts per iteration, 8 small DPO steps (1 epoch) with a checkpoint every 2, 16 held-out
+# prompts.
 REDUCED = ["iterations=2", "generate.num_prompts=16", f"generate.batch_prompts={BATCH}", "dpo.eval_fraction=0",
-           "dpo.dpo.num_train_epochs=3", "dpo.dpo.per_device_train_batch_size=2", "dpo.dpo.save_steps=2",
+           "dpo.dpo.num_train_epochs=1", "dpo.dpo.per_device_train_batch_size=2", "dpo.dpo.save_steps=2",
            "dpo.dpo.save_total_limit=null", "dpo.dpo.eval_strategy=no", "dpo.dpo.logging_steps=1",
            "evaluate.num_prompts=16", "evaluate.include_base=false", "evaluate.bootstrap_samples=200"]
 
@@ -124,7 +125,7 @@ def test_the_reruns_resume_each_stage_without_redoing_finished_ones(resumed_run)
     state = json.loads(max((r.run / "iter-2/dpo").glob("checkpoint-*/trainer_state.json"),
                            key=lambda p: int(p.parent.name.split("-")[1])).read_text())
     steps = [e["step"] for e in state["log_history"] if "loss" in e]
-    assert steps == list(range(1, 25))
+    assert steps == list(range(1, 9))
 
 
 def test_the_tables_equal_those_of_an_uninterrupted_run_on_the_settled_data(resumed_run):
@@ -167,7 +168,8 @@ def test_the_tables_equal_those_of_an_uninterrupted_run_on_the_settled_data(resu
 
 def test_iteration_2_samples_from_iteration_1s_adapter(resumed_run):
     """The adapter path in the stage's config, and replies: iteration 2's first sampled round is what iteration 1's
-    adapter gives under the run's seed, and not what the SFT model gives under the same seed."""
+    adapter gives under the run's seed, which samples that batch otherwise than the SFT model does under the same
+    seed."""
     import torch  # noqa: F401
     from transformers import set_seed
 
@@ -200,11 +202,11 @@ def test_iteration_2_samples_from_iteration_1s_adapter(resumed_run):
     assert all(p is None or p == t for p, t in zip(prompts, texts))
     contexts = [journal[i]["prompt_ids"] for i in range(BATCH)]  # the ids the generator conditioned on
 
-    def first_round(adapter):  # what generate does before its first call: seed, load, scorer, generate
+    def first_round(adapter):  # what generate does for its first batch: load, scorer, seed + batch 0, generate
         source = load_config(GenerateConfig, r.run / "iter-2/preferences/config.json", [f"adapter={adapter}"])
-        set_seed(source.seed)
         model, tokenizer = load_generator(source)
         Scorer(source, tokenizer)
+        set_seed(source.seed + 0)
         groups = generate_candidates(model, tokenizer, contexts, cfg.n_candidates, checked_generation_config(
             cfg.generation, "test"))
         return [[text for text, _ in group] for group in groups]
@@ -212,8 +214,7 @@ def test_iteration_2_samples_from_iteration_1s_adapter(resumed_run):
     from_previous, from_sft = first_round(previous), first_round(sft)
     for i, record in first_call.items():
         assert [c["text"] for c in record["rounds"][0]] == from_previous[i]
-    assert from_sft != from_previous
-    assert any([c["text"] for c in record["rounds"][0]] != from_sft[i] for i, record in first_call.items())
+    assert from_sft != from_previous  # the two adapters sample this batch differently under the same seed
 
 
 def test_a_changed_stage_config_is_refused_on_a_finished_run(resumed_run):

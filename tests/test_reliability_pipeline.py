@@ -3,10 +3,13 @@
 1. a kill inside DPO's first checkpoint save: the same command then completes, equal to an uninterrupted run;
 2. two pipelines on one folder: the second is refused at once naming the first's PID; after kill -9 of the first,
    the second takes over and resumes its DPO from the checkpoint;
-7. Ctrl-C (SIGINT) to run_pipeline alone is passed on to the running stage, which stops cleanly."""
+7. Ctrl-C (SIGINT) to run_pipeline alone is passed on to the running stage, which stops cleanly.
+The faults are DPO's: each test's run folder starts with the uninterrupted run's finished generation (its
+preferences and their marker), which the pipeline then skips as finished."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,13 +68,22 @@ def uninterrupted(demo_world, tmp_path_factory):
     return json.loads((folder / "iterations.json").read_text())
 
 
+def generated(folder: Path, uninterrupted: dict) -> Path:
+    """`folder` holding the uninterrupted run's finished generation of iteration 1."""
+    source = Path(uninterrupted["iterations"][0]["adapter"]).parents[2] / "iter-1"
+    (folder / "iter-1").mkdir(parents=True)
+    shutil.copytree(source / "preferences", folder / "iter-1/preferences", symlinks=True)
+    shutil.copy2(source / "preferences.done.json", folder / "iter-1/preferences.done.json")
+    return folder
+
+
 def same_table(table: dict, other: dict, run: Path, other_run: Path) -> bool:
     return json.dumps(table).replace(str(run), "RUN") == json.dumps(other).replace(str(other_run), "RUN")
 
 
 def test_1_a_kill_inside_the_first_checkpoint_save_restarts_dpo_and_ends_as_an_uninterrupted_run(
         demo_world, tmp_path, uninterrupted):
-    folder = tmp_path / "run"
+    folder = generated(tmp_path / "run", uninterrupted)
     killed = run(demo_world, folder, fault="kill@dpo-save:2")
     assert killed.returncode == 2 and "fault point dpo-save:2: kill" in killed.stdout, killed.stderr[-2000:]
     first = folder / "iter-1/dpo/checkpoint-2"
@@ -88,7 +100,7 @@ def test_1_a_kill_inside_the_first_checkpoint_save_restarts_dpo_and_ends_as_an_u
 
 def test_2_a_second_pipeline_on_the_folder_is_refused_then_takes_over_after_a_kill_9(demo_world, tmp_path,
                                                                                      uninterrupted):
-    folder = tmp_path / "run"
+    folder = generated(tmp_path / "run", uninterrupted)
     first, _, _ = start_until(demo_world, folder, "stop@dpo-saved:2", "dpo-saved:2")
     try:
         refused = run(demo_world, folder)
@@ -113,8 +125,8 @@ def test_2_a_second_pipeline_on_the_folder_is_refused_then_takes_over_after_a_ki
     assert same_table(json.loads((folder / "iterations.json").read_text()), uninterrupted, folder, other)
 
 
-def test_7_ctrl_c_to_the_pipeline_is_passed_on_and_the_stage_stops_cleanly(demo_world, tmp_path):
-    folder = tmp_path / "run"
+def test_7_ctrl_c_to_the_pipeline_is_passed_on_and_the_stage_stops_cleanly(demo_world, tmp_path, uninterrupted):
+    folder = generated(tmp_path / "run", uninterrupted)
     pipeline, stage_pid, _ = start_until(demo_world, folder, "stop@dpo-saved:2", "dpo-saved:2")
     try:
         pipeline.send_signal(signal.SIGINT)  # to the pipeline alone, as `kill -INT PID` does

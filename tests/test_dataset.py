@@ -55,6 +55,13 @@ def test_a_row_holds_the_pair_its_ids_with_eos_and_each_reward_part():
     assert (row["chosen_gibberish_reward"], row["rejected_gibberish_reward"]) == (pytest.approx(9.5), pytest.approx(9.5))
 
 
+def test_a_reply_cut_off_at_max_new_tokens_trains_without_eos_one_that_stopped_on_it_with_it():
+    ended = score_reply(GOOD.text, "happiness", 0.9, "clean", 0.95, len(GOOD.text), "happiness", REWARDS, [11, 12], True)
+    cut = score_reply("ok .", "neutral", 0.9, "clean", 0.95, 4, "happiness", REWARDS, [13], False)
+    row = preference_row(accepted([cut, ended]))
+    assert (row["chosen_ids"], row["rejected_ids"]) == ([11, 12, 2], [13])
+
+
 def test_a_record_without_the_eos_id_gives_a_text_only_row():
     row = preference_row(accepted([SHORT, GOOD], eos=None))
     assert "prompt_ids" not in row and "chosen_ids" not in row

@@ -24,6 +24,12 @@ GOOD = reply()  # 34 characters, happy, clean: total 0.4*9 + 0.25*|5.8+0.7|*10 +
 SHORT = reply("ok .", emotion="neutral")  # 4 characters: tiny length reward, no emotion reward
 
 
+def test_rescoring_keeps_the_ids_and_whether_generation_stopped_on_eos():
+    cut = score_reply("ok .", "neutral", 0.9, "clean", 0.95, 4, "happiness", REWARDS, [13, 14], False)
+    again = rescore(cut, "happiness", REWARDS)
+    assert (again.token_ids, again.ended_on_eos) == ([13, 14], False)
+
+
 def test_the_good_reply_scores_as_computed_by_hand():
     assert GOOD.total == pytest.approx(3.6 + 16.25 + 3.325 + 0.001)
 

@@ -335,33 +335,45 @@ def classifier_texts(rng: random.Random, n: int, vocab: list[str]):
     return emotion_texts, emotion_labels, gib_texts, gib_labels
 
 
-def make_classifier(folder: Path, vocab: list[str], labels, texts, targets, recipe: dict, seed: int):
-    """A tiny BERT text classifier with a word-level tokenizer; recipe[folder.name] gives its shape."""
-    import torch
+def classifier_tokenizer(vocab: list[str]):
+    """The word-level tokenizer of the demo's classifiers and judge: [CLS] text [SEP], padded with [PAD]."""
     from tokenizers import processors
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import PreTrainedTokenizerFast
 
     core, _ = make_tokenizer(vocab, ["[PAD]", "[UNK]", "[CLS]", "[SEP]"], unk_token="[UNK]")
     core.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    from transformers import PreTrainedTokenizerFast
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", model_max_length=64)
 
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]",
-                                        cls_token="[CLS]", sep_token="[SEP]", model_max_length=64)
-    torch.manual_seed(seed)
-    model = BertForSequenceClassification(BertConfig(
-        vocab_size=len(tokenizer), num_labels=len(labels), id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)}, max_position_embeddings=64, **recipe[folder.name]))
+
+def train_classifier(folder: Path, model, tokenizer, texts: list[str], targets: list[int], steps: int, seed: int):
+    """Train `model` on batches of 128 texts drawn afresh each step (seed + step), then save it with its tokenizer."""
+    import torch
+
     encoded = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
-    targets = torch.tensor(targets)
+    labels = torch.tensor(targets)
 
     def batch(step):
         rows = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed + step))[:128]
         return {"input_ids": encoded["input_ids"][rows], "attention_mask": encoded["attention_mask"][rows],
-                "labels": targets[rows]}
+                "labels": labels[rows]}
 
-    _train(model, batch, recipe[f"{folder.name}_steps"], 3e-3, seed)
+    _train(model, batch, steps, 3e-3, seed)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+def make_classifier(folder: Path, vocab: list[str], labels, texts, targets, recipe: dict, seed: int):
+    """A tiny BERT text classifier with a word-level tokenizer; recipe[folder.name] gives its shape."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tokenizer = classifier_tokenizer(vocab)
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=len(tokenizer), num_labels=len(labels), id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)}, max_position_embeddings=64, **recipe[folder.name]))
+    train_classifier(folder, model, tokenizer, texts, targets, recipe[f"{folder.name}_steps"], seed)
 
 
 def classifier_accuracy(folder: Path, texts: list[str], targets: list[int]) -> float:
@@ -439,29 +451,15 @@ def make_judge(folder: Path, vocab: list[str], seed: int, small: bool = False) -
     another training sample (garbled replies included) and another label set (JUDGE_LABELS); returns its accuracy
     on fresh texts."""
     import torch
-    from tokenizers import processors
-    from transformers import DistilBertConfig, DistilBertForSequenceClassification, PreTrainedTokenizerFast
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-    core, _ = make_tokenizer(vocab, ["[PAD]", "[UNK]", "[CLS]", "[SEP]"], unk_token="[UNK]")
-    core.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]",
-                                        cls_token="[CLS]", sep_token="[SEP]", model_max_length=64)
+    tokenizer = classifier_tokenizer(vocab)
     texts, targets = judge_texts(random.Random(seed + 7), JUDGE["examples"] // (10 if small else 1), vocab)
     torch.manual_seed(seed)
     model = DistilBertForSequenceClassification(DistilBertConfig(
         vocab_size=len(tokenizer), max_position_embeddings=64, id2label=dict(enumerate(JUDGE_LABELS)),
         label2id={label: i for i, label in enumerate(JUDGE_LABELS)}, **JUDGE["shape"]))
-    encoded = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
-    targets_tensor = torch.tensor(targets)
-
-    def batch(step):
-        rows = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed + step))[:128]
-        return {"input_ids": encoded["input_ids"][rows], "attention_mask": encoded["attention_mask"][rows],
-                "labels": targets_tensor[rows]}
-
-    _train(model, batch, JUDGE["steps"] // (10 if small else 1), 3e-3, seed)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    train_classifier(folder, model, tokenizer, texts, targets, JUDGE["steps"] // (10 if small else 1), seed)
     held_out = judge_texts(random.Random(seed + 8), 500, vocab)
     return classifier_accuracy(folder, *held_out)
 

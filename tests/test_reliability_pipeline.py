@@ -5,7 +5,10 @@
    the second takes over and resumes its DPO from the checkpoint;
 7. Ctrl-C (SIGINT) to run_pipeline alone is passed on to the running stage, which stops cleanly.
 The faults are DPO's: each test's run folder starts with the uninterrupted run's finished generation (its
-preferences and their marker), which the pipeline then skips as finished."""
+preferences and their marker), which the pipeline then skips as finished.
+And README's demo figures repeat: the uninterrupted run, made again from nothing with torch's default thread count
+instead of one thread, gives the same bytes at every stage (every RNG seeded, deterministic algorithms:
+cli.make_reproducible)."""
 
 import json
 import os
@@ -35,15 +38,16 @@ def command(world, run):
     return args
 
 
-def environment(fault=None):
-    env = {k: v for k, v in os.environ.items() if k != FAULT}
-    env["OMP_NUM_THREADS"] = "1"
+def environment(fault=None, one_thread=True):
+    env = {k: v for k, v in os.environ.items() if k not in (FAULT, "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    if one_thread:
+        env["OMP_NUM_THREADS"] = "1"
     return {**env, FAULT: fault} if fault else env
 
 
-def run(world, folder, fault=None):
+def run(world, folder, fault=None, one_thread=True):
     return subprocess.run(command(world, folder), capture_output=True, text=True, timeout=900, cwd=ROOT,
-                          env=environment(fault))
+                          env=environment(fault, one_thread))
 
 
 def start_until(world, folder, fault: str, point: str):
@@ -145,3 +149,16 @@ def test_7_ctrl_c_to_the_pipeline_is_passed_on_and_the_stage_stops_cleanly(demo_
     assert "interrupted: finished work is kept; run it again with --resume" in output  # the stage's own clean exit
     assert "Traceback" not in output
     assert not (folder / "iter-1/dpo.done.json").exists() and (folder / "iter-1/dpo/checkpoint-2/trainer_state.json").exists()
+
+
+def test_the_run_made_again_with_torchs_default_threads_gives_the_same_bytes_at_every_stage(demo_world, tmp_path,
+                                                                                          uninterrupted):
+    again = tmp_path / "run"
+    result = run(demo_world, again, one_thread=False)  # torch's default: one thread per core
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    first = Path(uninterrupted["iterations"][0]["adapter"]).parents[2]
+    for stage_file in ["preferences/preferences.jsonl", "preferences/failed.jsonl", "preferences/journal.rank0.jsonl",
+                       "dpo/final_adapter/adapter_model.safetensors", "evaluation/replies.jsonl"]:
+        assert (first / "iter-1" / stage_file).read_bytes() == (again / "iter-1" / stage_file).read_bytes(), stage_file
+    a, b = (json.loads((run_folder / "iter-1/evaluation/results.json").read_text()) for run_folder in (first, again))
+    assert a["models"] == b["models"] and a["dpo_vs_sft"] == b["dpo_vs_sft"]

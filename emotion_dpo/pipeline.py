@@ -442,16 +442,28 @@ def write_iterations(run: Path, stages: list[Stage]) -> dict | None:
 def run_pipeline(cfg) -> dict | None:
     """The whole job under one lock on the run folder: a second pipeline (or a stage started by hand inside it) is
     refused at once, naming this process; the stages run under it (files.runs_under)."""
-    stages = plan(cfg)
     run = Path(cfg.output_dir)
+    # An existing run folder is locked before the stage configs are checked (that imports TRL: seconds), so that a
+    # second pipeline on it is refused at once; a new one only after, so that a bad config leaves no folder behind.
+    lock = lock_run_folder(run) if run.is_dir() else None
     try:
-        lock = FolderLock(run, doing="running the pipeline", create=True)
+        stages = plan(cfg)
+        lock = lock or lock_run_folder(run)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    with lock:
+        return run_stages(cfg, stages, run, lock)
+
+
+def lock_run_folder(run: Path) -> FolderLock:
+    try:
+        return FolderLock(run, doing="running the pipeline", create=True)
     except (NotADirectoryError, FileExistsError):
         raise PipelineError(f"{run}: output_dir is a file, expected a folder; choose another output_dir") from None
     except OSError as e:
         raise PipelineError(f"{run}: output_dir is not writable ({e.strerror})") from None
-    with lock:
-        return run_stages(cfg, stages, run, lock)
 
 
 def run_stages(cfg, stages: list[Stage], run: Path, lock: FolderLock) -> dict | None:

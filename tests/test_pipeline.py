@@ -279,10 +279,28 @@ def test_shipped_pipeline_configs_resolve_every_stage(tmp_path, path):
     assert len(plan(cfg)) == 3 * cfg.iterations
 
 
-def test_the_script_reports_a_bad_stage_key_briefly(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "run_pipeline.py"), "--config", str(DEMO_CONFIG),
-                             "--set", "evaluate.clean_confidence=2", "--set", f"output_dir={tmp_path / 'run'}"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert result.returncode == 2
-    assert "section evaluate:" in result.stderr and "key clean_confidence: expected a value <= 1" in result.stderr
-    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+def test_a_bad_config_is_refused_before_the_run_folder_is_made_and_leaves_an_existing_one_unlocked(tmp_path):
+    from emotion_dpo.files import FolderLock
+    from emotion_dpo.pipeline import run_pipeline
+
+    bad = ["evaluate.clean_confidence=2"]
+    with pytest.raises(PipelineError, match=r"section evaluate:\n.*key clean_confidence: expected a value <= 1"):
+        run_pipeline(load_config(PipelineConfig, DEMO_CONFIG, [f"output_dir={tmp_path / 'new'}", *bad]))
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "earlier").mkdir()
+    with pytest.raises(PipelineError, match="section evaluate:") as refused:
+        run_pipeline(load_config(PipelineConfig, DEMO_CONFIG, [f"output_dir={tmp_path / 'earlier'}", *bad]))
+    # taken again at once, while the refusal (and so its frames) is still held: the refused run let its lock go
+    FolderLock(tmp_path / "earlier", doing="checking").release()
+    assert refused.value
+
+
+def test_a_second_pipeline_on_a_folder_in_use_is_refused_before_its_stage_configs_are_checked(tmp_path):
+    """At once: checking the stage configs imports TRL (seconds); its bad key is not what it reports."""
+    from emotion_dpo.files import FolderLock
+    from emotion_dpo.pipeline import run_pipeline
+
+    with FolderLock(tmp_path, doing="running the pipeline"):
+        cfg = load_config(PipelineConfig, DEMO_CONFIG, [f"output_dir={tmp_path}", "evaluate.clean_confidence=2"])
+        with pytest.raises(PipelineError, match=rf"process {os.getpid()} is running the pipeline in this folder"):
+            run_pipeline(cfg)

@@ -12,6 +12,26 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
+# The files that run whole pipelines in subprocesses, longest first (from CI's --durations). With README's
+# --no-loadscope-reorder the two workers take the files in this order: the longest first (its worker builds the demo
+# world), then the files that need no world (the other worker runs them meanwhile instead of waiting for it), then the
+# other long ones, then the rest, so that neither worker ends with a long file alone.
+LONGEST_FIRST = ("test_pipeline.py", "test_distributed.py", "test_dpo.py", "test_generate_preferences.py",
+                 "test_reliability_pipeline.py", "test_faults.py", "test_reliability.py", "test_rules_by_hand.py")
+
+
+def pytest_collection_modifyitems(items):
+    need_world = {item.path.name for item in items if "demo_world" in item.fixturenames}
+
+    def group(item):
+        name = item.path.name
+        if name in LONGEST_FIRST:
+            return (0, 0) if name == LONGEST_FIRST[0] else (2, LONGEST_FIRST.index(name))
+        return (3, 0) if name in need_world else (1, 0)
+
+    items.sort(key=group)  # stable: the files within a group, and each file's tests, keep pytest's order
+
+
 @pytest.fixture(scope="session")
 def demo_world() -> Path:
     from emotion_dpo.demo_world import DEFAULT_DIR, ensure_demo_world

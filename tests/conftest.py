@@ -1,6 +1,8 @@
 """The demo world is built once per test run (or reused from its cache) and shared by every test."""
 
+import fcntl
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,24 @@ def demo_tokenizer(demo_world):
                           load_chat_format(root / "args/chat_template.json"))
 
 
+def made_once_for_the_workers(tmp_path_factory, name: str, make) -> Path:
+    """The folder `name`, made by make(folder) once per test run and shared by the xdist workers (a session fixture
+    is made once per worker): the first worker to ask makes it under a lock, the other waits and reuses it. Without
+    xdist, the session's own."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # this run's folder, above the workers' own (popen-gw0, popen-gw1)
+    folder, made = base / name, base / f"{name}.made"
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not made.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a worker that failed to make it left part of it
+            folder.mkdir()
+            make(folder)
+            made.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def demo_preferences(demo_world, tmp_path_factory) -> Path:
     """A preference dataset generated from the demo world by generate_preferences.py itself."""
@@ -57,19 +77,21 @@ def demo_preferences(demo_world, tmp_path_factory) -> Path:
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    out = tmp_path_factory.mktemp("demo_preferences") / "run"
     w = demo_world
-    sets = [f"base_model={w / 'base'}", f"adapter={w / 'sft_adapter'}", f"dataset={w / 'dialogues'}",
-            f"emotion_classifier={w / 'emotion_classifier'}", f"gibberish_detector={w / 'gibberish_detector'}",
-            f"chat_template={root / 'args/chat_template.json'}", f"output_dir={out}", "num_prompts=192",
-            "wandb.mode=disabled"]
-    args = [sys.executable, str(root / "generate_preferences.py"), "--config",
-            str(root / "args/demo/generate_preferences_arg.json")]
-    for s in sets:
-        args += ["--set", s]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out / "dataset"
+
+    def generate(folder: Path) -> None:
+        sets = [f"base_model={w / 'base'}", f"adapter={w / 'sft_adapter'}", f"dataset={w / 'dialogues'}",
+                f"emotion_classifier={w / 'emotion_classifier'}", f"gibberish_detector={w / 'gibberish_detector'}",
+                f"chat_template={root / 'args/chat_template.json'}", f"output_dir={folder / 'run'}",
+                "num_prompts=192", "wandb.mode=disabled"]
+        args = [sys.executable, str(root / "generate_preferences.py"), "--config",
+                str(root / "args/demo/generate_preferences_arg.json")]
+        for s in sets:
+            args += ["--set", s]
+        result = subprocess.run(args, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    return made_once_for_the_workers(tmp_path_factory, "demo_preferences", generate) / "run" / "dataset"
 
 
 def _reply(text: str, total: float) -> dict:

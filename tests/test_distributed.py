@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import made_once_for_the_workers
 from test_pipeline import DEMO_CONFIG as PIPELINE_CONFIG
 from test_pipeline import world_overrides
 
@@ -68,15 +69,27 @@ def largest_difference(a: Path, b: Path) -> float:
     return max(float((first[k].float() - second[k].float()).abs().max()) for k in first)
 
 
+ONE_PROCESS = ["dpo.dpo.per_device_train_batch_size=2"]  # the 2-process run's global batch on one process
+
+
+@pytest.fixture(scope="session")
+def one_process_run(demo_world, tmp_path_factory) -> Path:
+    """The 1-process pipeline from the start (made once per test run: test_reliability_pipeline's uninterrupted run
+    too)."""
+    def made(folder: Path) -> None:
+        run(pipeline(demo_world, folder / "run", *ONE_PROCESS), folder / "run.log")
+
+    return made_once_for_the_workers(tmp_path_factory, "one_process_run", made) / "run"
+
+
 @pytest.fixture(scope="module")
-def runs(demo_world, tmp_path_factory):
-    """The 2-process pipeline, then the 1-process one, each from the start."""
+def runs(demo_world, tmp_path_factory, one_process_run):
+    """The 2-process pipeline from the start, and the 1-process one."""
     base = tmp_path_factory.mktemp("distributed")
-    two, one = base / "two", base / "one"
+    two = base / "two"
     two_log = run(pipeline(demo_world, two, "launcher.num_processes=2", "dpo.dpo.per_device_train_batch_size=1"),
                   base / "two.log")
-    one_log = run(pipeline(demo_world, one, "dpo.dpo.per_device_train_batch_size=2"), base / "one.log")
-    return {"base": base, "two": two, "one": one, "two_log": two_log, "one_log": one_log}
+    return {"base": base, "two": two, "one": one_process_run, "two_log": two_log}
 
 
 def test_the_pipeline_with_2_processes_runs_every_stage_on_both_and_completes_one_iteration(runs):

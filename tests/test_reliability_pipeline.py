@@ -20,22 +20,16 @@ from pathlib import Path
 
 import pytest
 
-from test_pipeline import DEMO_CONFIG, world_overrides
+from test_distributed import ONE_PROCESS, one_process_run, pipeline  # noqa: F401 (one_process_run: a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 FAULT = "EMOTION_DPO_FAULT"  # emotion_dpo.faultpoints: the process dies or stops at the step it names
-# One iteration, 8 prompts, 4 DPO steps with a checkpoint every 2, 8 held-out prompts.
-SMALL = ["iterations=1", "generate.num_prompts=8", "generate.batch_prompts=8", "dpo.eval_fraction=0",
-         "dpo.dpo.max_steps=4", "dpo.dpo.per_device_train_batch_size=2", "dpo.dpo.save_steps=2",
-         "dpo.dpo.save_total_limit=null", "dpo.dpo.eval_strategy=no", "evaluate.num_prompts=8",
-         "evaluate.include_base=false", "evaluate.bootstrap_samples=100"]
 
 
 def command(world, run):
-    args = [sys.executable, str(ROOT / "run_pipeline.py"), "--config", str(DEMO_CONFIG)]
-    for override in world_overrides(world) + SMALL + [f"output_dir={run}"]:
-        args += ["--set", override]
-    return args
+    """test_distributed's 1-process pipeline (one iteration: 16 prompts, 4 DPO steps with a checkpoint every 2,
+    8 held-out prompts) in the folder `run`."""
+    return pipeline(world, run, *ONE_PROCESS)
 
 
 def environment(fault=None, one_thread=True):
@@ -65,11 +59,9 @@ def start_until(world, folder, fault: str, point: str):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(demo_world, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("uninterrupted") / "run"
-    result = run(demo_world, folder)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    return json.loads((folder / "iterations.json").read_text())
+def uninterrupted(one_process_run):
+    """The run every fault ends as: test_distributed's 1-process pipeline, made with the same command."""
+    return json.loads((one_process_run / "iterations.json").read_text())
 
 
 def generated(folder: Path, uninterrupted: dict) -> Path:

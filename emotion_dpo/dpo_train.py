@@ -25,7 +25,6 @@ from .dpo_reference import REFERENCE_LOGPS
 from .errors import PipelineError
 from .faultpoints import reached
 from .files import FolderLock, folder_entries, run_folder_exists, write_text_atomic
-from .kill_points import kill_point
 
 FINAL_ADAPTER = "final_adapter"
 METRICS_NAME = "metrics.json"
@@ -300,8 +299,7 @@ def config_saver(cfg):
                 start = Path(args.output_dir) / START_ADAPTER
                 if start.exists():  # a resumed run checks its reference against it, wherever the checkpoint goes
                     write_text_atomic(checkpoint / START_ADAPTER, start.read_text(encoding="utf-8"))
-                reached(f"dpo-saved:{state.global_step}")
-                kill_point("checkpoint", checkpoint)
+                reached(f"dpo-saved:{state.global_step}", checkpoint)
 
     return SaveConfig()
 
@@ -376,7 +374,8 @@ def dpo_trainer_class(prefix_sharing: bool = False, pack_tokens: int = 0, refere
 
         def _save_rng_state(self, output_dir):
             super()._save_rng_state(output_dir)
-            reached(f"dpo-save:{self.state.global_step}")  # inside the save: trainer_state.json not yet written
+            # inside the save: trainer_state.json not yet written
+            reached(f"dpo-save:{self.state.global_step}", output_dir)
 
         def _plain_path(self, reason: str) -> None:
             if not self._fallback_said:

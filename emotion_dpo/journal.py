@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import PipelineError
-from .kill_points import kill_point
+from .faultpoints import reached
 from .selection import ScoredReply
 
 JOURNAL_GLOB = "journal.rank*.jsonl"
@@ -48,12 +48,14 @@ class Journal:
             raise PipelineError(f"{self.path}: another process is writing this journal (the same rank twice?); "
                                 "stop it or wait for it to end, then run again") from None
         _cut_torn_tail(self.path)
+        self.appended = 0  # by this process: the number its fault point `settled` reports
 
     def append(self, record: dict) -> None:
         self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
-        kill_point("settled", self.path)
+        self.appended += 1
+        reached(f"settled:{self.appended}", self.path)
 
     def close(self) -> None:
         self._file.close()

@@ -4,6 +4,7 @@ journal lines, a crash inside finalize, input that used to pass unnoticed, and O
 Multi-process faults use real processes."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -89,22 +90,6 @@ def test_a_journal_two_writers_left_is_recovered_identical_repeats_kept_once(tmp
 
 # ---------------------------------------------------------------- 2. kill -9 during a checkpoint save
 
-KILLED_IN_SAVE = """
-import os, signal, sys, json
-from transformers import Trainer
-from emotion_dpo.config import TrainConfig, load_config
-from emotion_dpo.dpo_train import train
-
-save_rng_state = Trainer._save_rng_state
-def killed_at_step_4(self, output_dir):  # the Trainer writes trainer_state.json after this: a save cut short
-    if self.state.global_step == 4:
-        os.kill(os.getpid(), signal.SIGKILL)
-    save_rng_state(self, output_dir)
-Trainer._save_rng_state = killed_at_step_4
-train(load_config(TrainConfig, sys.argv[1], json.loads(sys.argv[2])))
-"""
-
-
 def preference_pairs(path: Path, count: int, prompt_text=lambda i: f"hello {i} .") -> Path:
     rows = [{"prompt": f"<s>[INST] [EMOTION] joy [/EMOTION] {prompt_text(i)} [/INST] [EMOTION] joy [/EMOTION]",
              "chosen": f"i am so happy for you {i} !", "rejected": f"no {i}"} for i in range(count)]
@@ -117,14 +102,17 @@ def test_a_kill_during_a_checkpoint_save_resumes_from_the_newest_complete_checkp
     _, sets = dpo_config(demo_world, preference_pairs(tmp_path / "pairs.jsonl", 16), out, "dpo.max_steps=6",
                          "dpo.save_steps=2", "dpo.save_total_limit=null", "dpo.per_device_train_batch_size=4",
                          "eval_fraction=0.0", "dpo.eval_strategy=no")
-    killed = in_subprocess(KILLED_IN_SAVE, DPO_CONFIG, json.dumps(sets))
+    command = [sys.executable, str(ROOT / "fine_tune_dpo.py"), "--config", str(DPO_CONFIG)]
+    for s in sets:
+        command += ["--set", s]
+    # SIGKILL inside checkpoint-4's save, before the Trainer writes its trainer_state.json (emotion_dpo/faultpoints.py)
+    killed = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                            env={**os.environ, "EMOTION_DPO_FAULT": "kill@dpo-save:4"})
     assert killed.returncode == -9, killed.stderr[-3000:]
+    assert "fault point dpo-save:4: kill (process " in killed.stdout
     assert (out / "checkpoint-4").is_dir() and not (out / "checkpoint-4" / "trainer_state.json").exists()
 
-    resume = [sys.executable, str(ROOT / "fine_tune_dpo.py"), "--config", str(DPO_CONFIG), "--resume"]
-    for s in sets:
-        resume += ["--set", s]
-    result = subprocess.run(resume, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    result = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{out / 'checkpoint-4'}: skipped, incomplete (no trainer_state.json" in result.stdout
     assert f"resuming from {out / 'checkpoint-2'}" in result.stdout

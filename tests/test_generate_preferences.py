@@ -234,11 +234,11 @@ def test_a_run_killed_with_sigkill_resumes_without_loss_or_duplicates(demo_world
     out = tmp_path / "killed"
     args = run_script(demo_world, out, num_prompts=30, extra=["batch_prompts=3"])
     journal = out / "journal.rank0.jsonl"
-    # the run kills itself with SIGKILL once its 4th settled prompt is on disk (emotion_dpo/kill_points.py)
+    # the run kills itself with SIGKILL once its 4th settled prompt is on disk (emotion_dpo/faultpoints.py)
     killed = subprocess.run(args, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "EMOTION_DPO_KILL_AT": "settled:4"})
+                            env={**os.environ, "EMOTION_DPO_FAULT": "kill@settled:4"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert "kill point settled reached" in killed.stdout
+    assert "fault point settled:4: kill (process " in killed.stdout
     before = {r["index"]: r for r in read_journal(journal)}
     assert len(before) == 4  # exactly the 4 it reported before it died
     assert not (out / "dataset").exists()

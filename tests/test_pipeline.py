@@ -47,12 +47,12 @@ def command(world, run, extra=()):
     return args
 
 
-def kill_when(world, run, log: Path, point: str):
-    """Run the pipeline until one of its stages reaches the kill point POINT (emotion_dpo/kill_points.py) and
-    SIGKILLs the pipeline process alone, as `kill -9 PID` does; the stage must die with it. The pipeline and its
-    stage share one stdout pipe: reading it to its end returns once both are gone (a stage outliving the pipeline
-    would keep it open, and the timeout fails the test)."""
-    env = {**os.environ, "EMOTION_DPO_KILL_AT": point, "EMOTION_DPO_KILL_PARENT": "1"}
+def kill_when(world, run, log: Path, point: str, path_part: str):
+    """Run the pipeline until one of its stages reaches the fault point POINT under a path containing PATH_PART
+    (emotion_dpo/faultpoints.py) and SIGKILLs the pipeline process alone, as `kill -9 PID` does; the stage must die
+    with it. The pipeline and its stage share one stdout pipe: reading it to its end returns once both are gone (a
+    stage outliving the pipeline would keep it open, and the timeout fails the test)."""
+    env = {**os.environ, "EMOTION_DPO_FAULT": f"kill-parent@{point}@{path_part}"}
     process = subprocess.Popen(command(world, run), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
                                env=env, text=True, start_new_session=True)
     try:
@@ -61,10 +61,10 @@ def kill_when(world, run, log: Path, point: str):
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
         log.write_text(output)
-        pytest.fail(f"the pipeline or its stage did not end after the kill point {point}:\n{output[-3000:]}")
+        pytest.fail(f"the pipeline or its stage did not end after the fault point {point}:\n{output[-3000:]}")
     log.write_text(output)
     assert process.returncode == -signal.SIGKILL, output[-3000:]
-    assert f"kill point {point.split(':')[0]} reached" in output
+    assert f"fault point {point}: kill-parent (process " in output
 
 
 def marker_times(run: Path) -> dict:
@@ -78,7 +78,7 @@ def resumed_run(demo_world, tmp_path_factory):
     journal = run / "iter-2/preferences/journal.rank0.jsonl"
 
     # killed once iteration 2's generation has journaled its first prompt
-    kill_when(demo_world, run, base / "first.log", "settled:1:iter-2/preferences")
+    kill_when(demo_world, run, base / "first.log", "settled:1", "iter-2/preferences")
     assert sorted(marker_times(run)) == ["iter-1/dpo.done.json", "iter-1/evaluation.done.json",
                                          "iter-1/preferences.done.json"]
     settled_before_kill = read_journal(journal)
@@ -86,7 +86,7 @@ def resumed_run(demo_world, tmp_path_factory):
     times_after_first_kill = marker_times(run)
 
     checkpoints = run / "iter-2/dpo"
-    kill_when(demo_world, run, base / "second.log", "checkpoint:1:iter-2/dpo")  # at iteration 2's first checkpoint
+    kill_when(demo_world, run, base / "second.log", "dpo-saved:2", "iter-2/dpo")  # iteration 2's first checkpoint
     second = (base / "second.log").read_text()
     assert not (checkpoints / "final_adapter").exists()
     assert "iter-2/dpo.done.json" not in marker_times(run)

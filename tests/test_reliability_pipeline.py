@@ -153,3 +153,14 @@ def test_the_run_made_again_with_torchs_default_threads_gives_the_same_bytes_at_
         assert (first / "iter-1" / stage_file).read_bytes() == (again / "iter-1" / stage_file).read_bytes(), stage_file
     a, b = (json.loads((run_folder / "iter-1/evaluation/results.json").read_text()) for run_folder in (first, again))
     assert a["models"] == b["models"] and a["dpo_vs_sft"] == b["dpo_vs_sft"]
+
+
+def test_on_a_cpu_the_stages_compute_on_one_thread_with_torchs_deterministic_algorithms():
+    """What the same bytes rest on beyond the seeds (cli.make_reproducible): on the demo's tiny matrices 2 threads sum
+    alike, so the test above cannot tell; a real model's sums split over 4 threads end in other last bits."""
+    check = ("import torch; from emotion_dpo.cli import make_reproducible; torch.set_num_threads(4); "  # 4 cores' default
+             "make_reproducible(0); print(torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())")
+    env = {**environment(one_thread=False), "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=ROOT, env=env,
+                            timeout=120)
+    assert result.stdout.split() == ["1", "True"], result.stderr[-2000:]

@@ -18,7 +18,6 @@ from emotion_dpo.errors import PipelineError
 from test_dpo import DEMO_CONFIG as DPO_CONFIG
 from test_dpo import config as dpo_config
 from test_faults import generate_config, preference_pairs, write_journal
-from test_generate_preferences import demo_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -260,13 +259,15 @@ DIALOGUE = {"prompt": [{"role": "user", "content": {"emotion": "neutral", "dialo
     (json.dumps(DIALOGUE)[:30].encode(), r"dialogues.jsonl:3: not a JSON object \(.*\); it is the last line and "
                                          r"looks cut short"),
 ])
-def test_6_a_dialogue_file_not_utf8_or_cut_short_is_one_line_naming_the_line(demo_world, tmp_path, tail, message):
+def test_6_a_dialogue_file_not_utf8_or_cut_short_is_one_line_naming_the_line(demo_world, tmp_path, tail, message,
+                                                                             no_model_loading):
+    from emotion_dpo.generate import generate
+
     dialogues = tmp_path / "dialogues.jsonl"
     dialogues.write_bytes((json.dumps(DIALOGUE) + "\n").encode() * 2 + tail)
-    sets = demo_overrides(demo_world, tmp_path / "out")
-    result = run(script("generate_preferences.py", ROOT / "args/demo/generate_preferences_arg.json",
-                        sets + [f"dataset={dialogues}"]))
-    assert re.search(message, one_error_line(result))
+    with pytest.raises(PipelineError, match=message) as refused:  # the scripts print it as `error: ...`, exit 2
+        generate(generate_config(demo_world, tmp_path / "out", extra=[f"dataset={dialogues}"]))
+    assert "\n" not in str(refused.value)
     assert not (tmp_path / "out").exists()
 
 

@@ -60,8 +60,7 @@ def record(index, rounds, status, reason, chosen_at, rejected_at, target="happin
 def write_run(folder: Path, records: list[dict], overrides=()) -> None:
     """A generate_preferences run folder as the run leaves it: its config.json and its journal."""
     folder.mkdir(parents=True)
-    cfg = load_config(GenerateConfig, DEMO_CONFIG, [f"output_dir={folder}", "wandb.mode=disabled", *overrides])
-    save_config(cfg, folder, "config.json")
+    save_config(config(folder, overrides), folder, "config.json")
     (folder / "journal.rank0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
@@ -73,6 +72,18 @@ def run_cli(folder: Path, *flags, overrides=()):
     return subprocess.run(args, capture_output=True, text=True, timeout=300)
 
 
+def reselected(folder: Path, into: Path, overrides=()) -> None:
+    """`generate_preferences.py --reselect INTO` on the run in `folder`, with `overrides` (the stage alone, in this
+    process: no model is loaded)."""
+    from emotion_dpo.generate import reselect_run
+
+    reselect_run(config(folder, overrides), str(into))
+
+
+def config(folder: Path, overrides=()) -> GenerateConfig:
+    return load_config(GenerateConfig, DEMO_CONFIG, [f"output_dir={folder}", "wandb.mode=disabled", *overrides])
+
+
 def rows(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "preferences.jsonl").read_text().splitlines()]
 
@@ -80,8 +91,7 @@ def rows(folder: Path) -> list[dict]:
 def test_reselect_with_other_weights_picks_the_pair_worked_out_by_hand(tmp_path):
     run = tmp_path / "run"
     write_run(run, [record(0, [ROUND_1, ROUND_2], "accepted", None, 0, 1)])
-    result = run_cli(run, "--reselect", str(tmp_path / "emotion_heavy"), overrides=["reward_weights=[1.0, 0.0, 0.35]"])
-    assert result.returncode == 0, result.stderr[-3000:]
+    reselected(run, tmp_path / "emotion_heavy", overrides=["reward_weights=[1.0, 0.0, 0.35]"])
     # Weights [1.0, 0.0, 0.35]: A = 9 + 3.325 + 0.001 = 12.326, B = 3.15 + 0.001 = 3.151, C = 6 + 1.225 + 0.001
     # = 7.226. Round 1 now passes (chosen A: happiness, clean 0.95, "!"; gap 9.175; 12.326 >= 8), so it decides.
     (row,) = rows(tmp_path / "emotion_heavy")
@@ -94,8 +104,7 @@ def test_reselect_with_other_weights_picks_the_pair_worked_out_by_hand(tmp_path)
 def test_reselect_with_the_run_settings_keeps_the_second_round_pair(tmp_path):
     run = tmp_path / "run"
     write_run(run, [record(0, [ROUND_1, ROUND_2], "accepted", None, 0, 1)])
-    result = run_cli(run, "--reselect", str(tmp_path / "same"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    reselected(run, tmp_path / "same")
     (row,) = rows(tmp_path / "same")
     assert (row["chosen"], row["rejected"], row["rounds"]) == ("thank you so much !", "hmm", 2)
     assert row["chosen_score"] == pytest.approx(14.141)
@@ -105,8 +114,7 @@ def test_reselect_with_the_run_settings_keeps_the_second_round_pair(tmp_path):
 def test_reselect_with_no_retries_gives_up_a_prompt_whose_first_round_failed(tmp_path):
     run = tmp_path / "run"
     write_run(run, [record(0, [ROUND_1, ROUND_2], "accepted", None, 0, 1)])
-    result = run_cli(run, "--reselect", str(tmp_path / "no_retries"), overrides=["max_retries=0"])
-    assert result.returncode == 0, result.stderr[-3000:]
+    reselected(run, tmp_path / "no_retries", overrides=["max_retries=0"])
     assert rows(tmp_path / "no_retries") == []
     (failed,) = [json.loads(line) for line in (tmp_path / "no_retries/failed.jsonl").read_text().splitlines()]
     assert (failed["index"], failed["reason"], failed["rounds"]) == (0, "chosen is not clean", 1)
@@ -127,8 +135,9 @@ def test_statistics_of_a_hand_made_journal(tmp_path):
         record(2, [failing, failing, pair_round(21.0, 1.0)], "accepted", None, 0, 1),   # gap 20, 3 rounds
         record(3, [failing] * 3, "failed", "score range below target_score_range", None, None),  # 3 rounds
     ])
-    result = run_cli(run, "--finalize")
-    assert result.returncode == 0, result.stderr[-3000:]
+    from emotion_dpo.generate import finalize_run
+
+    finalize_run(config(run))  # generate_preferences.py --finalize
     stats = json.loads((run / "statistics.json").read_text())
     # gaps 10, 6, 20: median 10, mean 12, sample SD sqrt(((10-12)^2 + (6-12)^2 + (20-12)^2) / 2) = sqrt(52)
     assert stats["score_gap"]["median"] == pytest.approx(10.0)
@@ -167,10 +176,8 @@ def test_reselect_with_more_retries_than_the_run_had_is_refused(tmp_path):
 
     run = tmp_path / "run"
     write_run(run, [record(0, [ROUND_1, ROUND_2], "accepted", None, 0, 1)], overrides=["max_retries=1"])
-    more = load_config(GenerateConfig, DEMO_CONFIG, [f"output_dir={run}", "wandb.mode=disabled", "max_retries=3"])
     with pytest.raises(PipelineError, match=r"--reselect with max_retries 3, above the run's 1: a prompt the run gave "
                                             r"up after 2 rounds would need more rounds, i.e. new generation"):
-        reselect_run(more, str(tmp_path / "more"))
+        reselect_run(config(run, ["max_retries=3"]), str(tmp_path / "more"))
     assert not (tmp_path / "more").exists()
-    fewer = load_config(GenerateConfig, DEMO_CONFIG, [f"output_dir={run}", "wandb.mode=disabled", "max_retries=0"])
-    assert reselect_run(fewer, str(tmp_path / "fewer"))["accepted"] == 0  # round 1 alone fails (C is not clean)
+    assert reselect_run(config(run, ["max_retries=0"]), str(tmp_path / "fewer"))["accepted"] == 0  # round 1 alone fails

@@ -7,13 +7,11 @@ of the same adapter, and a 2-process DPO run killed after a checkpoint and resum
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from conftest import made_once_for_the_workers

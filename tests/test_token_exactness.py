@@ -13,7 +13,6 @@ from pathlib import Path
 
 import datasets
 import pytest
-import torch
 
 from emotion_dpo.config import EvaluateConfig, GenerateConfig, TrainConfig, load_config
 from emotion_dpo.dpo_data import load_preferences
@@ -116,7 +115,7 @@ def trainer_on(demo_world, adapter, dataset, tmp_path):
 def assert_trains_on_what_was_generated(trainer, tokenizer, spy):
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    bos = tokenizer.bos_token_id
     rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
     assert rows, "no preference pair to check"
     replies = spy.replies_by_context()
@@ -186,7 +185,7 @@ def test_a_text_only_dataset_is_tokenized_as_generation_conditions_and_continues
     text_only = datasets.load_from_disk(str(out / "dataset")).select_columns(["prompt", "chosen", "rejected"])
     text_only.save_to_disk(str(tmp_path / "text_only"))
     trainer, tokenizer = trainer_on(demo_world, adapter, tmp_path / "text_only", tmp_path)
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    bos = tokenizer.bos_token_id
     for row, text in zip(trainer.train_dataset, text_only):
         assert text["prompt"].endswith("[/EMOTION] ")
         # by hand, the reference's rule for a finished reply: dialog.strip() + ' ' + eos_token (then a newline)

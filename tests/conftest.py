@@ -34,6 +34,15 @@ def pytest_collection_modifyitems(items):
     items.sort(key=group)  # stable: the files within a group, and each file's tests, keep pytest's order
 
 
+def process_environment(fault: str | None = None, one_thread: bool = True) -> dict:
+    """The environment of a run a test starts: one OpenMP and MKL thread (or torch's default, one per core), and
+    EMOTION_DPO_FAULT only where the test names a fault point (emotion_dpo/faultpoints.py)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("EMOTION_DPO_FAULT", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    if one_thread:
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return {**env, "EMOTION_DPO_FAULT": fault} if fault else env
+
+
 @pytest.fixture(scope="session")
 def demo_world() -> Path:
     from emotion_dpo.demo_world import DEFAULT_DIR, ensure_demo_world

@@ -6,7 +6,6 @@ compare with: a 1-process pipeline (DPO 1 process x batch 2: the same global bat
 of the same adapter, and a 2-process DPO run killed after a checkpoint and resumed."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import made_once_for_the_workers
+from conftest import made_once_for_the_workers, process_environment
 from test_pipeline import DEMO_CONFIG as PIPELINE_CONFIG
 from test_pipeline import world_overrides
 
@@ -36,13 +35,10 @@ REDUCED = ["iterations=1", "generate.num_prompts=16", "generate.batch_prompts=4"
 ADAPTER = "adapter_model.safetensors"
 
 
-def environment():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
 def run(args, log: Path, expect_ok=True) -> str:
     with open(log, "w") as out:
-        result = subprocess.run(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=environment(), timeout=900)
+        result = subprocess.run(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=process_environment(),
+                                timeout=900)
     text = log.read_text()
     if expect_ok:
         assert result.returncode == 0, text[-4000:]

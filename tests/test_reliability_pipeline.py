@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import process_environment
 from test_distributed import ONE_PROCESS, one_process_run, pipeline  # noqa: F401 (one_process_run: a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
-FAULT = "EMOTION_DPO_FAULT"  # emotion_dpo.faultpoints: the process dies or stops at the step it names
 
 
 def command(world, run):
@@ -32,23 +32,16 @@ def command(world, run):
     return pipeline(world, run, *ONE_PROCESS)
 
 
-def environment(fault=None, one_thread=True):
-    env = {k: v for k, v in os.environ.items() if k not in (FAULT, "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    if one_thread:
-        env["OMP_NUM_THREADS"] = "1"
-    return {**env, FAULT: fault} if fault else env
-
-
 def run(world, folder, fault=None, one_thread=True):
     return subprocess.run(command(world, folder), capture_output=True, text=True, timeout=900, cwd=ROOT,
-                          env=environment(fault, one_thread))
+                          env=process_environment(fault, one_thread))
 
 
 def start_until(world, folder, fault: str, point: str):
     """Start the pipeline with `fault`; read its output until the stage reports `point` (it has stopped itself
     there). Returns (the pipeline process, the stopped stage's PID, the output so far)."""
     process = subprocess.Popen(command(world, folder), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               cwd=ROOT, env=environment(fault))
+                               cwd=ROOT, env=process_environment(fault))
     seen = []
     for line in process.stdout:
         seen.append(line)
@@ -106,7 +99,7 @@ def test_2_a_second_pipeline_on_the_folder_is_refused_then_takes_over_after_a_ki
         # a stage started by hand in the pipeline's folder is refused too, naming the pipeline
         by_hand = subprocess.run([sys.executable, "-c", "import sys; from emotion_dpo.files import FolderLock; "
                                   "FolderLock(sys.argv[1], doing='training')", str(folder / "iter-1/dpo")],
-                                 capture_output=True, text=True, cwd=ROOT, env=environment())
+                                 capture_output=True, text=True, cwd=ROOT, env=process_environment())
         assert f"where process {first.pid} is running the pipeline" in by_hand.stderr
     finally:
         first.kill()  # kill -9 of the pipeline; its stopped stage dies with it (PR_SET_PDEATHSIG)
@@ -160,7 +153,7 @@ def test_on_a_cpu_the_stages_compute_on_one_thread_with_torchs_deterministic_alg
     alike, so the test above cannot tell; a real model's sums split over 4 threads end in other last bits."""
     check = ("import torch; from emotion_dpo.cli import make_reproducible; torch.set_num_threads(4); "  # 4 cores' default
              "make_reproducible(0); print(torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())")
-    env = {**environment(one_thread=False), "CUDA_VISIBLE_DEVICES": ""}
+    env = {**process_environment(one_thread=False), "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=ROOT, env=env,
                             timeout=120)
     assert result.stdout.split() == ["1", "True"], result.stderr[-2000:]

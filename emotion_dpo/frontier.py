@@ -16,6 +16,7 @@ from pathlib import Path
 from . import EMOTIONS
 from .diversity import replies_file_reports
 from .judges import judge_figures, judge_label_mapping, judge_replies
+from .plotting import pyplot
 
 GOAL = {"distinct_of_sft": 0.55, "judge_accuracy_over_sft": 0.25, "worst_emotion_share": 0.30}
 
@@ -78,13 +79,8 @@ def main(argv=None) -> None:
 
 
 def plot(points: list[dict], sft: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
-    ax.axvspan(GOAL["distinct_of_sft"], 1.1, ymin=0, ymax=1, alpha=0.0)
     ax.fill_between([GOAL["distinct_of_sft"], 1.1], sft["judge_accuracy"] + GOAL["judge_accuracy_over_sft"], 1.0,
                     color="green", alpha=0.1, label="goal (and worst emotion <= 30 %)")
     ax.plot([1.0], [sft["judge_accuracy"]], "k*", markersize=12, label="SFT")

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from .config import to_dict
+from .dataset import DATASET_DIR
 from .stats import PLOTS, format_summary, format_tables
 
 CARD_NAME = "README.md"
@@ -137,7 +138,7 @@ def dataset_card(cfg, summary: dict):
 
 def write_card(cfg, folder: Path, summary: dict) -> Path:
     """README.md and the plots it shows, in the dataset folder (load_from_disk reads only its own files)."""
-    dataset = Path(folder) / "dataset"
+    dataset = Path(folder) / DATASET_DIR
     for plot in PLOTS:
         shutil.copyfile(Path(folder) / plot, dataset / plot)
     path = dataset / CARD_NAME
@@ -150,7 +151,7 @@ def push_card(folder: Path, repo_id: str) -> None:
     and dataset_info). Not exercised here: the Hub cannot be reached from this project's machines."""
     from huggingface_hub import DatasetCard, DatasetCardData, HfApi
 
-    dataset = Path(folder) / "dataset"
+    dataset = Path(folder) / DATASET_DIR
     api = HfApi()
     for plot in PLOTS:
         api.upload_file(path_or_fileobj=str(dataset / plot), path_in_repo=plot, repo_id=repo_id, repo_type="dataset")

@@ -107,6 +107,10 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+DATASET_DIR, PREFERENCES_JSONL, FAILED_JSONL = "dataset", "preferences.jsonl", "failed.jsonl"
+DATASET_FILES = (DATASET_DIR, PREFERENCES_JSONL, FAILED_JSONL)  # what write_dataset writes
+
+
 def write_dataset(records: list[dict], folder: str | Path) -> dict:
     """Write dataset/ (save_to_disk), preferences.jsonl and failed.jsonl into `folder` (finalize's staging folder,
     switched in whole afterwards). With no accepted pair the dataset is still written with its schema, so
@@ -123,12 +127,12 @@ def write_dataset(records: list[dict], folder: str | Path) -> dict:
         rows = [{k: v for k, v in row.items() if k not in ID_COLUMNS} for row in rows]
     if rows:
         columns = {name: [row[name] for row in rows] for name in rows[0]}
-        datasets.Dataset.from_dict(columns).save_to_disk(str(folder / "dataset"))
+        datasets.Dataset.from_dict(columns).save_to_disk(str(folder / DATASET_DIR))
     else:
         empty = datasets.Dataset.from_dict({name: [] for name in preference_features()}, features=preference_features())
-        empty.save_to_disk(str(folder / "dataset"), num_shards=1)
-    _write_jsonl(folder / "preferences.jsonl", rows)
-    _write_jsonl(folder / "failed.jsonl", failures)
+        empty.save_to_disk(str(folder / DATASET_DIR), num_shards=1)
+    _write_jsonl(folder / PREFERENCES_JSONL, rows)
+    _write_jsonl(folder / FAILED_JSONL, failures)
     return {"accepted": len(rows), "failed": len(failures)}
 
 

@@ -15,19 +15,18 @@ from .config import GenerateConfig, differing_keys_except, save_config, to_dict
 from .errors import PipelineError
 from .files import FINALIZE_LOCK, FolderLock, folder_entries, move_aside, publish_set, run_folder_exists
 from .journal import Journal, journal_files, journal_path, merge_journals
-from .dataset import reselect, settle, write_dataset
+from .dataset import DATASET_DIR, DATASET_FILES, PREFERENCES_JSONL, reselect, settle, write_dataset
 from .distributed import process_state, prompt_batches, shard
 from .prompts import load_prompts
 from .selection import gives_up
-from .stats import format_summary, write_report
+from .stats import REPORT_FILES, format_summary, write_report
 
 # Keys --reselect applies to the stored candidates; any other change would need new generation.
 RESELECTABLE = {"reward_weights", "reward_bias", "length_unit", "length_min", "length_max", "target_score_range",
                 "min_chosen_score", "min_chosen_gibberish_confidence", "chosen_endings", "max_retries"}
 CONFIG_NAME = "config.json"
 # What finalize writes: one set, switched in at once (files.publish_set)
-OUTPUTS = ["dataset", "preferences.jsonl", "failed.jsonl", "statistics.json", "statistics.txt", "score_gap.png",
-           "reward_parts.png"]
+OUTPUTS = [*DATASET_FILES, *REPORT_FILES]
 
 
 # ------------------------------------------------------------------ the output folder
@@ -248,12 +247,12 @@ def finalize(cfg, folder: Path, total_prompts: int | None = None, records: list[
         write_card(cfg, staging, summary)  # in dataset/, published with it
         publish_set(folder, staging, OUTPUTS)
     print(format_summary(summary))
-    print(f"wrote {counts['accepted']} pairs to {folder / 'dataset'} (with its card, README.md) and "
-          f"{folder / 'preferences.jsonl'}")
+    print(f"wrote {counts['accepted']} pairs to {folder / DATASET_DIR} (with its card, README.md) and "
+          f"{folder / PREFERENCES_JSONL}")
     if cfg.push_to_hub:
         import datasets
 
-        datasets.load_from_disk(str(folder / "dataset")).push_to_hub(cfg.push_to_hub)
+        datasets.load_from_disk(str(folder / DATASET_DIR)).push_to_hub(cfg.push_to_hub)
         push_card(folder, cfg.push_to_hub)
     return summary
 

@@ -23,15 +23,15 @@ from pathlib import Path
 
 from . import config as config_module
 from .config import differing_keys, differing_keys_except, load_config, save_config, to_dict
-from .dpo_train import FINAL_ADAPTER
+from .dpo_train import FINAL_ADAPTER, METRICS_NAME
 from .errors import PipelineError
 from .distributed import die_with_parent, launch_command
 from .evaluation import RESULT_FILES, RESULTS_JSON
 from .files import FolderLock, folder_entries, write_text_atomic
 from .plotting import pyplot
+from .stats import STATISTICS_JSON
 
 ROOT = Path(__file__).resolve().parents[1]
-DPO_METRICS = "metrics.json"  # written by fine_tune_dpo after the final adapter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +199,7 @@ def saved_config(folder: Path) -> dict | None:
 
 def finished_unmarked(stage: Stage) -> bool:
     """Killed after the stage wrote its results but before the marker: the results are complete and its own."""
-    done = {"dpo": [stage.folder / DPO_METRICS],
+    done = {"dpo": [stage.folder / METRICS_NAME],  # written by fine_tune_dpo after the final adapter
             "evaluate": [stage.folder / name for name in RESULT_FILES]}.get(stage.kind.name)
     return bool(done) and all(p.exists() for p in done) and saved_config(stage.folder) is not None \
         and not differing_keys_except(saved_config(stage.folder), stage.resolved, stage.kind.unchanged_when_finished)
@@ -311,7 +311,7 @@ def iterations_table(stages: list[Stage]) -> dict:
             continue
         results = json.loads((stage.folder / RESULTS_JSON).read_text())
         generate_folder = stage.folder.parent / GENERATE.folder
-        statistics = json.loads((generate_folder / "statistics.json").read_text())
+        statistics = json.loads((generate_folder / STATISTICS_JSON).read_text())
         if sft is None:
             sft = {"adapter": results["setup"]["sources"]["SFT"], "prompts": results["setup"]["prompts"],
                    **{key: results["models"]["SFT"][key] for key in MODEL_KEYS},

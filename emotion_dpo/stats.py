@@ -204,14 +204,16 @@ def plot_reward_parts(accepted: list[dict], path: str | Path) -> None:
 
 
 PLOTS = ("score_gap.png", "reward_parts.png")
+STATISTICS_JSON, STATISTICS_TXT = "statistics.json", "statistics.txt"
+REPORT_FILES = (STATISTICS_JSON, STATISTICS_TXT, *PLOTS)  # what write_report writes
 
 
 def write_report(records: list[dict], folder: str | Path, total_prompts: int | None = None, weights=None) -> dict:
     folder = Path(folder)
     summary = summarize(records, total_prompts, weights)
     gaps = summary.pop("gaps")
-    (folder / "statistics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (folder / "statistics.txt").write_text(format_summary(summary) + "\n\n" + format_tables(summary) + "\n")
+    (folder / STATISTICS_JSON).write_text(json.dumps(summary, indent=2) + "\n")
+    (folder / STATISTICS_TXT).write_text(format_summary(summary) + "\n\n" + format_tables(summary) + "\n")
     plot_gaps(gaps, folder / PLOTS[0])
     plot_reward_parts([r for r in records if r["status"] == "accepted"], folder / PLOTS[1])
     return summary

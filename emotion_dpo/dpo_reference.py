@@ -11,6 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from .dataset import ID_COLUMNS
 from .dpo_guard import REFERENCE_ADAPTER, adapter_digests
 from .files import write_text_atomic
 
@@ -24,7 +25,7 @@ def reference_key(trainer, dataset, path_tag: str) -> str:
     model = trainer.accelerator.unwrap_model(trainer.model)
     adapter = REFERENCE_ADAPTER if REFERENCE_ADAPTER in getattr(model, "peft_config", {}) else "default"
     digest = hashlib.sha256()
-    for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
+    for column in ID_COLUMNS:
         digest.update(json.dumps(list(dataset[column])).encode())
     digest.update(json.dumps({"max_length": args.max_length, "truncation_mode": args.truncation_mode,
                               "bf16": args.bf16, "fp16": args.fp16, "path": path_tag,

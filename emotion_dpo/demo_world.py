@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from . import EMOTIONS
+from .distributed import die_with_parent
 from .template import context_ids, install_chat_format, load_chat_format, render_chat
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -503,16 +504,21 @@ def _one_thread(build, *args):
         torch.set_num_threads(threads)
 
 
-def _build(staging: Path, seed: int, small: bool) -> dict:
-    """Two independent branches, each seeding every random step itself: the classifiers and the judge in a second
-    process (spawned: no forked OpenMP state), the base and SFT models here; then the SFT model's accuracy, which
-    needs both."""
+def second_process():
+    """One worker process, spawned (no forked OpenMP state), that dies with this one: a build killed with `kill -9`
+    leaves nothing writing into its staging folder, which the next build removes and makes again."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent)
+
+
+def _build(staging: Path, seed: int, small: bool) -> dict:
+    """Two independent branches, each seeding every random step itself: the classifiers and the judge in a second
+    process, the base and SFT models here; then the SFT model's accuracy, which needs both."""
     recipe = {**RECIPE, **(SMALL if small else {})}
     started = time.time()
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with second_process() as pool:
         classifiers = pool.submit(_one_thread, _build_classifiers_and_judge, staging, seed, small, recipe)
         _one_thread(_build_base_and_sft, staging, seed, recipe)
         classifier_figures = classifiers.result()

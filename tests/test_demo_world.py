@@ -1,7 +1,13 @@
 """The offline demo world: deterministic, in the real formats, and as good (and as flawed) as it says."""
 
 import json
+import os
 import random
+import select
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import datasets
 import pytest
@@ -135,3 +141,39 @@ def test_sft_model_matches_the_requested_emotion_only_part_of_the_time(demo_worl
     labels = [result["label"] for result in classify(replies, batch_size=50)]
     accuracy = sum(label == p.target_emotion for label, p in zip(labels, prompts)) / len(prompts)
     assert 0.2 <= accuracy <= 0.65, accuracy  # right only part of the time: DPO has work to do
+
+
+BUILDER = """
+import os, signal
+from emotion_dpo.demo_world import second_process
+
+def busy():  # the classifier branch, working when its build is killed
+    print(os.getpid(), flush=True)
+    signal.pause()
+
+if __name__ == "__main__":
+    second_process().submit(busy)
+    signal.pause()
+"""
+
+
+def test_the_builds_second_process_dies_when_the_build_is_killed(tmp_path):
+    """kill -9 of a build must leave nothing writing into its staging folder (the next build makes it again)."""
+    script = tmp_path / "builder.py"
+    script.write_text(BUILDER)
+    root = str(Path(__file__).resolve().parents[1])
+    builder = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, cwd=root, env={**os.environ, "PYTHONPATH": root})
+    line = builder.stdout.readline()  # the second process says its PID from inside its work
+    assert line.strip().isdigit(), builder.stderr.read()[-3000:]
+    worker = int(line)
+    exited, ready = os.pidfd_open(worker), False
+    try:
+        builder.kill()
+        builder.wait()
+        ready, _, _ = select.select([exited], [], [], 120)  # readable once the worker has exited
+        assert ready, "the second process worked on after its build was killed"
+    finally:
+        os.close(exited)
+        if not ready:
+            os.kill(worker, signal.SIGKILL)

@@ -185,7 +185,7 @@ def test_a_text_only_dataset_is_tokenized_as_generation_conditions_and_continues
     text_only = datasets.load_from_disk(str(out / "dataset")).select_columns(["prompt", "chosen", "rejected"])
     text_only.save_to_disk(str(tmp_path / "text_only"))
     trainer, tokenizer = trainer_on(demo_world, adapter, tmp_path / "text_only", tmp_path)
-    bos = tokenizer.bos_token_id
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     for row, text in zip(trainer.train_dataset, text_only):
         assert text["prompt"].endswith("[/EMOTION] ")
         # by hand, the reference's rule for a finished reply: dialog.strip() + ' ' + eos_token (then a newline)

@@ -444,16 +444,12 @@ def run_pipeline(cfg) -> dict | None:
     refused at once, naming this process; the stages run under it (files.runs_under)."""
     run = Path(cfg.output_dir)
     # An existing run folder is locked before the stage configs are checked (that imports TRL: seconds), so that a
-    # second pipeline on it is refused at once; a new one only after, so that a bad config leaves no folder behind.
-    lock = lock_run_folder(run) if run.is_dir() else None
-    try:
-        stages = plan(cfg)
-        lock = lock or lock_run_folder(run)
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
-    with lock:
+    # second pipeline on it is refused at once; a new one is made only after, so that a bad config leaves no folder.
+    if run.is_dir():
+        with lock_run_folder(run) as lock:
+            return run_stages(cfg, plan(cfg), run, lock)
+    stages = plan(cfg)
+    with lock_run_folder(run) as lock:
         return run_stages(cfg, stages, run, lock)
 
 

@@ -2,11 +2,12 @@
 reports them, under a path that contains PATH_PART (emotion_dpo/faultpoints.py). The pipeline tests use it to kill
 and stop stages; here, a bare process passes points that do not match and then one that does."""
 
-import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+from conftest import process_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSES = """
@@ -23,7 +24,7 @@ print("the end", flush=True)
 
 
 def passes(fault: str | None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "EMOTION_DPO_FAULT"}
+    env = process_environment()  # without EMOTION_DPO_FAULT; set here even when empty
     if fault is not None:
         env["EMOTION_DPO_FAULT"] = fault
     return subprocess.run([sys.executable, "-c", PASSES], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .config import to_dict
 from .dataset import DATASET_DIR
+from .selection import uses_pool
 from .stats import PLOTS, format_summary, format_tables
 
 CARD_NAME = "README.md"
@@ -86,7 +87,20 @@ def rules_paragraph(cfg) -> str:
         f"{cfg.target_score_range} (target_score_range), the chosen score is below {cfg.min_chosen_score} "
         "(min_chosen_score), or the chosen reply is not in the requested emotion, not clean with confidence at least "
         f"{cfg.min_chosen_gibberish_confidence}, or does not end in one of {' '.join(cfg.chosen_endings)}. A failed "
-        f"round is sampled again; after {cfg.max_retries} failed retries the prompt is given up.")
+        f"round is sampled again; after {cfg.max_retries} failed retries the prompt is given up."
+        + (diversity_sentence(cfg) if uses_pool(cfg) else ""))
+
+
+def diversity_sentence(cfg) -> str:
+    cap = ("no cap on one text's share" if cfg.chosen_text_cap is None else
+           f"one text may be at most {cfg.chosen_text_cap:g} of an emotion's chosen replies (at least "
+           f"{cfg.chosen_text_cap_min}), counted in prompt order; a prompt whose passing texts are all at the cap gets "
+           "no pair")
+    return (f" Diversity-aware selection: each prompt chooses over all its rounds, which are sampled until they hold "
+            f"{cfg.min_distinct_passing} different passing texts (or the retries run out); the chosen reply is the "
+            f"{'rarest text among the run' + chr(39) + 's candidates for the emotion (DivPO)' if cfg.chosen_rule == 'rarest' else 'highest-scoring'} "
+            f"passing one, the rejected the {'most copied failing one (DivPO)' if cfg.rejected_rule == 'most_common' else 'lowest-scoring'}; "
+            f"{cap}. The length reward is {cfg.length_rule}.")
 
 
 def size_category(n: int) -> str:
@@ -113,6 +127,10 @@ def dataset_card(cfg, summary: dict):
              ("target_score_range", cfg.target_score_range), ("min_chosen_score", cfg.min_chosen_score),
              ("min_chosen_gibberish_confidence", cfg.min_chosen_gibberish_confidence),
              ("chosen_endings", " ".join(cfg.chosen_endings)), ("max_retries", cfg.max_retries),
+             ("chosen_text_cap, chosen_text_cap_min", f"{cfg.chosen_text_cap}, {cfg.chosen_text_cap_min}"),
+             ("min_distinct_passing, chosen_rule, rejected_rule",
+              f"{cfg.min_distinct_passing}, {cfg.chosen_rule}, {cfg.rejected_rule}"),
+             ("length_rule", cfg.length_rule),
              ("n_candidates", cfg.n_candidates), ("generation", json.dumps(cfg.generation, sort_keys=True)),
              ("seed", cfg.seed)]
     data = DatasetCardData(

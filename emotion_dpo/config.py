@@ -312,6 +312,9 @@ class RewardConfig(Section):
     length_unit: Literal["characters", "words", "tokens"] = Field("characters", description="unit of reply length")
     length_min: float = Field(5, gt=0, description="length the reward measures 'too short' against (it divides)")
     length_max: float = Field(20, gt=0, description="length the reward measures 'too long' against, > length_min")
+    length_rule: Literal["reference", "flat_above_max"] = Field(
+        "reference", description="reference: the banded rule, rising to 2 x length_max and falling there to about 1 "
+        "(the cliff); flat_above_max: the same up to length_max, then held at its value there")
     classifier_batch_size: int = Field(64, ge=1, description="texts per classifier call")
 
     @staticmethod
@@ -340,6 +343,20 @@ class SelectionConfig(Section):
     chosen_endings: list[str] = Field(default_factory=lambda: ["!", ".", "?"], min_length=1,
                                       description="chosen must end in one of these")
     max_retries: int = Field(30, ge=0, description="failed rounds regenerated before a prompt is given up")
+    # diversity-aware selection (README, "Diversity-aware selection"); the defaults are the reference's rule
+    chosen_text_cap: float | None = Field(
+        None, gt=0, le=1, description="the largest share of a target emotion's chosen replies one text may take, "
+        "counted in prompt order at finalize (null: no cap, the reference's rule)")
+    chosen_text_cap_min: int = Field(2, ge=1, description="the cap never allows fewer copies of a text than this")
+    min_distinct_passing: int = Field(
+        1, ge=1, description="a prompt is sampled again (up to max_retries) until its rounds hold this many different "
+        "texts that pass the chosen rules; above 1, each prompt chooses over all its rounds (1: the reference's rule)")
+    chosen_rule: Literal["best", "rarest"] = Field(
+        "best", description="among a prompt's passing replies: best (the highest total, the reference's) or rarest "
+        "(DivPO: the text with the fewest copies among the run's candidates for the emotion, then the highest total)")
+    rejected_rule: Literal["worst", "most_common"] = Field(
+        "worst", description="worst (the lowest total, the reference's) or most_common (DivPO: the most copied text "
+        "among the replies that do not pass and score target_score_range below the chosen)")
 
     @staticmethod
     def rules(values: dict) -> list[tuple[str, str]]:
@@ -367,6 +384,8 @@ class TrainConfig(GeneratorSource):
     dataset: str = Field(description="preference data: Hub id, local save_to_disk folder, or JSONL "
                                      "(columns prompt, chosen, rejected)")
     dataset_split: str = Field("train", description="split of a Hub dataset or DatasetDict folder")
+    earlier_datasets: list[str] = Field(default_factory=list, description="more preference data trained on with "
+                                        "`dataset`, in the same format (run_pipeline's accumulate_pairs sets it)")
     eval_fraction: float = Field(0.05, ge=0, le=0.5, description="share of pairs held out for evaluation (0: none)")
     allow_unmarked_prompts: bool = Field(
         False, description="true: train on prompts that lack the chat template's markers (e.g. decoded with the "
@@ -412,7 +431,9 @@ class EvaluateConfig(GeneratorSource, PromptSource, RewardConfig):
                                     description="a reply is clean if the detector says 'clean' with this")
     complete_endings: list[str] = Field(default_factory=lambda: ["!", ".", "?"], min_length=1,
                                         description="a reply ending otherwise is cut off")
-    bootstrap_samples: int = Field(2000, ge=100, description="resamples for the win-rate interval")
+    bootstrap_samples: int = Field(2000, ge=100, description="resamples of prompts for every 95 % interval")
+    replies_per_prompt: int = Field(1, ge=1, description="replies drawn per prompt and model: more draws, narrower "
+                                                         "intervals (each figure's interval is over prompts)")
     judges: list[JudgeConfig] = Field(default_factory=list, description="held-out emotion classifiers: accuracy, "
                                       "F1, agreement with the training classifier and a win rate under each")
     well_formed_replies: str | None = Field(
@@ -453,6 +474,8 @@ class PipelineConfig(Section):
     output_dir: Folder = Field("outputs/pipeline",
                                description="the run folder: iter-k/{preferences,dpo,evaluation}, iterations.*")
     launcher: LauncherConfig = Field(default_factory=LauncherConfig, description="how each stage is started")
+    accumulate_pairs: bool = Field(False, description="iteration k trains on the pairs of iterations 1..k (false: "
+                                                      "on its own iteration's pairs only)")
     dpo_reference: Literal["previous", "sft"] = Field(
         "previous", description="DPO's frozen reference in iteration k >= 2: the adapter it trains on from (previous: "
         "iteration k-1's) or the SFT adapter (sft: one anchor for every iteration)")

@@ -15,7 +15,7 @@ from .config import GenerateConfig, differing_keys_except, save_config, to_dict
 from .errors import PipelineError
 from .files import FINALIZE_LOCK, FolderLock, folder_entries, move_aside, publish_set, run_folder_exists
 from .journal import Journal, journal_files, journal_path, merge_journals
-from .dataset import DATASET_DIR, DATASET_FILES, PREFERENCES_JSONL, reselect, settle, write_dataset
+from .dataset import DATASET_DIR, DATASET_FILES, PREFERENCES_JSONL, choose_pairs, reselect, settle, write_dataset
 from .distributed import process_state, prompt_batches, shard
 from .prompts import load_prompts
 from .selection import gives_up
@@ -23,7 +23,8 @@ from .stats import REPORT_FILES, format_summary, write_report
 
 # Keys --reselect applies to the stored candidates; any other change would need new generation.
 RESELECTABLE = {"reward_weights", "reward_bias", "length_unit", "length_min", "length_max", "target_score_range",
-                "min_chosen_score", "min_chosen_gibberish_confidence", "chosen_endings", "max_retries"}
+                "min_chosen_score", "min_chosen_gibberish_confidence", "chosen_endings", "max_retries", "length_rule",
+                "chosen_text_cap", "chosen_text_cap_min", "min_distinct_passing", "chosen_rule", "rejected_rule"}
 CONFIG_NAME = "config.json"
 # What finalize writes: one set, switched in at once (files.publish_set)
 OUTPUTS = [*DATASET_FILES, *REPORT_FILES]
@@ -242,11 +243,16 @@ def finalize(cfg, folder: Path, total_prompts: int | None = None, records: list[
         staging = folder / ".staging"
         shutil.rmtree(staging, ignore_errors=True)  # what a crashed finalize left
         staging.mkdir()
+        records, chosen_text = choose_pairs(records, cfg)  # the diversity keys, counted in prompt order
         counts = write_dataset(records, staging)
-        summary = write_report(records, staging, total_prompts, cfg.reward_weights)
+        summary = write_report(records, staging, total_prompts, cfg.reward_weights, chosen_text, cfg.length_max)
         write_card(cfg, staging, summary)  # in dataset/, published with it
         publish_set(folder, staging, OUTPUTS)
     print(format_summary(summary))
+    if summary["collapse_ahead"]:
+        warnings.warn(f"{folder}: the pairs teach a collapse before DPO starts ("
+                      + "; ".join(summary["collapse_ahead"]) + "); chosen_text_cap limits one text's share "
+                      "(README, 'Diversity-aware selection')", stacklevel=2)
     print(f"wrote {counts['accepted']} pairs to {folder / DATASET_DIR} (with its card, README.md) and "
           f"{folder / PREFERENCES_JSONL}")
     if cfg.push_to_hub:

@@ -100,10 +100,16 @@ def record_problem(record) -> str | None:
     if not _are_ids(record.get("prompt_ids")):
         return "key 'prompt_ids': expected a list of token ids"
     if record["status"] == "accepted":
-        last = len(rounds[-1])
-        for key in ("chosen_at", "rejected_at"):
-            if not _is(record.get(key), int) or not 0 <= record[key] < last:
-                return f"key {key!r}: expected the position of a reply of the last round (0-{last - 1}), " \
+        for side in ("chosen", "rejected"):
+            round_key, key = f"{side}_round", f"{side}_at"
+            at_round = record.get(round_key)  # absent or null: the last round (the reference's rule)
+            if at_round is not None and (not _is(at_round, int) or not 0 <= at_round < len(rounds)):
+                return f"key {round_key!r}: expected the position of a round (0-{len(rounds) - 1}) or null, " \
+                       f"got {json.dumps(at_round)}"
+            size = len(rounds[-1 if at_round is None else at_round])
+            if not _is(record.get(key), int) or not 0 <= record[key] < size:
+                where = "the last round" if at_round is None else f"round {at_round}"
+                return f"key {key!r}: expected the position of a reply of {where} (0-{size - 1}), " \
                        f"got {json.dumps(record.get(key))}"
     elif not isinstance(record.get("reason"), str):
         return "key 'reason': a failed prompt needs the reason of its last round"

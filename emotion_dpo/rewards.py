@@ -24,6 +24,15 @@ def length_reward(length: float, shortest: float = 5, longest: float = 20) -> fl
     return from_longest * 0.9
 
 
+def flat_length_reward(length: float, shortest: float = 5, longest: float = 20) -> float:
+    """The reference's rule up to `longest`, then held at its value there: no cliff at 2 x longest, which makes the
+    longest replies just under it win everywhere (README, "Diversity-aware selection")."""
+    return length_reward(min(length, longest), shortest, longest)
+
+
+LENGTH_RULES = {"reference": length_reward, "flat_above_max": flat_length_reward}
+
+
 def gibberish_reward(label: str, confidence: float) -> float:
     """Detector says clean: confidence x 10; mild gibberish: x 5; anything else: confidence - 2."""
     label = label.lower()

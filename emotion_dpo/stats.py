@@ -7,15 +7,12 @@ import statistics
 from collections import Counter
 from pathlib import Path
 
-from .dataset import PARTS  # in reward_weights' order
+from .dataset import PARTS, picked  # PARTS in reward_weights' order
 from .diversity import diversity_report
 from .plotting import pyplot
 
 
-def pair_of(record: dict) -> tuple[dict, dict]:
-    """An accepted record's (chosen, rejected) replies, from its last round."""
-    last = record["rounds"][-1]
-    return last[record["chosen_at"]], last[record["rejected_at"]]
+pair_of = picked  # an accepted record's (chosen, rejected) replies
 
 
 def gap_of(record: dict) -> float:
@@ -82,7 +79,35 @@ def cut_off_shares(accepted: list[dict]) -> dict:
             "rejected": statistics.fmean(not r["ended_on_eos"] for _, r in known) if known else None}
 
 
-def summarize(records: list[dict], total_prompts: int | None = None, weights=None) -> dict:
+# Bins of the chosen replies' length, as fractions of length_max: the reference's length reward rises to
+# 2 x length_max and drops there to about 1 (the cliff), so the longest replies just under it win.
+LENGTH_BINS = (0.0, 1.0, 1.5, 1.8, 2.0)
+
+
+def length_against_cliff(lengths: list[float], length_max: float) -> dict:
+    """How many chosen replies fall in each length bin (LENGTH_BINS x length_max, the last bin open-ended)."""
+    edges = [f * length_max for f in LENGTH_BINS] + [float("inf")]
+    bins = []
+    for low, high in zip(edges, edges[1:]):
+        n = sum(low <= length < high for length in lengths)
+        bins.append({"from": low, "to": None if high == float("inf") else high, "chosen": n,
+                     "share": n / len(lengths) if lengths else 0.0})
+    return {"cliff": 2 * length_max, "bins": bins}
+
+
+def chosen_text_warnings(rows: dict) -> list[str]:
+    """The evaluation's collapse rule (diversity.py) on the pairs: within a target emotion with at least MIN_GROUP
+    pairs, one chosen text takes more than TOP_SHARE_LIMIT of them. DPO learns what it is shown."""
+    from .diversity import MIN_GROUP, TOP_SHARE_LIMIT
+
+    return [f"{emotion}: {row['top_share_after']:.0%} of its {pairs} pairs choose {row['top_text_after']!r}"
+            for emotion, row in rows.items()
+            if (pairs := row["prompts"] - row["left_without_pair"]) >= MIN_GROUP
+            and row["top_share_after"] > TOP_SHARE_LIMIT]
+
+
+def summarize(records: list[dict], total_prompts: int | None = None, weights=None, chosen_text: dict | None = None,
+              length_max: float | None = None) -> dict:
     """Score-gap median/mean/SD (sample SD), acceptance rate, rounds per prompt, failure reasons; by target emotion;
     the reward parts of chosen and rejected, and (given the reward weights) which part decides each pair."""
     accepted = [r for r in records if r["status"] == "accepted"]
@@ -111,6 +136,10 @@ def summarize(records: list[dict], total_prompts: int | None = None, weights=Non
         "cut_off": cut_off_shares(accepted),
         "diversity": reply_diversity(accepted),
         **({"decided_by": decided_by(accepted, weights)} if weights is not None else {}),
+        **({"chosen_text": chosen_text, "collapse_ahead": chosen_text_warnings(chosen_text)}
+           if chosen_text is not None else {}),
+        **({"chosen_length": length_against_cliff([pair_of(r)[0]["length"] for r in accepted], length_max)}
+           if length_max is not None else {}),
         "gaps": gaps,
     }
 
@@ -133,6 +162,8 @@ def format_summary(summary: dict) -> str:
                      f"{100 * cut['rejected']:.1f} %  (of {cut['pairs']} pairs)")
     for reason, count in summary["failure_reasons"].items():
         lines.append(f"  failed: {reason}: {count}")
+    for warning in summary.get("collapse_ahead", []):
+        lines.append(f"COLLAPSE AHEAD in the pairs: {warning}")
     return "\n".join(lines)
 
 
@@ -164,6 +195,21 @@ def format_tables(summary: dict) -> str:
             lines.append(f"| {emotion} | {chosen['distinct_replies']} of {chosen['replies']} / "
                          f"{fmt(chosen['most_frequent_share'])} | {rejected['distinct_replies']} of "
                          f"{rejected['replies']} / {fmt(rejected['most_frequent_share'])} |")
+    if "chosen_text" in summary:
+        lines += ["", "| target emotion | pairs | cap | top chosen text before the rule (share) | after the rule "
+                  "(share) | left without a pair |", "| --- | --- | --- | --- | --- | --- |"]
+        for emotion, row in summary["chosen_text"].items():
+            lines.append(f"| {emotion} | {row['prompts'] - row['left_without_pair']} | "
+                         f"{'-' if row['cap'] is None else row['cap']} | {row['top_text_before']!r} "
+                         f"({fmt(row['top_share_before'])}) | {row['top_text_after']!r} ({fmt(row['top_share_after'])}) "
+                         f"| {row['left_without_pair']} |")
+    if "chosen_length" in summary:
+        cliff = summary["chosen_length"]
+        lines += ["", f"| chosen reply length (the reference's length reward drops at {cliff['cliff']:g}) | chosen | "
+                  "share |", "| --- | --- | --- |"]
+        for b in cliff["bins"]:
+            span = f"{b['from']:g} and more" if b["to"] is None else f"{b['from']:g} to under {b['to']:g}"
+            lines.append(f"| {span} | {b['chosen']} | {fmt(b['share'])} |")
     if "decided_by" in summary:
         total = sum(summary["decided_by"].values())
         lines += ["", "| reward part | pairs it decides (largest weighted share of the gap) |", "| --- | --- |"]
@@ -208,9 +254,10 @@ STATISTICS_JSON, STATISTICS_TXT = "statistics.json", "statistics.txt"
 REPORT_FILES = (STATISTICS_JSON, STATISTICS_TXT, *PLOTS)  # what write_report writes
 
 
-def write_report(records: list[dict], folder: str | Path, total_prompts: int | None = None, weights=None) -> dict:
+def write_report(records: list[dict], folder: str | Path, total_prompts: int | None = None, weights=None,
+                 chosen_text: dict | None = None, length_max: float | None = None) -> dict:
     folder = Path(folder)
-    summary = summarize(records, total_prompts, weights)
+    summary = summarize(records, total_prompts, weights, chosen_text, length_max)
     gaps = summary.pop("gaps")
     (folder / STATISTICS_JSON).write_text(json.dumps(summary, indent=2) + "\n")
     (folder / STATISTICS_TXT).write_text(format_summary(summary) + "\n\n" + format_tables(summary) + "\n")

@@ -98,11 +98,25 @@ MIN_PAIRS_TO_HOLD_OUT = 10  # below this, eval_fraction of the pairs would be a 
 
 def load_preferences(cfg, template_markers=()):
     """(train, eval or None): checked, extra columns dropped, split by eval_fraction with the config's seed."""
-    dataset = read_preferences(cfg.dataset, cfg.dataset_split)
-    extra = check_preferences(dataset, cfg.dataset, template_markers, cfg.allow_unmarked_prompts)
-    if extra:
-        say(f"{cfg.dataset}: {len(dataset)} pairs; columns kept out of training: {', '.join(extra)}")
-    dataset = without_repeats(dataset.remove_columns(extra), cfg.dataset)
+    parts = []
+    for source in [cfg.dataset, *cfg.earlier_datasets]:  # earlier_datasets: accumulated iterations' pairs
+        part = read_preferences(source, cfg.dataset_split)
+        extra = check_preferences(part, source, template_markers, cfg.allow_unmarked_prompts)
+        if extra:
+            say(f"{source}: {len(part)} pairs; columns kept out of training: {', '.join(extra)}")
+        part = part.remove_columns(extra)
+        if parts and sorted(part.column_names) != sorted(parts[0].column_names):
+            raise PipelineError(f"{source}: columns {', '.join(sorted(part.column_names))} differ from {cfg.dataset}'s "
+                                f"({', '.join(sorted(parts[0].column_names))}): the datasets are trained on together")
+        parts.append(part.select_columns(parts[0].column_names) if parts else part)
+    if len(parts) > 1:
+        import datasets
+
+        say(f"{cfg.dataset}: {len(parts[0])} pairs, with {sum(len(p) for p in parts[1:])} of earlier_datasets")
+        dataset = datasets.concatenate_datasets(parts)
+    else:
+        dataset = parts[0]
+    dataset = without_repeats(dataset, cfg.dataset)
     if cfg.eval_fraction == 0:
         return dataset, None
     if len(dataset) < MIN_PAIRS_TO_HOLD_OUT:

@@ -88,7 +88,7 @@ def diversity_figures(prompts, scored: dict, well_formed: dict | None = None) ->
     return figures
 
 
-def held_out_judges(cfg, mappings, targets, scored: dict) -> dict:
+def held_out_judges(cfg, mappings, targets, scored: dict, judged: dict | None = None) -> dict:
     """Per judge: each model's accuracy, weighted and macro F1 under it; its Cohen's kappa with the training
     classifier on SFT's replies; DPO's win rate over SFT by the judge's confidence in the requested emotion."""
     table = {}
@@ -97,6 +97,8 @@ def held_out_judges(cfg, mappings, targets, scored: dict) -> dict:
         probabilities = {name: judge_replies(judge.model, mapping, [r.text for r in replies], cfg.classifier_batch_size)
                          for name, replies in scored.items()}
         figures = {name: judge_figures(targets, rows) for name, rows in probabilities.items()}
+        if judged is not None:  # each model's labels under the judge, for the intervals
+            judged[judge.name] = {name: predicted(rows) for name, rows in probabilities.items()}
         table[judge.name] = {
             "model": judge.model,
             "models": {name: {k: v for k, v in f.items() if k != "target_confidence"} for name, f in figures.items()},
@@ -170,10 +172,11 @@ def prepare_output_dir(cfg, fresh: bool = False) -> Path:
 
 # ------------------------------------------------------------------ generating and scoring
 
-def sample_replies(model, tokenizer, batches, generation_config, seed: int) -> list[list[tuple]]:
-    """One reply per prompt, per batch, as (text, token ids); conditioned on each prompt's context ids, as
-    generate_preferences samples and DPO trains. Batch `number` is sampled from seed + number, for every model
-    (sampling noise is shared) and in whichever process samples it (the same replies with 1 process or N)."""
+def sample_replies(model, tokenizer, batches, generation_config, seed: int, per_prompt: int = 1) -> list[list[tuple]]:
+    """`per_prompt` replies per prompt (a prompt's draws next to each other), per batch, as (text, token ids);
+    conditioned on each prompt's context ids, as generate_preferences samples and DPO trains. Batch `number` is
+    sampled from seed + number, for every model (sampling noise is shared) and in whichever process samples it (the
+    same replies with 1 process or N)."""
     from transformers import set_seed
 
     from .generation import generate_candidates
@@ -181,9 +184,64 @@ def sample_replies(model, tokenizer, batches, generation_config, seed: int) -> l
     replies = []
     for number, batch in batches:
         set_seed(seed + number)
-        replies.append([group[0] for group in generate_candidates(model, tokenizer, [p.ids for p in batch], 1,
-                                                                  generation_config)])
+        replies.append([reply for group in generate_candidates(model, tokenizer, [p.ids for p in batch], per_prompt,
+                                                               generation_config) for reply in group])
     return replies
+
+
+def drawn(prompts, per_prompt: int) -> list:
+    """Each prompt once per reply drawn for it, in the order sample_replies lays the replies out."""
+    return [p for p in prompts for _ in range(per_prompt)]
+
+
+# ------------------------------------------------------------------ intervals over prompts
+
+def bootstrap_interval(values_by_prompt, statistic, samples: int, seed: int) -> dict:
+    """A figure and its 95 % bootstrap interval over prompts: `values_by_prompt[i]` holds what prompt i contributes
+    (its replies' values), `statistic` maps the concatenated values of a resample of prompts to the figure. The
+    interval is the normal one around the figure, +- 1.96 x the resamples' SD: resampling prompts with replacement
+    repeats some, which biases a count of distinct replies downward, and a percentile interval would inherit that."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n = len(values_by_prompt)
+    estimate = float(statistic([v for values in values_by_prompt for v in values]))
+    spread = float(np.std([statistic([v for i in rng.integers(0, n, size=n) for v in values_by_prompt[i]])
+                           for _ in range(samples)]))
+    return {"value": estimate, "ci95": [estimate - 1.96 * spread, estimate + 1.96 * spread]}
+
+
+def worst_top_share(pairs) -> float:
+    """The largest share one text takes of a requested emotion's replies, over the emotions; `pairs` are
+    (emotion, text)."""
+    from collections import Counter
+
+    by_emotion = {}
+    for emotion, text in pairs:
+        by_emotion.setdefault(emotion, Counter())[text.strip()] += 1
+    return max((max(c.values()) / sum(c.values()) for c in by_emotion.values()), default=0.0)
+
+
+def per_prompt(values: list, per: int) -> list[list]:
+    return [values[i:i + per] for i in range(0, len(values), per)]
+
+
+def interval_figures(targets: list[str], scored: dict, judged: dict, per: int, samples: int, seed: int) -> dict:
+    """Per model, the headline figures with their bootstrap intervals over prompts: emotion accuracy, each judge's
+    accuracy (`judged`: judge -> model -> its predicted labels), distinct replies, the worst emotion's top share."""
+    table = {}
+    for name, replies in scored.items():
+        correct = per_prompt([r.emotion_label.lower() == t.lower() for r, t in zip(replies, targets)], per)
+        texts = per_prompt([r.text.strip() for r in replies], per)
+        pairs = per_prompt(list(zip(targets, [r.text for r in replies])), per)
+        row = {"emotion_accuracy": bootstrap_interval(correct, lambda v: sum(v) / len(v), samples, seed),
+               "distinct_replies": bootstrap_interval(texts, lambda v: len(set(v)), samples, seed),
+               "worst_top_share": bootstrap_interval(pairs, worst_top_share, samples, seed)}
+        for judge, labels in judged.items():
+            hits = per_prompt([label.lower() == t.lower() for label, t in zip(labels[name], targets)], per)
+            row[f"judge: {judge}"] = bootstrap_interval(hits, lambda v: sum(v) / len(v), samples, seed)
+        table[name] = row
+    return table
 
 
 def gather_scored(mine: dict[str, dict[int, list]], batches: int) -> dict[str, list] | None:
@@ -313,18 +371,21 @@ def _evaluate(cfg, state, folder: Path, tokenizer, prompts, generation_config, w
         adapters[name] = adapter
         if state.is_main_process:
             print(f"sampling {len(prompts)} replies from {name} ...")
+        k = cfg.replies_per_prompt
         if adapter is None:
             with model.disable_adapter():
-                replies = sample_replies(model, tokenizer, mine, generation_config, cfg.seed)
+                replies = sample_replies(model, tokenizer, mine, generation_config, cfg.seed, k)
         else:
             model.set_adapter(adapter)
-            replies = sample_replies(model, tokenizer, mine, generation_config, cfg.seed)
+            replies = sample_replies(model, tokenizer, mine, generation_config, cfg.seed, k)
         # scored batch by batch, as every process count scores them: the classifiers' batches are the same too
-        scored_here[name] = {number: scorer.score(batch_replies, [p.target_emotion for p in batch])
+        scored_here[name] = {number: scorer.score(batch_replies, [p.target_emotion for p in drawn(batch, k)])
                              for (number, batch), batch_replies in zip(mine, replies)}
     scored = gather_scored(scored_here, len(batches))
     if scored is None:
         return None
+    sampled_prompts, prompts = prompts, drawn(prompts, cfg.replies_per_prompt)  # from here on: one per reply
+    targets = [p.target_emotion for p in prompts]
 
     max_new_tokens = generation_config.max_new_tokens
     kl = {name: kl_to_sft(model, adapter, prompts, scored[name], tokenizer.eos_token_id, max_new_tokens,
@@ -332,7 +393,8 @@ def _evaluate(cfg, state, folder: Path, tokenizer, prompts, generation_config, w
 
     # ---- compare, report
     results = {
-        "setup": {"prompts": len(prompts), "dataset": cfg.dataset, "dataset_split": cfg.dataset_split,
+        "setup": {"prompts": len(sampled_prompts), "replies_per_prompt": cfg.replies_per_prompt,
+                  "dataset": cfg.dataset, "dataset_split": cfg.dataset_split,
                   "seed": cfg.seed, "base_model": cfg.base_model,
                   "sources": {"SFT": cfg.adapter, "DPO": cfg.dpo_adapter,
                               **({"base": cfg.base_model} if cfg.include_base else {})}},
@@ -343,8 +405,10 @@ def _evaluate(cfg, state, folder: Path, tokenizer, prompts, generation_config, w
                                cfg.bootstrap_samples, cfg.seed),
         "diversity": diversity_figures(prompts, scored, well_formed),
         "kl_to_sft": kl,
-        "judges": held_out_judges(cfg, judge_mappings, targets, scored),
+        "judges": held_out_judges(cfg, judge_mappings, targets, scored, judged := {}),
     }
+    results["intervals"] = interval_figures(targets, scored, judged, cfg.replies_per_prompt, cfg.bootstrap_samples,
+                                            cfg.seed)
     write_results(folder, results, prompts, scored)
     print(format_table(results))
     print(f"wrote {', '.join(RESULT_FILES)} to {folder}")
@@ -375,6 +439,8 @@ def format_table(results: dict) -> str:
     for emotion in emotions:
         cells = [f"{results['models'][m]['per_emotion_accuracy'].get(emotion, float('nan')):.3f}" for m in models]
         lines.append(f"| {emotion} | " + " | ".join(cells) + " |")
+    if results.get("intervals"):
+        lines += ["", format_intervals(results["intervals"])]
     lines += ["", format_diversity(results["diversity"]), ""]
     lines += [f"KL to SFT of {name} (mean log p_{name}(y|x) - log p_SFT(y|x) over its own replies): {k['kl']:.3f} "
               f"nats (SD {k['sd']:.3f})" for name, k in results.get("kl_to_sft", {}).items()]
@@ -384,6 +450,18 @@ def format_table(results: dict) -> str:
     lines += ["", f"DPO vs SFT win rate by total reward: {w['win_rate']:.3f} "
                   f"(95 % bootstrap interval {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f}; "
                   f"{w['wins']} wins, {w['ties']} ties, {w['losses']} losses)"]
+    return "\n".join(lines)
+
+
+def format_intervals(intervals: dict) -> str:
+    """The headline figures with their 95 % bootstrap intervals over prompts."""
+    models = list(intervals)
+    lines = ["| with its 95 % interval over prompts | " + " | ".join(models) + " |", "| --- |" + " --- |" * len(models)]
+    for key in intervals[models[0]]:
+        fmt = "{:.0f}" if key == "distinct_replies" else "{:.3f}"
+        cells = [f"{fmt.format(f['value'])} ({fmt.format(f['ci95'][0])}-{fmt.format(f['ci95'][1])})"
+                 for f in (intervals[m][key] for m in models)]
+        lines.append(f"| {key.replace('_', ' ')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -467,11 +545,13 @@ def write_results(folder: Path, results: dict, prompts, scored: dict) -> None:
     (folder / RESULTS_JSON).write_text(json.dumps(results, indent=2) + "\n")
     setup = results["setup"]
     sources = "\n".join(f"- {name}: `{where}`" for name, where in setup["sources"].items())
+    per = setup.get("replies_per_prompt", 1)
     header = (f"# SFT vs DPO\n\n{setup['prompts']} prompts from `{setup['dataset']}` split `{setup['dataset_split']}`, "
-              f"one reply each per model, sampled with seed {setup['seed']}.\n\n{sources}\n\n")
+              f"{'one reply' if per == 1 else f'{per} replies'} each per model, sampled with seed {setup['seed']}."
+              f"\n\n{sources}\n\n")
     (folder / RESULTS_MD).write_text(header + format_table(results) + "\n")
     with open(folder / REPLIES, "w", encoding="utf-8") as f:
-        for i, prompt in enumerate(prompts):
+        for i, prompt in enumerate(prompts):  # a line per reply drawn (several per prompt: same index)
             row = {"index": prompt.index, "target_emotion": prompt.target_emotion, "prompt": prompt.text,
                    "prompt_ids": prompt.ids}
             for name, replies in scored.items():

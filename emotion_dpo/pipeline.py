@@ -51,7 +51,7 @@ class StageKind:
 GENERATE = StageKind("generate", "preferences", "generate_preferences.py", "GenerateConfig",
                      frozenset({"output_dir", "skip_prompts"}))
 DPO = StageKind("dpo", "dpo", "fine_tune_dpo.py", "TrainConfig",
-                frozenset({"output_dir", "dataset", "resume_from_checkpoint", "reference_adapter"}))
+                frozenset({"output_dir", "dataset", "earlier_datasets", "resume_from_checkpoint", "reference_adapter"}))
 EVALUATE = StageKind("evaluate", "evaluation", "evaluate.py", "EvaluateConfig",
                      frozenset({"output_dir", "dpo_adapter"}))
 KINDS = (GENERATE, DPO, EVALUATE)
@@ -157,6 +157,9 @@ def plan(cfg) -> list[Stage]:
                 "generate": [f"adapter={generator}", f"skip_prompts={skip}"],
                 # iteration k trains on from the adapter that sampled its data; TRL's frozen "ref" is a copy of it,
                 "dpo": [f"adapter={generator}", f"dataset={folder / GENERATE.folder / 'dataset'}"]
+                # accumulate_pairs: iteration k trains on the pairs of iterations 1..k (arXiv 2404.01413)
+                + ([f"earlier_datasets={json.dumps([str(run / f'iter-{j}' / GENERATE.folder / 'dataset') for j in range(1, k)])}"]
+                   if k > 1 and cfg.accumulate_pairs else [])
                 # dpo_reference "sft": the SFT adapter stays the frozen reference of every iteration (an anchor)
                 + ([f"reference_adapter={sft}"] if k > 1 and cfg.dpo_reference == "sft" else []),
                 # every iteration against the SFT model, on the same held-out prompts

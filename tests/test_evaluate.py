@@ -224,3 +224,44 @@ def test_kl_to_sft_on_a_tiny_case_equals_the_log_prob_difference_computed_token_
     cut = kl_to_sft(model, "dpo", prompts[:1], replies[1:], eos, 3, batch_size=1)
     assert cut["kl"] == pytest.approx(by_hand("dpo", prompts[0].ids, words[:3])
                                       - by_hand("default", prompts[0].ids, words[:3]), abs=1e-4)
+
+
+def test_a_bootstrap_interval_over_prompts_has_the_spread_worked_out_by_hand():
+    from emotion_dpo.evaluation import bootstrap_interval
+
+    constant = bootstrap_interval([[1, 1], [1, 1], [1, 1]], lambda v: sum(v) / len(v), 500, 0)
+    assert constant == {"value": 1.0, "ci95": [1.0, 1.0]}
+    # two prompts, one right (1) and one wrong (0): a resample of 2 prompts has mean 0, 1/2, 1/2 or 1 with equal
+    # chance, so its SD is sqrt((1/4 + 0 + 0 + 1/4) / 4) = sqrt(1/8) = 0.354; the interval 0.5 +- 1.96 x 0.354
+    spread = bootstrap_interval([[1], [0]], lambda v: sum(v) / len(v), 20000, 0)
+    assert spread["value"] == 0.5
+    assert spread["ci95"][1] - 0.5 == pytest.approx(1.96 * 0.125 ** 0.5, rel=0.03)
+
+
+def test_the_worst_top_share_is_the_largest_share_one_text_takes_of_an_emotions_replies():
+    from emotion_dpo.evaluation import worst_top_share
+
+    # sadness: "oh no ." 2 of 3 (0.667); happiness: 1 of 2 each (0.5)
+    pairs = [("sadness", "oh no ."), ("sadness", " oh no . "), ("sadness", "sigh ."), ("happiness", "yay !"),
+             ("happiness", "great !")]
+    assert worst_top_share(pairs) == pytest.approx(2 / 3)
+    assert worst_top_share([]) == 0.0
+
+
+def test_several_replies_per_prompt_are_drawn_and_every_figure_gets_its_interval(demo_world, tmp_path):
+    cfg = demo_config(demo_world, tmp_path / "eval", f"dpo_adapter={demo_world / 'sft_adapter'}", "num_prompts=12",
+                      "replies_per_prompt=3", "bootstrap_samples=200")
+    results = evaluate(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "replies.jsonl").read_text().splitlines()]
+    assert len(rows) == 36 and [r["index"] for r in rows[:6]] == [rows[0]["index"]] * 3 + [rows[3]["index"]] * 3
+    assert results["setup"]["prompts"] == 12 and results["setup"]["replies_per_prompt"] == 3
+    # accuracy over the 36 replies, counted from the file
+    right = sum(r["SFT"]["emotion_label"].lower() == r["target_emotion"].lower() for r in rows) / 36
+    intervals = results["intervals"]
+    assert intervals["SFT"]["emotion_accuracy"]["value"] == pytest.approx(right)
+    assert intervals["SFT"] == intervals["DPO"]  # one adapter under one seed
+    assert set(intervals["SFT"]) == {"emotion_accuracy", "distinct_replies", "worst_top_share", "judge: demo judge"}
+    for figure in intervals["SFT"].values():
+        assert figure["ci95"][0] <= figure["value"] <= figure["ci95"][1]
+    assert intervals["SFT"]["distinct_replies"]["value"] == len({r["SFT"]["text"].strip() for r in rows})
+    assert "with its 95 % interval over prompts" in (tmp_path / "eval" / "results.md").read_text()

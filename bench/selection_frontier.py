@@ -1,0 +1,174 @@
+"""Selection rules side by side over seeds: two-iteration demo pipelines, the last iteration's figures as mean and
+range over the seeds (generate and DPO seeds together; evaluation keeps its own seed, so every run is judged on the
+same draws of the same prompts).
+
+    python bench/selection_frontier.py --out bench/selection_frontier                      # every setting, 3 seeds
+    python bench/selection_frontier.py --out bench/selection_frontier --settings reference cap10_resample2
+
+Each run is `run_pipeline.py --config args/demo/pipeline_arg.json` in outputs/selection_frontier/SETTING-sSEED
+(resumed when it is there: a finished run is read, not run again). Writes OUT/results.json and OUT/results.md:
+emotion accuracy, the held-out judge's accuracy, distinct replies (and as a share of SFT's and of the ceiling), the
+worst emotion's top share, canned share, KL to SFT, the collapse warning, and the run's wall time on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS = (42, 1, 7)
+REPLIES_PER_PROMPT = 4  # the demo's evaluation draws (README, "Evaluation that can tell settings apart")
+
+# setting -> run_pipeline overrides (the demo's own config otherwise)
+SETTINGS = {
+    "reference": [],
+    "cap10_resample2": ["generate.chosen_text_cap=0.1", "generate.min_distinct_passing=2"],
+    "cap10_resample2_e2": ["generate.chosen_text_cap=0.1", "generate.min_distinct_passing=2",
+                           "dpo.dpo.num_train_epochs=2"],
+    "cap20_resample2_e2": ["generate.chosen_text_cap=0.2", "generate.min_distinct_passing=2",
+                           "dpo.dpo.num_train_epochs=2"],
+    "rarest_e2": ["generate.chosen_rule=\"rarest\"", "dpo.dpo.num_train_epochs=2"],
+    "flat_cap10_resample2_e2": ["generate.length_rule=\"flat_above_max\"", "generate.chosen_text_cap=0.1",
+                                "generate.min_distinct_passing=2", "dpo.dpo.num_train_epochs=2"],
+    "flat_e2": ["generate.length_rule=\"flat_above_max\"", "dpo.dpo.num_train_epochs=2"],
+    "flat_cap20_resample2_e2": ["generate.length_rule=\"flat_above_max\"", "generate.chosen_text_cap=0.2",
+                                "generate.min_distinct_passing=2", "dpo.dpo.num_train_epochs=2"],
+    "cap10_resample2_e2_accumulate": ["generate.chosen_text_cap=0.1", "generate.min_distinct_passing=2",
+                                      "dpo.dpo.num_train_epochs=2", "accumulate_pairs=true"],
+}
+
+
+def run(setting: str, seed: int, folder: Path, overrides: list[str]) -> float | None:
+    """Run (or resume) one pipeline; its wall time in seconds, None when it was already finished."""
+    if (folder / "iterations.json").exists():
+        return None
+    sets = [f"output_dir={folder}", f"generate.seed={seed}", f"dpo.seed={seed}",
+            f"evaluate.replies_per_prompt={REPLIES_PER_PROMPT}", "evaluate.include_base=false", *overrides]
+    command = [sys.executable, "run_pipeline.py", "--config", "args/demo/pipeline_arg.json"]
+    for override in sets:
+        command += ["--set", override]
+    started = time.monotonic()
+    with open(folder.with_suffix(".log"), "a") as log:
+        subprocess.run(command, cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
+    return time.monotonic() - started
+
+
+def last_iteration(folder: Path) -> dict:
+    iterations = sorted(folder.glob("iter-*/evaluation/results.json"), key=lambda p: int(p.parts[-3][5:]))
+    results = json.loads(iterations[-1].read_text())
+    intervals = results["intervals"]
+    judge = next(key for key in intervals["DPO"] if key.startswith("judge: "))
+    diversity = results["diversity"]
+    statistics_file = folder / iterations[-1].parts[-3] / "preferences/statistics.json"
+    pairs = json.loads(statistics_file.read_text())
+    return {
+        "emotion_accuracy": intervals["DPO"]["emotion_accuracy"]["value"],
+        "emotion_accuracy_ci95": intervals["DPO"]["emotion_accuracy"]["ci95"],
+        "judge_accuracy": intervals["DPO"][judge]["value"],
+        "judge_accuracy_ci95": intervals["DPO"][judge]["ci95"],
+        "sft_judge_accuracy": intervals["SFT"][judge]["value"],
+        "distinct_replies": diversity["models"]["DPO"]["distinct_replies"],
+        "sft_distinct_replies": diversity["models"]["SFT"]["distinct_replies"],
+        "ceiling_distinct_replies": diversity["ceiling"]["expected_distinct_replies"],
+        "worst_top_share": intervals["DPO"]["worst_top_share"]["value"],
+        "worst_top_share_ci95": intervals["DPO"]["worst_top_share"]["ci95"],
+        "canned_share": diversity["models"]["DPO"]["canned_share"],
+        "kl_to_sft": results["kl_to_sft"]["DPO"]["kl"],
+        "collapse_warning": bool(diversity["collapse"]["DPO"]),
+        "pairs_last_iteration": pairs["accepted"],
+        "rounds_per_prompt_last_iteration": pairs["rounds_per_prompt"]["mean"],
+    }
+
+
+FIGURES = ("emotion_accuracy", "judge_accuracy", "distinct_replies", "distinct_of_ceiling", "distinct_of_sft",
+           "worst_top_share", "canned_share", "kl_to_sft", "pairs_last_iteration", "rounds_per_prompt_last_iteration",
+           "seconds")
+
+
+def summary(runs: list[dict]) -> dict:
+    table = {}
+    for figure in FIGURES:
+        values = [r[figure] for r in runs if r.get(figure) is not None]
+        if values:
+            table[figure] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
+    table["collapse_warnings"] = sum(r["collapse_warning"] for r in runs)
+    table["seeds"] = len(runs)
+    return table
+
+
+def markdown(table: dict, machine: str) -> str:
+    def cell(row, figure, fmt):
+        if figure not in row:
+            return "-"
+        f = row[figure]
+        return f"{fmt.format(f['mean'])} ({fmt.format(f['min'])}-{fmt.format(f['max'])})"
+
+    lines = [f"Last iteration (2) of `bash demo.sh`'s pipeline per setting, mean (range) over the seeds; evaluation "
+             f"draws {REPLIES_PER_PROMPT} replies per prompt. Machine: {machine}.", "",
+             "| setting | seeds | emotion accuracy | held-out judge accuracy | distinct replies | of the ceiling | "
+             "of SFT's | worst emotion's top share | canned share | KL to SFT | pairs (iteration 2) | rounds per "
+             "prompt | warnings | minutes per run |", "| --- |" + " --- |" * 13]
+    for setting, row in table.items():
+        minutes = ({k: v / 60 for k, v in row["seconds"].items()} if "seconds" in row else None)
+        lines.append(
+            f"| {setting} | {row['seeds']} | {cell(row, 'emotion_accuracy', '{:.3f}')} | "
+            f"{cell(row, 'judge_accuracy', '{:.3f}')} | {cell(row, 'distinct_replies', '{:.0f}')} | "
+            f"{cell(row, 'distinct_of_ceiling', '{:.0%}')} | {cell(row, 'distinct_of_sft', '{:.0%}')} | "
+            f"{cell(row, 'worst_top_share', '{:.3f}')} | {cell(row, 'canned_share', '{:.3f}')} | "
+            f"{cell(row, 'kl_to_sft', '{:.2f}')} | {cell(row, 'pairs_last_iteration', '{:.0f}')} | "
+            f"{cell(row, 'rounds_per_prompt_last_iteration', '{:.2f}')} | {row['collapse_warnings']} of {row['seeds']} | "
+            + (f"{minutes['mean']:.1f} ({minutes['min']:.1f}-{minutes['max']:.1f}) |" if minutes else "- |"))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS))
+    parser.add_argument("--runs", default="outputs/selection_frontier", help="where the pipeline runs go")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--report-only", action="store_true", help="read the finished runs, run nothing")
+    args = parser.parse_args(argv)
+    runs_dir, out = ROOT / args.runs, Path(args.out)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    earlier = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    seconds = {**earlier.get("seconds", {})}
+    table, runs = {}, {}
+    for setting in args.settings:
+        for seed in args.seeds:
+            folder = runs_dir / f"{setting}-s{seed}"
+            name = folder.name
+            if not args.report_only:
+                print(f"== {name}", flush=True)
+                took = run(setting, seed, folder, SETTINGS[setting])
+                if took is not None:
+                    seconds[name] = took
+            if not (folder / "iterations.json").exists():
+                continue
+            figures = last_iteration(folder)
+            figures["distinct_of_ceiling"] = figures["distinct_replies"] / figures["ceiling_distinct_replies"]
+            figures["distinct_of_sft"] = figures["distinct_replies"] / figures["sft_distinct_replies"]
+            figures["seconds"] = seconds.get(name)
+            runs[name] = figures
+            print(f"{name}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                            for k, v in figures.items() if not k.endswith("ci95")), flush=True)
+        mine = [runs[f"{setting}-s{seed}"] for seed in args.seeds if f"{setting}-s{seed}" in runs]
+        if mine:
+            table[setting] = summary(mine)
+    machine = f"{platform.node()}, {platform.processor() or platform.machine()}, 2 cores"
+    (out / "results.json").write_text(json.dumps({"machine": machine, "seeds": args.seeds, "settings": SETTINGS,
+                                                  "runs": runs, "table": table, "seconds": seconds}, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(table, machine))
+    print(markdown(table, machine))
+
+
+if __name__ == "__main__":
+    main()

@@ -82,17 +82,40 @@ def diversity_report(texts: list[str], groups: list[str], prompts: list | None =
     return {**diversity(texts, prompts), "by_group": diversity_by_group(texts, groups, prompts)}
 
 
+def per_draw_report(texts: list[str], groups: list[str], prompts: list, draws: int) -> dict:
+    """diversity_report of `draws` replies per prompt (a prompt's draws next to each other), on the scale of one reply
+    per prompt: each number is the mean over the draws of that draw's report (draw j: the j-th reply of every
+    prompt), a lower-noise estimate of the one-reply figure; the most frequent replies are named over all draws."""
+    pooled = diversity_report(texts, groups, prompts)
+    if draws == 1:
+        return pooled
+    reports = [diversity_report(texts[j::draws], groups[j::draws], prompts[j::draws]) for j in range(draws)]
+    return _mean_of(reports, pooled)
+
+
+def _mean_of(reports: list[dict], pooled: dict) -> dict:
+    mean = {}
+    for key, value in pooled.items():
+        if isinstance(value, dict):
+            mean[key] = _mean_of([r[key] for r in reports], value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            mean[key] = statistics.fmean(r[key] for r in reports)
+        else:  # a text: named over all draws
+            mean[key] = value
+    return mean
+
+
 def collapse_warnings(model: dict, sft: dict) -> list[str]:
     """Why a model's replies count as collapsed against SFT's (diversity_report of each); [] when they do not."""
     reasons = []
     if model["distinct_replies"] < DISTINCT_FLOOR * sft["distinct_replies"]:
-        reasons.append(f"distinct replies {model['distinct_replies']} < {DISTINCT_FLOOR:g} x SFT's "
-                       f"{sft['distinct_replies']}")
+        reasons.append(f"distinct replies {model['distinct_replies']:g} < {DISTINCT_FLOOR:g} x SFT's "
+                       f"{sft['distinct_replies']:g}")
     if model["canned_share"] > CANNED_FACTOR * sft["canned_share"]:
         reasons.append(f"canned share {model['canned_share']:.3f} > {CANNED_FACTOR:g} x SFT's {sft['canned_share']:.3f}")
     for group, row in model.get("by_group", {}).items():
         if row["replies"] >= MIN_GROUP and row["most_frequent_share"] > TOP_SHARE_LIMIT:
-            reasons.append(f"{group}: {row['most_frequent_share']:.0%} of its {row['replies']} prompts get "
+            reasons.append(f"{group}: {row['most_frequent_share']:.0%} of its {row['replies']:g} prompts get "
                            f"{row['most_frequent_reply']!r}")
     return reasons
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from . import EMOTIONS
 from .config import save_config, to_dict
 from .distributed import prompt_batches, shard
-from .diversity import ceiling, collapse_warnings, diversity_report
+from .diversity import ceiling, collapse_warnings, per_draw_report
 from .judges import agreement, check_judges, judge_figures, judge_replies, predicted
 from .errors import PipelineError
 from .files import FolderLock, folder_entries, move_aside, run_folder_exists
@@ -73,17 +73,19 @@ def model_metrics(targets, replies, clean_confidence: float, endings, labels=EMO
     }
 
 
-def diversity_figures(prompts, scored: dict, well_formed: dict | None = None) -> dict:
-    """Each model's degeneration figures (diversity.diversity_report, overall and per requested emotion), the
-    collapse warnings of each model against SFT, and the ceiling of a finite language when it is given."""
+def diversity_figures(prompts, scored: dict, well_formed: dict | None = None, draws: int = 1) -> dict:
+    """Each model's degeneration figures (diversity.diversity_report, overall and per requested emotion; with several
+    draws per prompt, per draw and averaged over the draws: diversity.per_draw_report), the collapse warnings of each
+    model against SFT, and the ceiling of a finite language (one reply per prompt) when it is given."""
     targets = [p.target_emotion for p in prompts]
     indices = [p.index for p in prompts]
-    reports = {name: diversity_report([r.text for r in replies], targets, indices) for name, replies in scored.items()}
+    reports = {name: per_draw_report([r.text for r in replies], targets, indices, draws)
+               for name, replies in scored.items()}
     figures = {"models": reports,
                "collapse": {name: collapse_warnings(report, reports["SFT"])
                             for name, report in reports.items() if name != "SFT"}}
     if well_formed is not None:
-        counts = {e: targets.count(e) for e in sorted(set(targets))}
+        counts = {e: targets[::draws].count(e) for e in sorted(set(targets))}
         figures["ceiling"] = ceiling(counts, {e: well_formed[e] for e in counts}, seed=0)
     return figures
 
@@ -222,21 +224,28 @@ def worst_top_share(pairs) -> float:
     return max((max(c.values()) / sum(c.values()) for c in by_emotion.values()), default=0.0)
 
 
+def per_draw(statistic, draws: int):
+    """`statistic` of one reply per prompt, averaged over the draws: the values come prompt by prompt, each prompt's
+    `draws` values next to each other, so draw j is every draws-th value from j (diversity.per_draw_report's scale)."""
+    return lambda values: sum(statistic(values[j::draws]) for j in range(draws)) / draws
+
+
 def per_prompt(values: list, per: int) -> list[list]:
     return [values[i:i + per] for i in range(0, len(values), per)]
 
 
 def interval_figures(targets: list[str], scored: dict, judged: dict, per: int, samples: int, seed: int) -> dict:
     """Per model, the headline figures with their bootstrap intervals over prompts: emotion accuracy, each judge's
-    accuracy (`judged`: judge -> model -> its predicted labels), distinct replies, the worst emotion's top share."""
+    accuracy (`judged`: judge -> model -> its predicted labels) over every reply; distinct replies and the worst
+    emotion's top share per draw of one reply per prompt, averaged over the draws (the degeneration table's scale)."""
     table = {}
     for name, replies in scored.items():
         correct = per_prompt([r.emotion_label.lower() == t.lower() for r, t in zip(replies, targets)], per)
         texts = per_prompt([r.text.strip() for r in replies], per)
         pairs = per_prompt(list(zip(targets, [r.text for r in replies])), per)
         row = {"emotion_accuracy": bootstrap_interval(correct, lambda v: sum(v) / len(v), samples, seed),
-               "distinct_replies": bootstrap_interval(texts, lambda v: len(set(v)), samples, seed),
-               "worst_top_share": bootstrap_interval(pairs, worst_top_share, samples, seed)}
+               "distinct_replies": bootstrap_interval(texts, per_draw(lambda v: len(set(v)), per), samples, seed),
+               "worst_top_share": bootstrap_interval(pairs, per_draw(worst_top_share, per), samples, seed)}
         for judge, labels in judged.items():
             hits = per_prompt([label.lower() == t.lower() for label, t in zip(labels[name], targets)], per)
             row[f"judge: {judge}"] = bootstrap_interval(hits, lambda v: sum(v) / len(v), samples, seed)
@@ -403,7 +412,7 @@ def _evaluate(cfg, state, folder: Path, tokenizer, prompts, generation_config, w
                    for name, replies in scored.items()},
         "dpo_vs_sft": win_rate([r.total for r in scored["DPO"]], [r.total for r in scored["SFT"]],
                                cfg.bootstrap_samples, cfg.seed),
-        "diversity": diversity_figures(prompts, scored, well_formed),
+        "diversity": diversity_figures(prompts, scored, well_formed, cfg.replies_per_prompt),
         "kl_to_sft": kl,
         "judges": held_out_judges(cfg, judge_mappings, targets, scored, judged := {}),
     }

@@ -317,6 +317,7 @@ def iterations_table(stages: list[Stage]) -> dict:
         statistics = json.loads((generate_folder / STATISTICS_JSON).read_text())
         if sft is None:
             sft = {"adapter": results["setup"]["sources"]["SFT"], "prompts": results["setup"]["prompts"],
+                   "replies_per_prompt": results["setup"].get("replies_per_prompt", 1),
                    **{key: results["models"]["SFT"][key] for key in MODEL_KEYS},
                    **diversity_columns(results["diversity"]["models"]["SFT"]),
                    "mean_total_reward": results["models"]["SFT"]["mean_total_reward"],
@@ -345,7 +346,9 @@ def format_iterations(table: dict) -> str:
         lines.append(f"| iteration {row['iteration']} | " + " | ".join(f3(row[k]) for k in MODEL_KEYS)
                      + f" | {f3(row['win_rate'])} ({f3(low)}-{f3(high)}) | {f3(row['acceptance_rate'])} "
                        f"({row['accepted']}/{row['prompts_settled']}) | {gap} |")
-    lines += ["", "Degeneration (one reply per held-out prompt; canned: the same text given to >= 3 different prompts;"
+    per = sft.get("replies_per_prompt", 1)
+    lines += ["", "Degeneration (one reply per held-out prompt" + (f", the mean over {per} draws" if per > 1 else "")
+              + "; canned: the same text given to >= 3 different prompts;"
               " worst emotion: the requested emotion whose most frequent reply takes the largest share of its prompts)"
               + (f"; the demo world's ceiling keeps {sft['ceiling_distinct_replies']:.1f} distinct replies"
                  if "ceiling_distinct_replies" in sft else "") + ":", "",

@@ -110,3 +110,18 @@ def test_the_iterations_table_flags_a_collapsed_iteration_only(dpo_model, flagge
     assert ("COLLAPSE WARNING, iteration 1: distinct replies 3 < 0.5 x SFT's 7" in text) is flagged
     assert ("No collapse warning" in text) is not flagged
     assert "| iteration 1 | " + ("3 (43%)" if flagged else "7 (100%)") in text
+
+
+def test_several_draws_per_prompt_are_reported_on_the_scale_of_one_reply_per_prompt():
+    from emotion_dpo.diversity import per_draw_report
+
+    # 3 prompts (happiness, happiness, sadness), 2 draws each, laid out prompt by prompt:
+    # draw 0: "yay !", "yay !", "oh ." -> 2 distinct; happiness top share 2/2 = 1.0
+    # draw 1: "yay !", "fun !", "oh ." -> 3 distinct; happiness top share 1/2 = 0.5
+    texts = ["yay !", "yay !", "yay !", "fun !", "oh .", "oh ."]
+    groups = ["happiness"] * 4 + ["sadness"] * 2
+    report = per_draw_report(texts, groups, [0, 0, 1, 1, 2, 2], draws=2)
+    assert report["replies"] == 3
+    assert report["distinct_replies"] == 2.5
+    assert report["by_group"]["happiness"]["most_frequent_share"] == 0.75
+    assert report["by_group"]["happiness"]["most_frequent_reply"] == "yay !"  # named over all draws: 3 of 4

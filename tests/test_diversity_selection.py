@@ -87,7 +87,8 @@ def test_the_length_rule_key_scores_a_long_reply_without_the_cliff():
 # ------------------------------------------------------------------ a prompt's pool, at generate time
 
 ROUND_ONE_TEXT = [cand("a lovely day !", 15.0), cand("meh .", 2.0), cand("a lovely day !", 14.0)]
-ROUND_NEW_TEXT = [cand("so glad today !", 12.0), cand("nope .", 6.0), cand("nice .", 7.5)]
+# round 2's own gap is 12 - 7.5 = 4.5, under target_score_range 5: it fails on its own; "no" has no ending
+ROUND_NEW_TEXT = [cand("so glad today !", 12.0), cand("no", 9.0), cand("nice .", 7.5)]
 
 
 def test_a_prompt_is_sampled_again_until_its_rounds_hold_min_distinct_passing_texts():
@@ -107,9 +108,12 @@ def test_a_prompt_is_sampled_again_until_its_rounds_hold_min_distinct_passing_te
 def test_the_reference_rule_takes_the_last_round_alone():
     from emotion_dpo.dataset import settle
 
-    settled = settle(Prompt(0), [scored(ROUND_ONE_TEXT), scored(ROUND_NEW_TEXT)], config(), final=False,
-                     eos_token_id=2)
-    # last round: chosen 12, rejected 6, gap 6 >= 5: accepted with no round keys (positions in the last round)
+    # the last round alone: chosen 12, rejected 7.5, gap 4.5 < 5: sampled again, whatever round 1 held
+    assert settle(Prompt(0), [scored(ROUND_ONE_TEXT), scored(ROUND_NEW_TEXT)], config(), final=False,
+                  eos_token_id=2) is None
+    passing_last = [cand("so glad today !", 12.0), cand("nope .", 6.0)]
+    settled = settle(Prompt(0), [scored(ROUND_ONE_TEXT), scored(passing_last)], config(), final=False, eos_token_id=2)
+    # gap 6 >= 5: accepted, positions in the last round and no round keys
     assert (settled["chosen_at"], settled["rejected_at"]) == (0, 1)
     assert "chosen_round" not in settled
 
@@ -181,6 +185,7 @@ def test_the_rarest_rule_chooses_the_passing_text_with_fewest_copies_among_the_e
     # copies among the 9 happiness candidates: stock 4, "no ." 3, "pretty day !" 1, "sunny !" 1
     chosen, _ = choose_pairs(records, config(overrides=["chosen_rule=rarest"]))
     assert chosen_texts(chosen) == ["pretty day !", "stock reply !", "sunny !"]
+    assert [r["chosen_at"] for r in chosen] == [1, 0, 1]  # prompt 1: its two copies tie on rarity; 15 beats 14
     assert [r["rejected_at"] for r in chosen] == [2, 2, 2]  # the lowest total: "no ."
 
 

@@ -263,5 +263,9 @@ def test_several_replies_per_prompt_are_drawn_and_every_figure_gets_its_interval
     assert set(intervals["SFT"]) == {"emotion_accuracy", "distinct_replies", "worst_top_share", "judge: demo judge"}
     for figure in intervals["SFT"].values():
         assert figure["ci95"][0] <= figure["value"] <= figure["ci95"][1]
-    assert intervals["SFT"]["distinct_replies"]["value"] == len({r["SFT"]["text"].strip() for r in rows})
+    # distinct replies per draw (the j-th reply of every prompt), averaged over the 3 draws
+    per_draw = [len({r["SFT"]["text"].strip() for r in rows[j::3]}) for j in range(3)]
+    assert intervals["SFT"]["distinct_replies"]["value"] == pytest.approx(sum(per_draw) / 3)
+    assert results["diversity"]["models"]["SFT"]["distinct_replies"] == pytest.approx(sum(per_draw) / 3)
+    assert results["diversity"]["models"]["SFT"]["replies"] == 12
     assert "with its 95 % interval over prompts" in (tmp_path / "eval" / "results.md").read_text()

@@ -344,7 +344,8 @@ def freeze_modules_to_save(model) -> int:
 
 
 
-def dpo_trainer_class(prefix_sharing: bool = False, pack_tokens: int = 0, reference_adapter: str | None = None):
+def dpo_trainer_class(prefix_sharing: bool = False, pack_tokens: int = 0, reference_adapter: str | None = None,
+                      loaded_as: dict | None = None):
     """TRL's DPOTrainer, given token ids instead of text; with prefix_sharing, each pair's prompt runs once.
 
     TRL tokenizes a text prompt with the tokenizer's defaults (a Llama tokenizer adds a second BOS to the `<s>` the
@@ -355,7 +356,7 @@ def dpo_trainer_class(prefix_sharing: bool = False, pack_tokens: int = 0, refere
     prefix_sharing: the policy's and the reference's passes run `[prompt, chosen, rejected]` as one row
     (dpo_prefix), pack_tokens > 0 packs several pairs per row; TRL's loss and metrics are computed unchanged on the
     logits that pass gives. With precompute_ref_log_probs the reference log-probs are kept in the run folder
-    (reference_cache) and reused on --resume."""
+    (dpo_reference) and reused on --resume; `loaded_as` (base_loading) is part of their key."""
     from trl import DPOTrainer
 
     from .dpo_prefix import build_layout, compact_inputs, shared_forward, split_pairs, unsupported_reason
@@ -366,6 +367,7 @@ def dpo_trainer_class(prefix_sharing: bool = False, pack_tokens: int = 0, refere
         prefix_sharing_on = prefix_sharing  # attributes, so a test or a benchmark can switch them on one trainer
         pack_pairs_tokens = pack_tokens
         reference_source = reference_adapter  # loaded into `ref` before anything reads it (make_trainer)
+        base_loaded_as = dict(loaded_as or {})  # how the base was loaded: part of the reference log-probs' key
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             rows = token_id_rows(dataset, self._tokenizer, dataset_name)
@@ -422,7 +424,8 @@ def dpo_trainer_class(prefix_sharing: bool = False, pack_tokens: int = 0, refere
                 dataset = shared_on_disk(self, dataset, name)
             compute = super()._precompute_ref_logps
             return cached_reference_log_probs(self, dataset, name, lambda: compute(dataset, name, batch_size),
-                                              path_tag="shared" if self.prefix_sharing_on else "plain")
+                                              path_tag="shared" if self.prefix_sharing_on else "plain",
+                                              batch_size=batch_size)
 
     return TokenExactDPOTrainer
 
@@ -442,8 +445,20 @@ def shared_on_disk(trainer, dataset, name: str):
     return load_from_disk(str(path))
 
 
+def base_loading(cfg) -> dict:
+    """How the base model is loaded and the prompts templated, as the reference log-probs' key names it."""
+    import hashlib
+
+    from .models import use_unsloth
+
+    template = Path(cfg.chat_template)
+    return {"base_model": cfg.base_model, "load_in_4bit": cfg.load_in_4bit, "use_unsloth": use_unsloth(cfg.use_unsloth),
+            "chat_template": hashlib.sha256(template.read_bytes()).hexdigest() if template.is_file() else None}
+
+
 def make_trainer(cfg, model, tokenizer, dpo_args, train_set, eval_set):
-    trainer_class = dpo_trainer_class(cfg.prefix_sharing, cfg.pack_pairs_tokens, cfg.reference_adapter)
+    trainer_class = dpo_trainer_class(cfg.prefix_sharing, cfg.pack_pairs_tokens, cfg.reference_adapter,
+                                      base_loading(cfg))
     trainer = trainer_class(model=model, ref_model=None, args=dpo_args, train_dataset=train_set, eval_dataset=eval_set,
                             processing_class=tokenizer, callbacks=[config_saver(cfg)])
     if REFERENCE_ADAPTER not in trainer.model.peft_config:

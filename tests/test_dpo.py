@@ -374,6 +374,34 @@ def test_e_a_start_that_stopped_before_its_first_checkpoint_does_not_block_the_n
         resolve_resume(cfg, False)
 
 
+def test_e_reference_log_probs_edited_in_the_run_folder_are_computed_again_on_resume(
+        saved_run, demo_world, demo_preferences, tmp_path, capsys):
+    """The chosen replies' numbers in reference_logps/train.json moved by 65 nats (its checksum as written):
+    --resume recomputes them and ends on the uninterrupted run's adapter, not on another."""
+    from safetensors.torch import load_file
+
+    first, _ = saved_run
+    resumed = tmp_path / "dpo"
+    resumed.mkdir()
+    shutil.copytree(first / "checkpoint-4", resumed / "checkpoint-4")
+    shutil.copytree(first / "reference_logps", resumed / "reference_logps")
+    saved = resumed / "reference_logps" / "train.json"
+    record = json.loads(saved.read_text())
+    record["ref_chosen_logps"] = [value + 65.0 for value in record["ref_chosen_logps"]]
+    saved.write_text(json.dumps(record))
+    cfg, _ = config(demo_world, demo_preferences, resumed, "dpo.max_steps=6", "dpo.save_steps=2",
+                    "dpo.save_total_limit=null", "dpo.per_device_train_batch_size=4", "eval_fraction=0.0",
+                    "dpo.eval_strategy=no")
+    train(cfg, resume=True)
+    a = load_file(str(first / FINAL_ADAPTER / "adapter_model.safetensors"))
+    b = load_file(str(resumed / FINAL_ADAPTER / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert f"{saved}: its numbers do not match the checksum they were written with" in capsys.readouterr().out
+    recomputed = json.loads(saved.read_text())["ref_chosen_logps"]
+    assert recomputed == pytest.approx([value - 65.0 for value in record["ref_chosen_logps"]], abs=1e-4)
+
+
 # ---------------------------------------------------------------- (f) bad input, before any model loads
 
 def test_f_an_adapter_folder_that_does_not_exist_is_refused_before_anything_is_written(

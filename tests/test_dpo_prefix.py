@@ -6,6 +6,7 @@ collated batch, TRL's selective_log_softmax over its completion mask) and its `c
 off. fp32 on the CPU, on the demo world's Llama."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -313,3 +314,25 @@ def test_reference_log_probs_edited_or_not_finite_are_computed_again(demo_world,
     assert_the_reference_pass_gave_them(again)
     rewritten = json.loads(path.read_text())
     assert rewritten["sha256"] == numbers_sha256(rewritten)  # the recomputed numbers, under their own checksum
+
+
+def test_the_guard_names_the_reference_log_probs_file_when_its_numbers_disagree_with_the_reference_pass(
+        demo_world, tmp_path):
+    """Numbers wrong past their checksum (edited, checksum rewritten): the first-batch guard names the file, not
+    the reference pass, which is right."""
+    from emotion_dpo.dpo_guard import guard_reference
+    from emotion_dpo.errors import PipelineError
+
+    first = build(demo_world, tmp_path, "dpo.precompute_ref_log_probs=true")
+    path = reference_file(first)
+    record = json.loads(path.read_text())
+    record["ref_chosen_logps"][0] -= 65.0
+    record["sha256"] = numbers_sha256(record)
+    path.write_text(json.dumps(record))
+    trainer = build(demo_world, tmp_path, "dpo.precompute_ref_log_probs=true", "dpo.max_steps=1",
+                    "dpo.save_strategy=no")
+    guard_reference(trainer, Path(trainer.args.output_dir), None, True)
+    with pytest.raises(PipelineError, match=re.escape(f"{path} (read from the run folder): on the first batch its "
+                                                      "reference log-probs differ from the reference pass by up to "
+                                                      "65") + r".*delete it to compute them again"):
+        trainer.train()

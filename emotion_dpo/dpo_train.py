@@ -215,6 +215,7 @@ def resolve_resume(cfg, resume_flag: bool, tidy: bool = True):
             if entries:  # e.g. a final_adapter next to cut-short checkpoints: not ours to remove
                 raise PipelineError(f"{folder}: --resume, but there is no complete checkpoint-* folder to resume "
                                     f"from, and it holds {', '.join(sorted(entries))}; choose another output_dir")
+            check_start_config(cfg, folder)
             restart_from_the_start_adapter(cfg, incomplete, tidy)
             return None
         check_config_changes(cfg, checkpoint)
@@ -226,12 +227,31 @@ def resolve_resume(cfg, resume_flag: bool, tidy: bool = True):
             + (f" (last complete checkpoint {checkpoint.name}); pass --resume to continue it" if checkpoint else "")
             + ", or choose another output_dir"
         )
+    check_start_config(cfg, folder)
     if incomplete:
         restart_from_the_start_adapter(cfg, incomplete, tidy)
     elif folder_entries(folder):
         # only what a start writes before training: it stopped before its first checkpoint, nothing to lose
         say(f"{folder}: the run there stopped before its first checkpoint; starting it again")
     return None
+
+
+def check_start_config(cfg, folder: Path) -> None:
+    """A folder that a start left (config.json, reference_logps/, ... but no checkpoint) is started again; with a
+    config that differs from its config.json that is never silent: the differing keys are named (its reference
+    log-probs are then reused only if their key still matches)."""
+    saved = folder / "config.json"
+    if not saved.is_file():
+        return
+    try:
+        saved_config = json.loads(saved.read_text(encoding="utf-8"))
+    except ValueError:
+        warnings.warn(f"{saved}: does not load; starting again with the config given", stacklevel=3)
+        return
+    changed = differing_keys_except(saved_config, to_dict(cfg), TrainConfig.unchanged_results)
+    if changed:
+        warnings.warn(f"{saved}: starting again with a config that differs from the one this folder was started "
+                      "with:\n  " + "\n  ".join(changed), stacklevel=3)
 
 
 def check_config_changes(cfg, checkpoint: Path) -> None:

@@ -374,6 +374,27 @@ def test_e_a_start_that_stopped_before_its_first_checkpoint_does_not_block_the_n
         resolve_resume(cfg, False)
 
 
+def test_e_a_folder_a_start_left_is_checked_against_the_config(demo_world, tmp_path, recwarn):
+    """config.json and reference_logps/ alone (a start stopped before its first checkpoint): started again, but
+    with another config never silently."""
+    from emotion_dpo.config import save_config
+    from emotion_dpo.dpo_train import resolve_resume
+
+    out = tmp_path / "dpo"
+    started, _ = config(demo_world, "d.jsonl", out)
+    (out / "reference_logps").mkdir(parents=True)
+    save_config(started, out, "config.json")
+    (out / "reference_logps" / "train.json").write_text("{}")
+    assert resolve_resume(started, False) is None
+    assert not [w for w in recwarn if "differs" in str(w.message)]  # the same config: nothing to say
+    changed, _ = config(demo_world, "d.jsonl", out, "dpo.beta=0.2")
+    for resume in (False, True):
+        with pytest.warns(UserWarning, match=re.escape(f"{out / 'config.json'}: starting again with a config that "
+                                                       "differs from the one this folder was started with:\n  "
+                                                       "dpo.beta: 0.5 -> 0.2")):
+            assert resolve_resume(changed, resume) is None
+
+
 def test_e_reference_log_probs_edited_in_the_run_folder_are_computed_again_on_resume(
         saved_run, demo_world, demo_preferences, tmp_path, capsys):
     """The chosen replies' numbers in reference_logps/train.json moved by 65 nats (its checksum as written):

@@ -183,6 +183,7 @@ def test_the_run_folder_holds_checkpoints_metrics_and_an_offline_wandb_run(saved
     assert list(offline.glob("run-*.wandb")) and next(offline.glob("run-*.wandb")).stat().st_size > 0
     for checkpoint in ("checkpoint-2", "checkpoint-4", "checkpoint-6"):  # the resolved config, in every checkpoint
         assert json.loads((out / checkpoint / "training_config.json").read_text())["dpo"]["save_steps"] == 2
+        assert json.loads((out / checkpoint / "processes.json").read_text()) == {"num_processes": 1}  # for --resume
 
 
 def test_e_resume_continues_at_the_right_step_with_the_same_optimizer_state(saved_run, demo_world, demo_preferences,
@@ -421,6 +422,31 @@ def test_e_reference_log_probs_edited_in_the_run_folder_are_computed_again_on_re
     assert f"{saved}: its numbers do not match the checksum they were written with" in capsys.readouterr().out
     recomputed = json.loads(saved.read_text())["ref_chosen_logps"]
     assert recomputed == pytest.approx([value - 65.0 for value in record["ref_chosen_logps"]], abs=1e-4)
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_e_resuming_a_2_process_checkpoint_with_1_process_is_refused(saved_run, demo_world, demo_preferences,
+                                                                      tmp_path, recorded):
+    """The global batch is per-device batch x processes: resumed with another count the Trainer would count other
+    steps and retrain pairs. The count is the checkpoint's processes.json, or (saved before it was recorded) its RNG
+    states: rng_state_<rank>.pth, one per process."""
+    first, _ = saved_run
+    resumed = tmp_path / "dpo"
+    resumed.mkdir()
+    checkpoint = shutil.copytree(first / "checkpoint-4", resumed / "checkpoint-4")
+    for rank in (0, 1):  # what 2 processes leave
+        shutil.copy(checkpoint / "rng_state.pth", checkpoint / f"rng_state_{rank}.pth")
+    (checkpoint / "rng_state.pth").unlink()
+    if recorded:
+        (checkpoint / "processes.json").write_text(json.dumps({"num_processes": 2}))
+    else:
+        (checkpoint / "processes.json").unlink(missing_ok=True)
+    cfg, _ = config(demo_world, demo_preferences, resumed, "dpo.max_steps=6", "dpo.per_device_train_batch_size=4",
+                    "eval_fraction=0.0", "dpo.eval_strategy=no")
+    with pytest.raises(PipelineError, match=re.escape(f"{checkpoint}: trained by 2 process(es), resumed with 1; "
+                                                      "resume it with 2 (accelerate launch --num_processes 2")):
+        train(cfg, resume=True)
+    assert not (resumed / "checkpoint-6").exists()
 
 
 # ---------------------------------------------------------------- (f) bad input, before any model loads

@@ -141,15 +141,42 @@ def sequence_log_probs(trainer, model, inputs, adapter: str):
         return selective_log_softmax(logits, batch["input_ids"][..., 1:], row_mask=completion).sum(1)
 
 
-def check_first_batch(trainer, model, inputs, rounded: bool, anchored: bool = False) -> dict:
-    """On the first training batch, before any optimizer step: the policy's log-probs equal the reference's as
-    DPOTrainer computes them (its compute_ref_log_probs, or the precomputed columns), so every reward margin is 0.
-    Anchored to another reference_adapter, the policy differs from it: then the reference log-probs must equal those
-    computed here through `ref`. Dropout off for both passes."""
+def check_precomputed_reference(trainer, model, inputs, rounded: bool) -> dict:
+    """The precomputed reference log-probs of a training batch (TRL's ref_*_logps columns, from
+    reference_logps/train.json or computed before training) equal the reference pass run on that batch now. Numbers
+    that are stale, or edited past their checksum, are named as such, not trained against, nor taken for a broken
+    reference pass by check_first_batch. Dropout off."""
     import torch
 
+    path, how = getattr(trainer, "reference_logps_files", {}).get("train", ("the precomputed reference log-probs",
+                                                                            "computed by TRL"))
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            live = torch.cat(trainer.compute_ref_log_probs(model, inputs)).float()
+    finally:
+        model.train(training)
+    stored = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).float().to(live.device)
+    tolerance = REFERENCE_TOLERANCE["rounded" if rounded else "exact"]
+    worst = float((stored - live).abs().max())
+    if not worst <= tolerance:
+        raise PipelineError(f"{path} ({how}): on the first batch its reference log-probs differ from the reference "
+                            f"pass by up to {worst:.4g} nats (allowed: {tolerance}): stale or edited; delete it to "
+                            "compute them again; refusing to train")
+    return {"file": str(path), "source": how, "max_abs_difference": worst, "tolerance": tolerance}
+
+
+def check_first_batch(trainer, model, inputs, rounded: bool, anchored: bool = False) -> dict:
+    """On the first training batch, before any optimizer step: the policy's log-probs equal the reference's as
+    DPOTrainer computes them (its compute_ref_log_probs, or the precomputed columns, themselves first checked against
+    that pass), so every reward margin is 0. Anchored to another reference_adapter, the policy differs from it: then
+    the reference log-probs must equal those computed here through `ref`. Dropout off for both passes."""
+    import torch
+
+    precomputed = check_precomputed_reference(trainer, model, inputs, rounded) if trainer.precompute_ref_logps else None
     if trainer.ld_alpha is not None:  # the reference log-probs are weighted then; the weights check still ran
-        return {"skipped": "ld_alpha weights the log-probs"}
+        return {"skipped": "ld_alpha weights the log-probs"} | ({"precomputed": precomputed} if precomputed else {})
     training = model.training
     model.eval()
     try:
@@ -168,6 +195,8 @@ def check_first_batch(trainer, model, inputs, rounded: bool, anchored: bool = Fa
     worst = float(logratios.abs().max())
     record = {"pairs": len(chosen), "max_abs_logratio": worst, "max_abs_margin": float(margins.abs().max()),
               "tolerance": tolerance, "compared_with": REFERENCE_ADAPTER if anchored else "default"}
+    if precomputed:
+        record["precomputed"] = precomputed
     if not worst <= tolerance:
         raise PipelineError(f"on the first batch the policy and the reference disagree by up to {worst:.4g} nats of "
                             f"log-prob (allowed: {tolerance}); before training they are one adapter, so the "
@@ -182,22 +211,27 @@ def guard_reference(trainer, folder: Path, checkpoint: Path | None, main_process
 
     A fresh run: `ref` equals `default` (check_reference_weights), their digests are recorded in output_dir (and
     copied into every checkpoint), and the first batch's margins are 0 (check_first_batch). A resumed run: `ref`
-    equals the recorded start adapter; the policy is trained, so its margins are not 0 and are not checked."""
+    equals the recorded start adapter; the policy is trained, so its margins are not 0 and are not checked, but
+    precomputed reference log-probs are still checked against the reference pass on its first batch."""
     start_digests = read_start_digests(checkpoint, folder) if checkpoint else None
     record = check_reference_weights(trainer.model, checkpoint is not None, start_digests, reference_adapter)
     # a fresh start replaces what an earlier start that stopped before its first checkpoint left
     if main_process and (not checkpoint or not (folder / START_ADAPTER).exists()):
         digests = start_digests or adapter_digests(trainer.model, REFERENCE_ADAPTER)
         write_text_atomic(folder / START_ADAPTER, json.dumps(digests, indent=1) + "\n")
-    if checkpoint:
-        record["first_batch"] = {"skipped": "resumed: the policy is the trained adapter"}
-        return record
     args = trainer.args
     rounded = bool(args.bf16 or args.fp16 or is_quantized(trainer.model))
+    if checkpoint:
+        record["first_batch"] = {"skipped": "resumed: the policy is the trained adapter"}
+        if not trainer.precompute_ref_logps:
+            return record
     compute_loss = trainer.compute_loss
 
     def checked_compute_loss(model, inputs, *rest, **kwargs):
-        if model.training and "first_batch" not in record:
+        if model.training and checkpoint and "precomputed" not in record:  # resumed: the reference numbers alone
+            record["precomputed"] = check_precomputed_reference(trainer, model, inputs, rounded)
+            del trainer.compute_loss
+        elif model.training and "first_batch" not in record:
             record["first_batch"] = check_first_batch(trainer, model, inputs, rounded, reference_adapter is not None)
             del trainer.compute_loss  # the class's own again
         return compute_loss(model, inputs, *rest, **kwargs)

@@ -32,6 +32,7 @@ METRICS_NAME = "metrics.json"
 # it saves (so also before the first one is whole), and the reference log-probs (dpo_reference: reused by the next start)
 STARTED_ONLY = {"config.json", "wandb", START_ADAPTER, "README.md", REFERENCE_LOGPS}
 CONFIG_NAME = "training_config.json"  # the resolved config, in every checkpoint and in the final adapter
+PROCESSES_NAME = "processes.json"  # {"num_processes": N}: the launch that trained a checkpoint; --resume takes the same
 
 
 # ------------------------------------------------------------------ TRL's config
@@ -145,6 +146,8 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
         reads += [(CONFIG_NAME, _read_json), (START_ADAPTER, _read_json)]
     elif (checkpoint / CONFIG_NAME).exists():
         reads += [(CONFIG_NAME, _read_json)]
+    if (checkpoint / PROCESSES_NAME).exists():  # absent from checkpoints saved before it was recorded
+        reads += [(PROCESSES_NAME, _read_json)]
     for name, load in reads:
         if problem := _loads(checkpoint / name, load):
             return problem
@@ -188,11 +191,11 @@ def restart_from_the_start_adapter(cfg, incomplete: list[tuple[Path, str]], tidy
               f"({cfg.adapter})")
 
 
-def resolve_resume(cfg, resume_flag: bool, tidy: bool = True):
+def resolve_resume(cfg, resume_flag: bool, tidy: bool = True, processes: int = 1):
     """The checkpoint to resume from, or None; a finished or started run is never silently overwritten.
 
     `tidy` (the main process, holding the run folder's lock): say what is skipped and remove the checkpoints a
-    restart replaces."""
+    restart replaces. `processes`: this launch's process count, which a checkpoint must have been trained by."""
     folder = Path(cfg.output_dir)
     run_folder_exists(folder)
     say = print if tidy else (lambda _: None)
@@ -204,6 +207,7 @@ def resolve_resume(cfg, resume_flag: bool, tidy: bool = True):
             raise PipelineError(f"{cfg.source}: key resume_from_checkpoint: {wanted} is incomplete ({problem}); "
                                 "name an earlier checkpoint, or pass --resume for the newest complete one")
         check_config_changes(cfg, Path(wanted))
+        check_process_count(Path(wanted), processes)
         return Path(wanted)
     checkpoint, incomplete = checkpoints(folder)
     if checkpoint is not None:
@@ -215,9 +219,11 @@ def resolve_resume(cfg, resume_flag: bool, tidy: bool = True):
             if entries:  # e.g. a final_adapter next to cut-short checkpoints: not ours to remove
                 raise PipelineError(f"{folder}: --resume, but there is no complete checkpoint-* folder to resume "
                                     f"from, and it holds {', '.join(sorted(entries))}; choose another output_dir")
+            check_start_config(cfg, folder)
             restart_from_the_start_adapter(cfg, incomplete, tidy)
             return None
         check_config_changes(cfg, checkpoint)
+        check_process_count(checkpoint, processes)
         say(f"resuming from {checkpoint}")
         return checkpoint
     if entries or (checkpoint is not None):
@@ -226,12 +232,54 @@ def resolve_resume(cfg, resume_flag: bool, tidy: bool = True):
             + (f" (last complete checkpoint {checkpoint.name}); pass --resume to continue it" if checkpoint else "")
             + ", or choose another output_dir"
         )
+    check_start_config(cfg, folder)
     if incomplete:
         restart_from_the_start_adapter(cfg, incomplete, tidy)
     elif folder_entries(folder):
         # only what a start writes before training: it stopped before its first checkpoint, nothing to lose
         say(f"{folder}: the run there stopped before its first checkpoint; starting it again")
     return None
+
+
+def check_start_config(cfg, folder: Path) -> None:
+    """A folder that a start left (config.json, reference_logps/, ... but no checkpoint) is started again; with a
+    config that differs from its config.json that is never silent: the differing keys are named (its reference
+    log-probs are then reused only if their key still matches)."""
+    saved = folder / "config.json"
+    if not saved.is_file():
+        return
+    try:
+        saved_config = json.loads(saved.read_text(encoding="utf-8"))
+    except ValueError:
+        warnings.warn(f"{saved}: does not load; starting again with the config given", stacklevel=3)
+        return
+    changed = differing_keys_except(saved_config, to_dict(cfg), TrainConfig.unchanged_results)
+    if changed:
+        warnings.warn(f"{saved}: starting again with a config that differs from the one this folder was started "
+                      "with:\n  " + "\n  ".join(changed), stacklevel=3)
+
+
+def saved_process_count(checkpoint: Path) -> int | None:
+    """How many processes trained `checkpoint`: its processes.json, else (saved before that was recorded) the
+    Trainer's RNG states, rng_state.pth from one process or rng_state_<rank>.pth from each of several."""
+    recorded = checkpoint / PROCESSES_NAME
+    if recorded.is_file():
+        count = json.loads(recorded.read_text(encoding="utf-8")).get("num_processes")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise PipelineError(f"{recorded}: key num_processes: expected a process count >= 1, got {count!r}")
+        return count
+    ranks = len(list(checkpoint.glob("rng_state_*.pth")))
+    return ranks or (1 if (checkpoint / "rng_state.pth").is_file() else None)
+
+
+def check_process_count(checkpoint: Path, processes: int) -> None:
+    """The global batch is per_device_train_batch_size x processes x gradient_accumulation_steps: resumed with
+    another count, the Trainer would count other steps and hand other pairs to each step. Refused."""
+    saved = saved_process_count(checkpoint)
+    if saved is not None and saved != processes:
+        raise PipelineError(f"{checkpoint}: trained by {saved} process(es), resumed with {processes}; resume it with "
+                            f"{saved} (accelerate launch --num_processes {saved}, or launcher.num_processes {saved}): "
+                            "the global batch, and with it the steps and the pairs each step trains, depend on it")
 
 
 def check_config_changes(cfg, checkpoint: Path) -> None:
@@ -286,8 +334,8 @@ def check_trains_something(source, pairs: int, args, processes: int = 1) -> None
 
 
 def config_saver(cfg):
-    """A callback that puts the resolved config (and the start adapter's digests) into every checkpoint, next to the
-    adapter it trained."""
+    """A callback that puts the resolved config, the process count and the start adapter's digests into every
+    checkpoint, next to the adapter it trained."""
     from transformers import TrainerCallback
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -296,6 +344,7 @@ def config_saver(cfg):
             if state.is_world_process_zero:
                 checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
                 save_config(cfg, checkpoint, CONFIG_NAME)
+                write_text_atomic(checkpoint / PROCESSES_NAME, json.dumps({"num_processes": args.world_size}) + "\n")
                 start = Path(args.output_dir) / START_ADAPTER
                 if start.exists():  # a resumed run checks its reference against it, wherever the checkpoint goes
                     write_text_atomic(checkpoint / START_ADAPTER, start.read_text(encoding="utf-8"))
@@ -344,7 +393,8 @@ def freeze_modules_to_save(model) -> int:
 
 
 
-def dpo_trainer_class(prefix_sharing: bool = False, pack_tokens: int = 0, reference_adapter: str | None = None):
+def dpo_trainer_class(prefix_sharing: bool = False, pack_tokens: int = 0, reference_adapter: str | None = None,
+                      loaded_as: dict | None = None):
     """TRL's DPOTrainer, given token ids instead of text; with prefix_sharing, each pair's prompt runs once.
 
     TRL tokenizes a text prompt with the tokenizer's defaults (a Llama tokenizer adds a second BOS to the `<s>` the
@@ -355,7 +405,7 @@ def dpo_trainer_class(prefix_sharing: bool = False, pack_tokens: int = 0, refere
     prefix_sharing: the policy's and the reference's passes run `[prompt, chosen, rejected]` as one row
     (dpo_prefix), pack_tokens > 0 packs several pairs per row; TRL's loss and metrics are computed unchanged on the
     logits that pass gives. With precompute_ref_log_probs the reference log-probs are kept in the run folder
-    (reference_cache) and reused on --resume."""
+    (dpo_reference) and reused on --resume; `loaded_as` (base_loading) is part of their key."""
     from trl import DPOTrainer
 
     from .dpo_prefix import build_layout, compact_inputs, shared_forward, split_pairs, unsupported_reason
@@ -366,6 +416,7 @@ def dpo_trainer_class(prefix_sharing: bool = False, pack_tokens: int = 0, refere
         prefix_sharing_on = prefix_sharing  # attributes, so a test or a benchmark can switch them on one trainer
         pack_pairs_tokens = pack_tokens
         reference_source = reference_adapter  # loaded into `ref` before anything reads it (make_trainer)
+        base_loaded_as = dict(loaded_as or {})  # how the base was loaded: part of the reference log-probs' key
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             rows = token_id_rows(dataset, self._tokenizer, dataset_name)
@@ -422,7 +473,8 @@ def dpo_trainer_class(prefix_sharing: bool = False, pack_tokens: int = 0, refere
                 dataset = shared_on_disk(self, dataset, name)
             compute = super()._precompute_ref_logps
             return cached_reference_log_probs(self, dataset, name, lambda: compute(dataset, name, batch_size),
-                                              path_tag="shared" if self.prefix_sharing_on else "plain")
+                                              path_tag="shared" if self.prefix_sharing_on else "plain",
+                                              batch_size=batch_size)
 
     return TokenExactDPOTrainer
 
@@ -442,8 +494,20 @@ def shared_on_disk(trainer, dataset, name: str):
     return load_from_disk(str(path))
 
 
+def base_loading(cfg) -> dict:
+    """How the base model is loaded and the prompts templated, as the reference log-probs' key names it."""
+    import hashlib
+
+    from .models import use_unsloth
+
+    template = Path(cfg.chat_template)
+    return {"base_model": cfg.base_model, "load_in_4bit": cfg.load_in_4bit, "use_unsloth": use_unsloth(cfg.use_unsloth),
+            "chat_template": hashlib.sha256(template.read_bytes()).hexdigest() if template.is_file() else None}
+
+
 def make_trainer(cfg, model, tokenizer, dpo_args, train_set, eval_set):
-    trainer_class = dpo_trainer_class(cfg.prefix_sharing, cfg.pack_pairs_tokens, cfg.reference_adapter)
+    trainer_class = dpo_trainer_class(cfg.prefix_sharing, cfg.pack_pairs_tokens, cfg.reference_adapter,
+                                      base_loading(cfg))
     trainer = trainer_class(model=model, ref_model=None, args=dpo_args, train_dataset=train_set, eval_dataset=eval_set,
                             processing_class=tokenizer, callbacks=[config_saver(cfg)])
     if REFERENCE_ADAPTER not in trainer.model.peft_config:
@@ -542,7 +606,7 @@ def train(cfg, resume: bool = False) -> dict:
         if state.is_main_process:  # one writer per run folder, to the end of the run
             run_folder_exists(folder)
             lock = FolderLock(folder, doing="training", create=True)
-        checkpoint = resolve_resume(cfg, resume, tidy=state.is_main_process)
+        checkpoint = resolve_resume(cfg, resume, tidy=state.is_main_process, processes=state.num_processes)
     try:
         return _train(cfg, state, chat, folder, checkpoint)
     except PipelineError:

@@ -183,6 +183,7 @@ def test_the_run_folder_holds_checkpoints_metrics_and_an_offline_wandb_run(saved
     assert list(offline.glob("run-*.wandb")) and next(offline.glob("run-*.wandb")).stat().st_size > 0
     for checkpoint in ("checkpoint-2", "checkpoint-4", "checkpoint-6"):  # the resolved config, in every checkpoint
         assert json.loads((out / checkpoint / "training_config.json").read_text())["dpo"]["save_steps"] == 2
+        assert json.loads((out / checkpoint / "processes.json").read_text()) == {"num_processes": 1}  # for --resume
 
 
 def test_e_resume_continues_at_the_right_step_with_the_same_optimizer_state(saved_run, demo_world, demo_preferences,
@@ -372,6 +373,80 @@ def test_e_a_start_that_stopped_before_its_first_checkpoint_does_not_block_the_n
     (out / "notes.txt").write_text("anything else: a run, or not ours")
     with pytest.raises(PipelineError, match="already holds a run"):
         resolve_resume(cfg, False)
+
+
+def test_e_a_folder_a_start_left_is_checked_against_the_config(demo_world, tmp_path, recwarn):
+    """config.json and reference_logps/ alone (a start stopped before its first checkpoint): started again, but
+    with another config never silently."""
+    from emotion_dpo.config import save_config
+    from emotion_dpo.dpo_train import resolve_resume
+
+    out = tmp_path / "dpo"
+    started, _ = config(demo_world, "d.jsonl", out)
+    (out / "reference_logps").mkdir(parents=True)
+    save_config(started, out, "config.json")
+    (out / "reference_logps" / "train.json").write_text("{}")
+    assert resolve_resume(started, False) is None
+    assert not [w for w in recwarn if "differs" in str(w.message)]  # the same config: nothing to say
+    changed, _ = config(demo_world, "d.jsonl", out, "dpo.beta=0.2")
+    for resume in (False, True):
+        with pytest.warns(UserWarning, match=re.escape(f"{out / 'config.json'}: starting again with a config that "
+                                                       "differs from the one this folder was started with:\n  "
+                                                       "dpo.beta: 0.5 -> 0.2")):
+            assert resolve_resume(changed, resume) is None
+
+
+def test_e_reference_log_probs_edited_in_the_run_folder_are_computed_again_on_resume(
+        saved_run, demo_world, demo_preferences, tmp_path, capsys):
+    """The chosen replies' numbers in reference_logps/train.json moved by 65 nats (its checksum as written):
+    --resume recomputes them and ends on the uninterrupted run's adapter, not on another."""
+    from safetensors.torch import load_file
+
+    first, _ = saved_run
+    resumed = tmp_path / "dpo"
+    resumed.mkdir()
+    shutil.copytree(first / "checkpoint-4", resumed / "checkpoint-4")
+    shutil.copytree(first / "reference_logps", resumed / "reference_logps")
+    saved = resumed / "reference_logps" / "train.json"
+    record = json.loads(saved.read_text())
+    record["ref_chosen_logps"] = [value + 65.0 for value in record["ref_chosen_logps"]]
+    saved.write_text(json.dumps(record))
+    cfg, _ = config(demo_world, demo_preferences, resumed, "dpo.max_steps=6", "dpo.save_steps=2",
+                    "dpo.save_total_limit=null", "dpo.per_device_train_batch_size=4", "eval_fraction=0.0",
+                    "dpo.eval_strategy=no")
+    train(cfg, resume=True)
+    a = load_file(str(first / FINAL_ADAPTER / "adapter_model.safetensors"))
+    b = load_file(str(resumed / FINAL_ADAPTER / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert f"{saved}: its numbers do not match the checksum they were written with" in capsys.readouterr().out
+    recomputed = json.loads(saved.read_text())["ref_chosen_logps"]
+    assert recomputed == pytest.approx([value - 65.0 for value in record["ref_chosen_logps"]], abs=1e-4)
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_e_resuming_a_2_process_checkpoint_with_1_process_is_refused(saved_run, demo_world, demo_preferences,
+                                                                      tmp_path, recorded):
+    """The global batch is per-device batch x processes: resumed with another count the Trainer would count other
+    steps and retrain pairs. The count is the checkpoint's processes.json, or (saved before it was recorded) its RNG
+    states: rng_state_<rank>.pth, one per process."""
+    first, _ = saved_run
+    resumed = tmp_path / "dpo"
+    resumed.mkdir()
+    checkpoint = shutil.copytree(first / "checkpoint-4", resumed / "checkpoint-4")
+    for rank in (0, 1):  # what 2 processes leave
+        shutil.copy(checkpoint / "rng_state.pth", checkpoint / f"rng_state_{rank}.pth")
+    (checkpoint / "rng_state.pth").unlink()
+    if recorded:
+        (checkpoint / "processes.json").write_text(json.dumps({"num_processes": 2}))
+    else:
+        (checkpoint / "processes.json").unlink(missing_ok=True)
+    cfg, _ = config(demo_world, demo_preferences, resumed, "dpo.max_steps=6", "dpo.per_device_train_batch_size=4",
+                    "eval_fraction=0.0", "dpo.eval_strategy=no")
+    with pytest.raises(PipelineError, match=re.escape(f"{checkpoint}: trained by 2 process(es), resumed with 1; "
+                                                      "resume it with 2 (accelerate launch --num_processes 2")):
+        train(cfg, resume=True)
+    assert not (resumed / "checkpoint-6").exists()
 
 
 # ---------------------------------------------------------------- (f) bad input, before any model loads

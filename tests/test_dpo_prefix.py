@@ -6,6 +6,7 @@ collated batch, TRL's selective_log_softmax over its completion mask) and its `c
 off. fp32 on the CPU, on the demo world's Llama."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -252,3 +253,86 @@ def test_the_reference_log_probs_are_kept_in_the_run_folder_and_reused(demo_worl
     monkeypatch.undo()
     other = build(demo_world, tmp_path, "dpo.precompute_ref_log_probs=true", "dpo.max_length=500")  # other inputs
     assert json.loads(saved.read_text())["key"] != record["key"] and len(other.train_dataset) > 0
+
+
+# ---------------------------------------------------------------- the reference log-probs' file: stale or wrong, never used
+
+def reference_file(trainer) -> Path:
+    return Path(trainer.args.output_dir) / REFERENCE_LOGPS / "train.json"
+
+
+def numbers_sha256(record) -> str:
+    """The file's checksum by its rule: sha256 of {"ref_chosen_logps": [...], "ref_rejected_logps": [...]} as JSON
+    with sorted keys."""
+    import hashlib
+
+    numbers = {c: record[c] for c in ("ref_chosen_logps", "ref_rejected_logps")}
+    return hashlib.sha256(json.dumps(numbers, sort_keys=True).encode()).hexdigest()
+
+
+def assert_the_reference_pass_gave_them(trainer):
+    """The trainer's ref columns are what its own reference pass (TRL's compute_ref_log_probs) gives now."""
+    trainer.model.eval()
+    chosen, rejected = trainer.compute_ref_log_probs(trainer.model, whole_batch(trainer))
+    assert torch.allclose(torch.tensor(trainer.train_dataset["ref_chosen_logps"]), chosen, atol=NATS, rtol=0)
+    assert torch.allclose(torch.tensor(trainer.train_dataset["ref_rejected_logps"]), rejected, atol=NATS, rtol=0)
+
+
+@pytest.mark.parametrize("change, named", [("dpo.ld_alpha=0.5", "ld_alpha"), ("load_in_4bit=true", "load_in_4bit")])
+def test_reference_log_probs_of_another_ld_alpha_or_base_loading_are_computed_again(demo_world, tmp_path, capsys,
+                                                                                   change, named):
+    """TRL weights the reference's log-probs past the pair's shared length by ld_alpha, and a 4-bit base gives
+    other numbers: the file of a run without them is not theirs."""
+    first = build(demo_world, tmp_path, "dpo.precompute_ref_log_probs=true")
+    before = json.loads(reference_file(first).read_text())
+    capsys.readouterr()
+    again = build(demo_world, tmp_path, "dpo.precompute_ref_log_probs=true", change)
+    notice = capsys.readouterr().out
+    assert f"{reference_file(again)}: computed for other inputs (" in notice and named in notice
+    assert "computing the reference log-probs again" in notice
+    assert again.train_dataset["ref_chosen_logps"] != before["ref_chosen_logps"]
+    assert_the_reference_pass_gave_them(again)
+
+
+@pytest.mark.parametrize("damage", ["edited", "not finite"])
+def test_reference_log_probs_edited_or_not_finite_are_computed_again(demo_world, tmp_path, capsys, damage):
+    """A number changed by hand (the checksum as written) or a NaN (even under a checksum that matches it)."""
+    first = build(demo_world, tmp_path, "dpo.precompute_ref_log_probs=true")
+    path = reference_file(first)
+    record = json.loads(path.read_text())
+    if damage == "edited":
+        record["ref_chosen_logps"][1] += 65.0
+        expected = "its numbers do not match the checksum they were written with (edited or damaged)"
+    else:
+        record["ref_rejected_logps"][2] = float("nan")
+        record["sha256"] = numbers_sha256(record)
+        expected = "holds a number that is not finite (pair 2, ref_rejected_logps: nan)"
+    path.write_text(json.dumps(record))
+    capsys.readouterr()
+    again = build(demo_world, tmp_path, "dpo.precompute_ref_log_probs=true")
+    assert f"{path}: {expected}; computing the reference log-probs again" in capsys.readouterr().out
+    assert_the_reference_pass_gave_them(again)
+    rewritten = json.loads(path.read_text())
+    assert rewritten["sha256"] == numbers_sha256(rewritten)  # the recomputed numbers, under their own checksum
+
+
+def test_the_guard_names_the_reference_log_probs_file_when_its_numbers_disagree_with_the_reference_pass(
+        demo_world, tmp_path):
+    """Numbers wrong past their checksum (edited, checksum rewritten): the first-batch guard names the file, not
+    the reference pass, which is right."""
+    from emotion_dpo.dpo_guard import guard_reference
+    from emotion_dpo.errors import PipelineError
+
+    first = build(demo_world, tmp_path, "dpo.precompute_ref_log_probs=true")
+    path = reference_file(first)
+    record = json.loads(path.read_text())
+    record["ref_chosen_logps"][0] -= 65.0
+    record["sha256"] = numbers_sha256(record)
+    path.write_text(json.dumps(record))
+    trainer = build(demo_world, tmp_path, "dpo.precompute_ref_log_probs=true", "dpo.max_steps=1",
+                    "dpo.save_strategy=no")
+    guard_reference(trainer, Path(trainer.args.output_dir), None, True)
+    with pytest.raises(PipelineError, match=re.escape(f"{path} (read from the run folder): on the first batch its "
+                                                      "reference log-probs differ from the reference pass by up to "
+                                                      "65") + r".*delete it to compute them again"):
+        trainer.train()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (42, 1, 7)
-REPLIES_PER_PROMPT = 4  # the demo's evaluation draws (README, "Evaluation that can tell settings apart")
+REPLIES_PER_PROMPT = 4  # the demo's evaluation draws (docs/configuration.md, replies_per_prompt)
 
 # setting -> run_pipeline overrides (the demo's own config otherwise)
 SETTINGS = {

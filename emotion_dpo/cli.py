@@ -9,8 +9,18 @@ import sys
 from .errors import PipelineError
 
 
+CONFIG_KEYS_HELP = ("Config keys: docs/configuration.md lists every key of every script with its type, default "
+                    "and help text (generated from emotion_dpo/config.py; in a terminal: python -c \"from "
+                    "emotion_dpo.config import GenerateConfig; help(GenerateConfig)\", or TrainConfig, EvaluateConfig, "
+                    "PipelineConfig).")
+
+
 def add_config_arguments(parser, default_config: str) -> None:
-    parser.add_argument("--config", default=default_config, help=f"JSON config (default: {default_config})")
+    import textwrap
+
+    parser.epilog = "\n\n".join(filter(None, [parser.epilog, textwrap.fill(CONFIG_KEYS_HELP, 100)]))
+    parser.add_argument("--config", default=default_config, help=f"JSON config (default: {default_config}; "
+                        "its keys: docs/configuration.md)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set num_prompts=64 or --set dpo.beta=0.2 (repeatable)")
 

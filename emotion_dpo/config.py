@@ -158,16 +158,21 @@ class GenerationSettings(Section):
     load, or not at all (top_p 2.0). The processors take floats: a JSON 2 is read as 2.0."""
 
     model_config = ConfigDict(STRICT, extra="allow")  # the other GenerationConfig keys: checked by it
-    do_sample: bool = True  # the reference passed "False", a string: only true or false is taken
-    max_new_tokens: int | None = Field(None, ge=1)
-    min_new_tokens: int | None = Field(None, ge=0)
-    temperature: float | None = Field(None, gt=0)
-    top_k: int | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    min_p: float | None = Field(None, ge=0, le=1)
-    typical_p: float | None = Field(None, gt=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    num_beams: int | None = Field(None, ge=1)
+    # the reference passed "False", a string: only true or false is taken
+    do_sample: bool = Field(True, description="sample (true) or decode greedily; best-of-N needs N different replies")
+    max_new_tokens: int | None = Field(None, ge=1, description="the most tokens a reply may have; a reply that "
+                                       "reaches it is cut off")
+    min_new_tokens: int | None = Field(None, ge=0, description="EOS is suppressed before this many tokens")
+    temperature: float | None = Field(None, gt=0, description="divides the logits before sampling (> 0)")
+    top_k: int | None = Field(None, ge=0, description="sample among the k most likely tokens (0: no limit)")
+    top_p: float | None = Field(None, gt=0, le=1, description="sample among the most likely tokens holding this "
+                                "much probability, in (0, 1]")
+    min_p: float | None = Field(None, ge=0, le=1, description="drop tokens below this share of the most likely "
+                                "one's probability, in [0, 1]")
+    typical_p: float | None = Field(None, gt=0, le=1, description="typical sampling's probability mass, in (0, 1]")
+    repetition_penalty: float | None = Field(None, gt=0, description="penalty on tokens already in the sequence "
+                                             "(> 0; 1: none)")
+    num_beams: int | None = Field(None, ge=1, description="beams of beam search (1: none)")
 
 
 @functools.cache
@@ -294,10 +299,13 @@ class PromptSource(Section):
     dataset: str = Field(description="Hub id, local save_to_disk folder, or JSONL of dialogues (column 'prompt')")
     dataset_split: str = Field("train+validation", description="split expression, e.g. train+validation")
     system_prompt: str = Field("", description="system prompt prepended to every dialogue window")
-    num_turns_history: int = Field(2, ge=0, description="user/assistant turn pairs of history before the target pair")
+    num_turns_history: int = Field(2, ge=0, description="user/assistant turn pairs of history before the target "
+                                   "pair: windows of 2 + 2 x this many turns, the last full window of each dialogue, "
+                                   "starting on a user turn")
     all_windows: bool = Field(False, description="yield every window of each dialogue, not only its last one")
     num_prompts: int | None = Field(None, ge=1, description="use the first N prompts (null: all)")
-    skip_prompts: int = Field(0, ge=0, description="leave out the first N prompts, e.g. those an earlier iteration used")
+    skip_prompts: int = Field(0, ge=0, description="leave out the first N prompts, e.g. those an earlier iteration "
+                              "used (run_pipeline's fresh prompts per iteration)")
 
 
 class RewardConfig(Section):
@@ -343,7 +351,7 @@ class SelectionConfig(Section):
     chosen_endings: list[str] = Field(default_factory=lambda: ["!", ".", "?"], min_length=1,
                                       description="chosen must end in one of these")
     max_retries: int = Field(30, ge=0, description="failed rounds regenerated before a prompt is given up")
-    # diversity-aware selection (README, "Diversity-aware selection"); the defaults are the reference's rule
+    # diversity-aware selection (docs/selection.md, "Diversity-aware selection"); the defaults are the reference's rule
     chosen_text_cap: float | None = Field(
         None, gt=0, le=1, description="the largest share of a target emotion's chosen replies one text may take, "
         "counted in prompt order at finalize (null: no cap, the reference's rule)")
@@ -381,12 +389,13 @@ class TrainConfig(GeneratorSource):
                                              "dpo.save_steps", "dpo.save_total_limit", "dpo.per_device_eval_batch_size",
                                              "dpo.eval_strategy"})
     resumable_changes: ClassVar = unchanged_results
-    dataset: str = Field(description="preference data: Hub id, local save_to_disk folder, or JSONL "
-                                     "(columns prompt, chosen, rejected)")
+    dataset: str = Field(description="preference data: Hub id, local save_to_disk folder, or JSONL (columns "
+                                     "prompt, chosen, rejected; other columns are reported and kept out of training)")
     dataset_split: str = Field("train", description="split of a Hub dataset or DatasetDict folder")
     earlier_datasets: list[str] = Field(default_factory=list, description="more preference data trained on with "
                                         "`dataset`, in the same format (run_pipeline's accumulate_pairs sets it)")
-    eval_fraction: float = Field(0.05, ge=0, le=0.5, description="share of pairs held out for evaluation (0: none)")
+    eval_fraction: float = Field(0.05, ge=0, le=0.5, description="share of pairs held out for an evaluation loss (0: "
+                                  "none; with fewer than 10 pairs none is held out, and the run says so)")
     allow_unmarked_prompts: bool = Field(
         False, description="true: train on prompts that lack the chat template's markers (e.g. decoded with the "
         "special tokens stripped, as Shotaro30678/rlhf-RG-trl-style-v3), with a warning; false: refuse them")
@@ -405,7 +414,9 @@ class TrainConfig(GeneratorSource):
     reference_adapter: str | None = Field(
         None, description="adapter the frozen reference is loaded from (e.g. the SFT adapter as an anchor while "
         "training on from a later iteration's adapter); null: a copy of `adapter`, TRL's default")
-    dpo: DpoSection = Field(default_factory=lambda: dict(DPO_DEFAULTS), description="passed to trl.DPOConfig as it is")
+    dpo: DpoSection = Field(default_factory=lambda: dict(DPO_DEFAULTS), description="passed to trl.DPOConfig as it is "
+                            "(any of its fields; unknown ones are errors); bf16/fp16 are chosen by device unless set; "
+                            "report_to follows wandb.mode")
 
 
 class JudgeConfig(Section):

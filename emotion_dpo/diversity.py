@@ -20,7 +20,7 @@ from collections import Counter, defaultdict
 
 CANNED_PROMPTS = 3  # a reply given to this many different prompts is canned
 
-# The collapse warning (see README, "Collapse warning"): a model is flagged when
+# The collapse warning (see docs/evaluation.md, "Collapse warning"): a model is flagged when
 #  - its distinct replies fall below DISTINCT_FLOOR x SFT's (half its variety gone), or
 #  - its canned share exceeds CANNED_FACTOR x SFT's (twice as many stock replies), or
 #  - within a requested emotion with at least MIN_GROUP prompts, one reply takes more than TOP_SHARE_LIMIT of them

@@ -518,7 +518,7 @@ def format_diversity(figures: dict) -> str:
     lines.append("")
     for name, reasons in figures["collapse"].items():
         lines.append(f"**COLLAPSE WARNING, {name}**: " + "; ".join(reasons) if reasons else
-                     f"{name}: no collapse warning (thresholds in README, 'Collapse warning').")
+                     f"{name}: no collapse warning (thresholds in docs/evaluation.md, 'Collapse warning').")
     return "\n".join(lines)
 
 

@@ -252,7 +252,7 @@ def finalize(cfg, folder: Path, total_prompts: int | None = None, records: list[
     if summary["collapse_ahead"]:
         warnings.warn(f"{folder}: the pairs teach a collapse before DPO starts ("
                       + "; ".join(summary["collapse_ahead"]) + "); chosen_text_cap limits one text's share "
-                      "(README, 'Diversity-aware selection')", stacklevel=2)
+                      "(docs/selection.md, 'Diversity-aware selection')", stacklevel=2)
     print(f"wrote {counts['accepted']} pairs to {folder / DATASET_DIR} (with its card, README.md) and "
           f"{folder / PREFERENCES_JSONL}")
     if cfg.push_to_hub:

@@ -385,7 +385,7 @@ def collapse_lines(table: dict) -> list[str]:
     """The collapse warning of each iteration (diversity.collapse_warnings against SFT), or that there is none."""
     flagged = [f"COLLAPSE WARNING, iteration {r['iteration']}: " + "; ".join(r["collapse"])
                for r in table["iterations"] if r["collapse"]]
-    return flagged or ["No collapse warning (thresholds: README, 'Collapse warning')."]
+    return flagged or ["No collapse warning (thresholds: docs/evaluation.md, 'Collapse warning')."]
 
 
 def plot_iterations(table: dict, path: Path) -> None:

@@ -26,7 +26,7 @@ def length_reward(length: float, shortest: float = 5, longest: float = 20) -> fl
 
 def flat_length_reward(length: float, shortest: float = 5, longest: float = 20) -> float:
     """The reference's rule up to `longest`, then held at its value there: no cliff at 2 x longest, which makes the
-    longest replies just under it win everywhere (README, "Diversity-aware selection")."""
+    longest replies just under it win everywhere (docs/selection.md, "Diversity-aware selection")."""
     return length_reward(min(length, longest), shortest, longest)
 
 

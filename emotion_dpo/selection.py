@@ -102,7 +102,7 @@ def gives_up(rounds_done: int, max_retries: int) -> bool:
 
 # ------------------------------------------------------------------ diversity-aware selection
 #
-# The reference takes each prompt's best reply on its own, and a few stock sentences win everywhere (README,
+# The reference takes each prompt's best reply on its own, and a few stock sentences win everywhere (docs/selection.md,
 # "Diversity-aware selection"). These rules choose over a prompt's whole pool (every candidate of every round) and
 # over the run: a cap on one text's share of an emotion's chosen replies, counted in prompt order, and DivPO's
 # rarest-passing-text rule (Lanchantin et al. 2025, arXiv 2501.18101). Counting happens at finalize time over the

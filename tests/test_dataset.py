@@ -1,4 +1,4 @@
-"""Settled prompts -> preference rows (README.md, "Outputs of generate_preferences"), on hand-made journal records:
+"""Settled prompts -> preference rows (docs/data.md, "Outputs of generate_preferences"), on hand-made journal records:
 the token ids DPO trains on, one schema for the whole dataset, the failure rows, and --reselect's round limit."""
 
 from types import SimpleNamespace

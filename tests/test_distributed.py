@@ -26,7 +26,8 @@ REDUCED = ["iterations=1", "generate.num_prompts=16", "generate.batch_prompts=4"
            "dpo.dpo.eval_strategy=no", "dpo.dpo.logging_steps=1", "evaluate.num_prompts=8", "evaluate.batch_prompts=2",
            "evaluate.include_base=false", "evaluate.bootstrap_samples=200",
            # TRL's sft term (the demo's RPO) is a token mean per process: DDP averages it as a mean of per-process
-           # means, not 1 process's mean over the global batch's tokens (README); the DPO loss itself is a mean of pairs
+           # means, not 1 process's mean over the global batch's tokens (docs/distributed.md); the DPO loss itself is a
+           # mean of pairs
            'dpo.dpo.loss_type=["sigmoid"]',
            # Adam divides each gradient element by its root mean square + epsilon: an element whose gradient is at
            # rounding level (DDP's all-reduce sums in another order) moves by up to a whole learning rate either way

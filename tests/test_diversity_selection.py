@@ -1,5 +1,5 @@
-"""Diversity-aware selection (README, "Diversity-aware selection") on hand-made candidates: every expected pair,
-cap and share below is worked out by hand from the rules, never by calling the code under test.
+"""Diversity-aware selection (docs/selection.md, "Diversity-aware selection") on hand-made candidates: every
+expected pair, cap and share below is worked out by hand from the rules, never by calling the code under test.
 
 Settings: the demo's (target_score_range 5, min_chosen_score 8, clean confidence >= 0.8, endings ! . ?) unless a
 test says otherwise. Only the totals and the chosen filters matter to these rules, so each candidate is given its

@@ -91,7 +91,7 @@ def test_prompts_are_stored_exactly_as_the_model_saw_them(finished_run, demo_wor
 
 
 def test_every_chosen_passes_the_filters_and_every_gap_reaches_the_target(finished_run):
-    """The rules of README "The rules", written out literally against the stored labels and texts (demo
+    """The rules of docs/selection.md, "The rules", written out literally against the stored labels and texts (demo
     config: target_score_range 5, min_chosen_score 8, clean confidence >= 0.8, endings ! . ?)."""
     accepted = [r for r in merge_journals(journal_files(finished_run.out)) if r["status"] == "accepted"]
     assert accepted

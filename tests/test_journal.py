@@ -1,5 +1,6 @@
-"""The journal, line by line as README.md ("What a 12-hour job can count on") promises it: one writer, every line
-flushed and fsync'ed before it counts, strict types on read, a torn last line dropped, records merged by prompt."""
+"""The journal, line by line as docs/reliability.md ("What a 12-hour job can count on") promises it: one writer,
+every line flushed and fsync'ed before it counts, strict types on read, a torn last line dropped, records merged
+by prompt."""
 
 import json
 import os

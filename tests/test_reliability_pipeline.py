@@ -6,9 +6,9 @@
 7. Ctrl-C (SIGINT) to run_pipeline alone is passed on to the running stage, which stops cleanly.
 The faults are DPO's: each test's run folder starts with the uninterrupted run's finished generation (its
 preferences and their marker), which the pipeline then skips as finished.
-And README's demo figures repeat: the uninterrupted run, made again from nothing with torch's default thread count
-instead of one thread, gives the same bytes at every stage (every RNG seeded, deterministic algorithms:
-cli.make_reproducible)."""
+And the demo figures repeat (docs/reliability.md, "The same bytes on a CPU"): the uninterrupted run, made again
+from nothing with torch's default thread count instead of one thread, gives the same bytes at every stage (every
+RNG seeded, deterministic algorithms: cli.make_reproducible)."""
 
 import json
 import os

@@ -1,5 +1,5 @@
 """The selection, --reselect and statistics rules on hand-made journals: every expected value below is worked
-out by hand from the rules in README.md ("The rules"), never by calling the code under test.
+out by hand from the rules in docs/selection.md ("The rules"), never by calling the code under test.
 
 Reward settings unless said otherwise: weights [0.4, 0.25, 0.35], bias 0.001, length in characters against
 length_min 5 / length_max 20, target_score_range 5, min_chosen_score 8, clean confidence >= 0.8, endings ! . ?

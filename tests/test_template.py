@@ -1,4 +1,4 @@
-"""The chat template file and the ids a prompt gives the model (README.md, "The prompt format, byte for byte"):
+"""The chat template file and the ids a prompt gives the model (docs/data.md, "The prompt format, byte for byte"):
 what a template file must hold, what installing it does to a tokenizer, and the boundary between prompt and reply
 that check_context_ids guards. The boundary rules are shown on two tiny hand-written tokenizers whose splits can
 be worked out by eye."""

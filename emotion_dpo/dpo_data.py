@@ -17,7 +17,7 @@ def read_preferences(source: str, split: str):
     from .prompts import has_a_line, load_rows
 
     path = Path(source)
-    if path.suffix in (".jsonl", ".json") and path.is_file() and not has_a_line(path):
+    if path.is_file() and not has_a_line(path):
         raise PipelineError(f"0 pairs in {source}: the file is empty")
     # in memory: TRL's and this module's map/filter would leave cache-*.arrow files in a published dataset/ folder
     return load_rows(source, split, "preference data", keep_in_memory=True)

@@ -96,10 +96,13 @@ def without_repeats(dataset, source: str):
 MIN_PAIRS_TO_HOLD_OUT = 10  # below this, eval_fraction of the pairs would be a held-out loss of one or two pairs
 
 
-def load_preferences(cfg, template_markers=()):
-    """(train, eval or None): checked, extra columns dropped, split by eval_fraction with the config's seed."""
+def load_preferences(cfg, template_markers=(), vocabulary: int | None = None):
+    """(train, eval or None): checked, extra columns dropped, split by eval_fraction with the config's seed. With
+    `vocabulary` (the tokenizer's size), the stored token ids are checked against it."""
     dataset = read_preferences(cfg.dataset, cfg.dataset_split)
     extra = check_preferences(dataset, cfg.dataset, template_markers, cfg.allow_unmarked_prompts)
+    if vocabulary is not None and has_token_ids(dataset):  # here, where a row is still the file's row
+        check_ids_in_vocabulary(dataset, vocabulary, cfg.dataset)
     if extra:
         say(f"{cfg.dataset}: {len(dataset)} pairs; columns kept out of training: {', '.join(extra)}")
     dataset = without_repeats(dataset.remove_columns(extra), cfg.dataset)
@@ -195,7 +198,7 @@ def fully_truncated(prompt_ids, max_length: int | None, truncation_mode: str) ->
     return max_length is not None and truncation_mode == "keep_start" and len(prompt_ids) >= max_length
 
 
-def check_ids_in_vocabulary(dataset, vocabulary: int, name: str) -> None:
+def check_ids_in_vocabulary(dataset, vocabulary: int, where: str) -> None:
     """Every stored token id names a token of this tokenizer (0 <= id < len(tokenizer)); one beyond it would be an
     IndexError deep in the embedding lookup, mid-training."""
     for column in ID_COLUMNS:
@@ -203,7 +206,7 @@ def check_ids_in_vocabulary(dataset, vocabulary: int, name: str) -> None:
             outside = [i for i in ids if not 0 <= i < vocabulary]
             if outside:
                 raise PipelineError(
-                    f"{name} dataset: row {row}, column {column!r}: token id {outside[0]} is outside this tokenizer's "
+                    f"{where}: row {row}, column {column!r}: token id {outside[0]} is outside this tokenizer's "
                     f"{vocabulary} tokens (0-{vocabulary - 1}); the pairs were made with another tokenizer or edited: "
                     "generate them again with this adapter, or remove the id columns to train on the text")
 
@@ -221,7 +224,7 @@ def token_id_rows(dataset, tokenizer, name: str):
             raise PipelineError(f"{name} dataset: the prompt_ids of {len(wrong)} of {len(dataset)} rows (first: row "
                                 f"{wrong[0]}) are not their prompt's tokens under this adapter's tokenizer; the "
                                 "preference data was generated with another one")
-        check_ids_in_vocabulary(dataset, len(tokenizer), name)
+        check_ids_in_vocabulary(dataset, len(tokenizer), f"{name} dataset")
         return dataset
     return dataset.map(tokenize_text_pair, with_indices=True, fn_kwargs={"tokenizer": tokenizer,
                                                                          "name": f"{name} dataset"})

@@ -594,11 +594,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def read_json(path: str | Path) -> dict:
-    """A JSON object from a file; a key given twice (JSON keeps the last one, silently) is refused, named."""
+def read_json_and_repeats(path: str | Path) -> tuple[dict, list[str]]:
+    """A JSON object from a file, and the dotted keys it gives more than once (JSON keeps the last one, silently)."""
     path, repeated = Path(path), {}  # id of an object -> its keys given twice
 
-    def refuse_repeats(pairs):
+    def note_repeats(pairs):
         seen, obj = set(), dict(pairs)
         repeated[id(obj)] = [k for k, _ in pairs if k in seen or seen.add(k)]
         return obj
@@ -609,7 +609,7 @@ def read_json(path: str | Path) -> dict:
             yield from repeats(v, f"{prefix}{k}.")
 
     try:
-        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=refuse_repeats)
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=note_repeats)
         repeated = list(dict.fromkeys(repeats(data)))
     except FileNotFoundError:
         raise PipelineError(f"{path}: config file not found") from None
@@ -622,17 +622,15 @@ def read_json(path: str | Path) -> dict:
         raise PipelineError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     except RecursionError:
         raise PipelineError(f"{path}: nested too deeply to be a config") from None
-    if repeated:
-        raise PipelineError("\n".join(f"{path}: key {k}: given more than once (JSON would keep only the last one)"
-                                      for k in repeated))
     if not isinstance(data, dict):
         raise PipelineError(f"{path}: expected a JSON object at the top level")
-    return data
+    return data, repeated
 
 
 def load_config(cls, path: str | Path, overrides: typing.Sequence[str] = ()):
-    """Load `cls` from the JSON file at `path` with `--set` overrides; raise one PipelineError listing all problems."""
-    data = read_json(path)
+    """Load `cls` from the JSON file at `path` with `--set` overrides; raise one PipelineError listing all problems
+    (a key given twice among them: it hides none of the others)."""
+    data, repeated = read_json_and_repeats(path)
     for text in overrides:
         keys, value = parse_override(text)
         target = data
@@ -641,13 +639,16 @@ def load_config(cls, path: str | Path, overrides: typing.Sequence[str] = ()):
             if not isinstance(target, dict):
                 raise PipelineError(f"--set {text}: '{k}' is not a section")
         target[keys[-1]] = value
+    problems = [f"{key}: given more than once (JSON would keep only the last one)" for key in repeated]
     try:
         config = cls.model_validate(data)
     except ValidationError as error:
-        more = cls.stage_problems(data, str(path)) if hasattr(cls, "stage_problems") else []
-        raise PipelineError("\n".join([f"{path}: key {p}" for p in problems_of(cls, error, data)] + more)) from None
+        problems += problems_of(cls, error, data)
     except RecursionError:
         raise PipelineError(f"{path}: nested too deeply to be a config") from None
+    if problems:
+        more = cls.stage_problems(data, str(path)) if hasattr(cls, "stage_problems") else []
+        raise PipelineError("\n".join([f"{path}: key {p}" for p in problems] + more))
     config.source = str(path)
     return config
 

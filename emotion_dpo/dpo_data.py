@@ -17,7 +17,7 @@ def read_preferences(source: str, split: str):
     from .prompts import has_a_line, load_rows
 
     path = Path(source)
-    if path.suffix in (".jsonl", ".json") and path.is_file() and not has_a_line(path):
+    if path.is_file() and not has_a_line(path):
         raise PipelineError(f"0 pairs in {source}: the file is empty")
     # in memory: TRL's and this module's map/filter would leave cache-*.arrow files in a published dataset/ folder
     return load_rows(source, split, "preference data", keep_in_memory=True)
@@ -96,12 +96,16 @@ def without_repeats(dataset, source: str):
 MIN_PAIRS_TO_HOLD_OUT = 10  # below this, eval_fraction of the pairs would be a held-out loss of one or two pairs
 
 
-def load_preferences(cfg, template_markers=()):
-    """(train, eval or None): checked, extra columns dropped, split by eval_fraction with the config's seed."""
+def load_preferences(cfg, template_markers=(), vocabulary: int | None = None):
+    """(train, eval or None): checked, extra columns dropped, split by eval_fraction with the config's seed. With
+    `vocabulary` (the tokenizer's size), the stored token ids are checked against it. `earlier_datasets` (the
+    accumulated pairs of earlier iterations) are read and checked the same way and trained on with `dataset`."""
     parts = []
-    for source in [cfg.dataset, *cfg.earlier_datasets]:  # earlier_datasets: accumulated iterations' pairs
+    for source in [cfg.dataset, *cfg.earlier_datasets]:
         part = read_preferences(source, cfg.dataset_split)
         extra = check_preferences(part, source, template_markers, cfg.allow_unmarked_prompts)
+        if vocabulary is not None and has_token_ids(part):  # here, where a row is still the file's row
+            check_ids_in_vocabulary(part, vocabulary, source)
         if extra:
             say(f"{source}: {len(part)} pairs; columns kept out of training: {', '.join(extra)}")
         part = part.remove_columns(extra)
@@ -209,7 +213,7 @@ def fully_truncated(prompt_ids, max_length: int | None, truncation_mode: str) ->
     return max_length is not None and truncation_mode == "keep_start" and len(prompt_ids) >= max_length
 
 
-def check_ids_in_vocabulary(dataset, vocabulary: int, name: str) -> None:
+def check_ids_in_vocabulary(dataset, vocabulary: int, where: str) -> None:
     """Every stored token id names a token of this tokenizer (0 <= id < len(tokenizer)); one beyond it would be an
     IndexError deep in the embedding lookup, mid-training."""
     for column in ID_COLUMNS:
@@ -217,7 +221,7 @@ def check_ids_in_vocabulary(dataset, vocabulary: int, name: str) -> None:
             outside = [i for i in ids if not 0 <= i < vocabulary]
             if outside:
                 raise PipelineError(
-                    f"{name} dataset: row {row}, column {column!r}: token id {outside[0]} is outside this tokenizer's "
+                    f"{where}: row {row}, column {column!r}: token id {outside[0]} is outside this tokenizer's "
                     f"{vocabulary} tokens (0-{vocabulary - 1}); the pairs were made with another tokenizer or edited: "
                     "generate them again with this adapter, or remove the id columns to train on the text")
 
@@ -235,7 +239,7 @@ def token_id_rows(dataset, tokenizer, name: str):
             raise PipelineError(f"{name} dataset: the prompt_ids of {len(wrong)} of {len(dataset)} rows (first: row "
                                 f"{wrong[0]}) are not their prompt's tokens under this adapter's tokenizer; the "
                                 "preference data was generated with another one")
-        check_ids_in_vocabulary(dataset, len(tokenizer), name)
+        check_ids_in_vocabulary(dataset, len(tokenizer), f"{name} dataset")
         return dataset
     return dataset.map(tokenize_text_pair, with_indices=True, fn_kwargs={"tokenizer": tokenizer,
                                                                          "name": f"{name} dataset"})

@@ -626,10 +626,10 @@ def _train(cfg, state, chat, folder: Path, checkpoint: Path | None) -> dict:
     from .models import load_generator, load_tokenizer
     from .tracking import start_wandb
 
-    with state.main_process_first():  # one process writes the datasets cache, the others read it
-        train_set, eval_set = load_preferences(cfg, chat.special_tokens)
-    dpo_args = build_dpo_config(cfg, has_eval=eval_set is not None)
     tokenizer = load_tokenizer(cfg.base_model, cfg.adapter, chat)
+    with state.main_process_first():  # one process writes the datasets cache, the others read it
+        train_set, eval_set = load_preferences(cfg, chat.special_tokens, vocabulary=len(tokenizer))
+    dpo_args = build_dpo_config(cfg, has_eval=eval_set is not None)
     check_pair_texts(tokenizer, train_set, cfg.base_model)
     kept = report_overlong({"training": train_set, "held-out": eval_set}, tokenizer, dpo_args, cfg.dataset,
                            say=print if state.is_main_process else lambda _: None)

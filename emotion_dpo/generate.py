@@ -116,13 +116,17 @@ def settled_records(folder: Path, prompts) -> dict[int, dict]:
 
 # ------------------------------------------------------------------ the sampling pool
 
-def sample_pool(cfg, batches, sampler, journal: Journal, metrics, progress) -> None:
+def sample_pool(cfg, batches, sampler, journal: Journal, metrics, progress, journaled: dict[int, dict]) -> None:
     """Rounds for a batch of prompts at once until each one is accepted or given up, batch after batch; each prompt
     is journaled as it settles. Batch `number` is sampled from seed + number, its retries with it, so its prompts'
-    rounds depend on the batch alone, not on which process samples it or what it sampled before."""
+    rounds depend on the batch alone, not on which process samples it, what it sampled before, or a kill: a batch
+    a kill cut short is sampled whole again from its first round. Its prompts already in the journal (`journaled`)
+    take part up to the round they settled in, so that the others draw what they drew uninterrupted, and are not
+    journaled again."""
     from transformers import set_seed
 
     accepted = failed = rounds_settled = 0
+    changed_on_resample = []  # journaled prompts whose record, sampled again, differs from the journal's
     started = time.time()
     for number, prompts in batches:
         set_seed(cfg.seed + number)
@@ -133,8 +137,16 @@ def sample_pool(cfg, batches, sampler, journal: Journal, metrics, progress) -> N
             retry = []
             for (prompt, rounds), new_round in zip(batch, new_rounds):
                 rounds.append(new_round)
+                earlier = journaled.get(prompt.index)
+                if earlier is not None and len(rounds) < len(earlier["rounds"]):
+                    retry.append((prompt, rounds))
+                    continue
                 record = settle(prompt, rounds, cfg, final=gives_up(len(rounds), cfg.max_retries),
                                 eos_token_id=sampler.tokenizer.eos_token_id)
+                if earlier is not None:  # leaves the batch at the round it left it before the kill
+                    if record is None or json.loads(json.dumps(record)) != earlier:
+                        changed_on_resample.append(prompt.index)
+                    continue
                 if record is None:
                     retry.append((prompt, rounds))
                     continue
@@ -154,6 +166,11 @@ def sample_pool(cfg, batches, sampler, journal: Journal, metrics, progress) -> N
             progress.set_postfix(acc=accepted, fail=failed, rounds=f"{figures['mean_rounds']:.2f}",
                                  ppm=f"{figures['prompts_per_minute']:.1f}")
             metrics.log(figures)
+    if changed_on_resample:
+        # e.g. on a GPU, whose sampling kernels need not give the same numbers twice
+        print(f"{len(changed_on_resample)} prompts settled before the resume (first: {changed_on_resample[0]}) got "
+              "other replies when their batch was sampled again; the journal's records are kept, and the batch's "
+              "other prompts may differ from an uninterrupted run's")
 
 
 def warn_long_prompts(cfg, tokenizer, prompts, max_new_tokens: int | None) -> None:
@@ -199,9 +216,10 @@ def generate(cfg, fresh: bool = False) -> None:
         # same pairs with 1 process or N
         mine = shard(prompt_batches(prompts, cfg.batch_prompts), state.process_index, state.num_processes)
         total = sum(len(batch) for _, batch in mine)
-        mine = [(number, unsettled) for number, batch in mine
-                if (unsettled := [p for p in batch if p.index not in settled])]
-        todo = sum(len(batch) for _, batch in mine)
+        # a batch a kill cut short is sampled whole again (sample_pool): its settled prompts' draws come before
+        # the others' in the batch's random stream
+        mine = [(number, batch) for number, batch in mine if any(p.index not in settled for p in batch)]
+        todo = sum(p.index not in settled for _, batch in mine for p in batch)
         print(f"{len(prompts)} prompts; this process: {total}, already settled {total - todo}, to do {todo}")
         if todo:
             run = start_wandb(cfg.wandb, "generate_preferences", to_dict(cfg), folder) if state.is_main_process else None
@@ -213,7 +231,7 @@ def generate(cfg, fresh: bool = False) -> None:
             with tqdm(total=total, initial=total - todo, desc="prompts", unit="prompt",
                       disable=not state.is_main_process) as progress:
                 try:
-                    sample_pool(cfg, mine, sampler, journal, metrics, progress)
+                    sample_pool(cfg, mine, sampler, journal, metrics, progress, settled)
                 finally:
                     journal.close()
             if run is not None:

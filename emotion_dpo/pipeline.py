@@ -151,8 +151,9 @@ def plan(cfg) -> list[Stage]:
         for k in range(1, cfg.iterations + 1):
             folder = run / f"iter-{k}"
             generator = sft if k == 1 else str(run / f"iter-{k - 1}" / DPO.folder / FINAL_ADAPTER)
-            skip = first["generate"].skip_prompts + (k - 1) * per_iteration if cfg.fresh_prompts_per_iteration else \
-                first["generate"].skip_prompts
+            # iteration 1 takes the first prompts even when num_prompts is null (all of them): no count to skip
+            skip = first["generate"].skip_prompts + (
+                (k - 1) * per_iteration if cfg.fresh_prompts_per_iteration and k > 1 else 0)
             owned = {
                 "generate": [f"adapter={generator}", f"skip_prompts={skip}"],
                 # iteration k trains on from the adapter that sampled its data; TRL's frozen "ref" is a copy of it,

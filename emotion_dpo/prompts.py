@@ -23,6 +23,8 @@ class Prompt:
 
 def load_rows(source: str, split: str, what: str, keep_in_memory: bool = False):
     """A `datasets.Dataset` from a local save_to_disk folder (split "a+b" joins splits), a JSONL file, or a Hub id.
+    A local file is JSON lines whatever its suffix (.jsonl, .json, ...), checked line by line (check_jsonl): pyarrow
+    takes a byte that is not UTF-8 without a word, and reading that row fails later, deep in datasets.
     `keep_in_memory`: a folder is read into memory, so that map/filter write no cache-*.arrow files into it."""
     import datasets
 
@@ -37,13 +39,12 @@ def load_rows(source: str, split: str, what: str, keep_in_memory: bool = False):
                     raise PipelineError(f"{source}: no split {missing[0]!r} (has {', '.join(loaded)})")
                 return datasets.concatenate_datasets([loaded[n] for n in names])
             return loaded
-        if path.suffix in (".jsonl", ".json"):
+        if path.is_file() or path.suffix in (".jsonl", ".json"):
             if not path.exists():
                 raise PipelineError(f"{source}: {what} file not found")
             if not has_a_line(path):  # datasets' json loader raises StopIteration on it
                 raise PipelineError(f"{source}: 0 rows: the {what} file is empty")
-            if path.suffix == ".jsonl":
-                check_jsonl(path, what)
+            check_jsonl(path, what)
             return datasets.load_dataset("json", data_files=str(path), split="train")
         return datasets.load_dataset(source, split=split)
     except PipelineError:

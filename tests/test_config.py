@@ -461,6 +461,15 @@ def test_a_key_given_twice_in_the_file_is_refused_with_its_dotted_key(tmp_path):
         f"{path}: key generation.top_k: given more than once (JSON would keep only the last one)"]
 
 
+def test_a_key_given_twice_is_reported_together_with_the_files_other_problems(tmp_path):
+    path = write(tmp_path, '{"base_model": "b", "adapter": "a", "dataset": "d", "emotion_classifier": "e", '
+                           '"gibberish_detector": "g", "seed": 1, "seed": 2, "max_retires": 3, "n_candidates": "six"}')
+    assert error_of(path).splitlines() == [
+        f"{path}: key seed: given more than once (JSON would keep only the last one)",
+        f"{path}: key max_retires: unknown key (did you mean 'max_retries'?)",
+        f'{path}: key n_candidates: expected an integer, got "six"']
+
+
 @pytest.mark.parametrize("cls", [GenerateConfig, TrainConfig, EvaluateConfig])
 def test_an_empty_output_dir_is_refused(tmp_path, cls):
     path = write(tmp_path, {**MINIMAL, "dpo_adapter": "x"} if cls is EvaluateConfig else

@@ -2,13 +2,14 @@
 hand-made pairs (a tokenizer from the demo world, no model)."""
 
 import json
+import re
 from pathlib import Path
 
 import datasets
 import pytest
 
 from emotion_dpo.config import TrainConfig, load_config
-from emotion_dpo.dpo_data import load_preferences, token_id_rows
+from emotion_dpo.dpo_data import load_preferences, read_preferences, token_id_rows
 from emotion_dpo.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +21,16 @@ def pairs_file(tmp_path, n):
     path.write_text("".join(json.dumps({"prompt": PROMPT.format(i), "chosen": "great !", "rejected": "no"}) + "\n"
                             for i in range(n)))
     return path
+
+
+@pytest.mark.parametrize("name", ["pairs.json", "pairs.txt"])
+def test_a_preference_file_of_any_suffix_is_checked_as_json_lines(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(json.dumps({"prompt": PROMPT.format(0), "chosen": "great !", "rejected": "no"}).encode() + b"\n"
+                     + '{"prompt": "p", "chosen": "caf\xe9", "rejected": "no"}\n'.encode("latin-1"))
+    with pytest.raises(PipelineError, match=re.escape(f"{path}:2: not UTF-8 (byte 0xe9 at column 31); save the "
+                                                      "preference data file as UTF-8")):
+        read_preferences(str(path), "train")
 
 
 def config(tmp_path, data, fraction):

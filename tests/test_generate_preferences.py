@@ -255,6 +255,44 @@ def test_a_run_killed_with_sigkill_resumes_without_loss_or_duplicates(demo_world
     assert len({row["index"] for row in rows}) == len(rows)
 
 
+class Killed(BaseException):
+    """A fault point's SIGKILL, in-process: generate() stops at the point (only its finally blocks run, and they
+    write no data), and the test goes on to resume it."""
+
+
+def test_a_run_killed_at_any_settled_count_resumes_to_the_pairs_of_an_uninterrupted_run(demo_world, tmp_path,
+                                                                                           monkeypatch, capsys):
+    from emotion_dpo import faultpoints
+    from emotion_dpo.generate import generate
+
+    def kill(pid, signal_number):
+        raise Killed
+
+    monkeypatch.setattr(faultpoints, "os", SimpleNamespace(environ=os.environ, getpid=os.getpid, getppid=os.getppid,
+                                                           kill=kill))
+
+    def run(out, fault=None):
+        if fault:
+            monkeypatch.setenv("EMOTION_DPO_FAULT", fault)
+        else:
+            monkeypatch.delenv("EMOTION_DPO_FAULT", raising=False)
+        # 8 prompts in batches of 3 (0-2, 3-5, 6-7), one process
+        generate(load_config(GenerateConfig, DEMO_CONFIG, demo_overrides(demo_world, out, 8, ["batch_prompts=3"])))
+
+    run(tmp_path / "uninterrupted")
+    uninterrupted = merge_journals(journal_files(tmp_path / "uninterrupted"))
+    for count in (2, 4):  # inside the first batch; inside the second, the first one settled
+        out = tmp_path / f"killed-at-{count}"
+        with pytest.raises(Killed):
+            run(out, f"kill@settled:{count}")
+        assert len(read_journal(out / "journal.rank0.jsonl")) == count
+        run(out)
+        # on the CPU the prompts settled before the kill come out of their batch's second sampling exactly again
+        assert "got other replies when their batch was sampled again" not in capsys.readouterr().out
+        assert merge_journals(journal_files(out)) == uninterrupted  # every prompt's rounds, and so its pair
+        assert (out / "preferences.jsonl").read_text() == (tmp_path / "uninterrupted" / "preferences.jsonl").read_text()
+
+
 def test_a_different_config_on_an_existing_run_is_refused_with_the_differing_keys(finished_run, demo_world):
     args = run_script(demo_world, finished_run.out, extra=["n_candidates=3", "max_retries=2"])
     result = subprocess.run(args, capture_output=True, text=True, timeout=300)

@@ -256,6 +256,12 @@ def test_set_reaches_each_stages_keys_and_the_pipeline_sets_the_per_iteration_on
     assert reused[3].resolved["skip_prompts"] == 0
 
 
+def test_num_prompts_null_takes_all_prompts_in_a_single_iteration(tmp_path):
+    # one iteration needs no fresh prompts after it: null (all of them) is a valid num_prompts there
+    (generate, _, _) = plan_of(tmp_path, "iterations=1", "generate.num_prompts=null")
+    assert (generate.resolved["num_prompts"], generate.resolved["skip_prompts"]) == (None, 0)
+
+
 @pytest.mark.parametrize("override, message", [
     ("generate.num_promts=3", "generate_preferences_arg.json: key num_promts: unknown key \\(did you mean 'num_prompts'"),
     ("dpo.dpo.beta=-1", "dpo.beta: expected a value > 0"),

@@ -2,6 +2,7 @@
 reference project's template renders it."""
 
 import json
+import re
 from pathlib import Path
 
 import datasets
@@ -259,6 +260,21 @@ def test_a_file_of_blank_lines_has_no_line(tmp_path):
     assert not has_a_line(tmp_path / "blank.jsonl")
     (tmp_path / "one.jsonl").write_text("\n{}\n")
     assert has_a_line(tmp_path / "one.jsonl")
+
+
+@pytest.mark.parametrize("name", ["dialogues.json", "dialogues.txt"])
+@pytest.mark.parametrize("second_line, message", [
+    ('{"prompt": "caf\xe9"}\n'.encode("latin-1"), r":2: not UTF-8 \(byte 0xe9 at column 16\); save the dialogues file as "
+                                                 "UTF-8"),
+    (b'{"prompt": [', r":2: not a JSON object \(.*\); it is the last line and looks cut short"),
+], ids=["not-utf8", "cut-short"])
+def test_a_dialogue_file_of_any_suffix_is_checked_as_json_lines(tmp_path, name, second_line, message):
+    data = tmp_path / name
+    data.write_text(json.dumps(numbered(1)[0]) + "\n")
+    assert len(load_rows(str(data), "train", "dialogues")) == 1  # read as JSON lines, whatever the suffix
+    data.write_bytes(json.dumps(numbered(1)[0]).encode() + b"\n" + second_line)
+    with pytest.raises(PipelineError, match=re.escape(str(data)) + message):
+        load_rows(str(data), "train", "dialogues")
 
 
 def test_windows_start_on_a_user_turn_and_end_on_an_assistant_turn():

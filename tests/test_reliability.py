@@ -250,6 +250,28 @@ def test_6_token_ids_beyond_the_vocabulary_are_an_error_before_the_model_loads(d
         train(cfg)
 
 
+def test_6_a_token_id_beyond_the_vocabulary_is_reported_with_its_row_in_the_file(demo_world, tmp_path,
+                                                                                   no_model_loading):
+    from transformers import AutoTokenizer
+
+    from emotion_dpo.dpo_train import train
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_world / "sft_adapter")
+    prompt = "<s>[INST] [EMOTION] joy [/EMOTION] hi {} . [/INST] [EMOTION] joy [/EMOTION]"
+    rows = [{"prompt": prompt.format(i), "chosen": f"yay {i} !", "rejected": f"no {i}",
+             "prompt_ids": tokenizer(prompt.format(i), add_special_tokens=False)["input_ids"],
+             "chosen_ids": [5 + i, tokenizer.eos_token_id], "rejected_ids": [9 + i, tokenizer.eos_token_id]}
+            for i in range(12)]
+    rows[9]["chosen_ids"] = [len(tokenizer) + 7, tokenizer.eos_token_id]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # a held-out share: the training split is a shuffle of the file's rows
+    cfg, _ = dpo_config(demo_world, data, tmp_path / "out", "eval_fraction=0.25")
+    with pytest.raises(PipelineError, match=re.escape(f"{data}: row 9, column 'chosen_ids': token id "
+                                                      f"{len(tokenizer) + 7} is outside this tokenizer's")):
+        train(cfg)
+
+
 DIALOGUE = {"prompt": [{"role": "user", "content": {"emotion": "neutral", "dialog": "hi ."}},
                        {"role": "assistant", "content": {"emotion": "joy", "dialog": "hello !"}}]}
 

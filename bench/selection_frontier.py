@@ -45,9 +45,14 @@ SETTINGS = {
 }
 
 
+def finished(folder: Path) -> bool:
+    """The pipeline's last stage is marked finished (iterations.json is rewritten after every iteration)."""
+    return (folder / "iter-2" / "evaluation.done.json").exists()
+
+
 def run(setting: str, seed: int, folder: Path, overrides: list[str]) -> float | None:
     """Run (or resume) one pipeline; its wall time in seconds, None when it was already finished."""
-    if (folder / "iterations.json").exists():
+    if finished(folder):
         return None
     sets = [f"output_dir={folder}", f"generate.seed={seed}", f"dpo.seed={seed}",
             f"evaluate.replies_per_prompt={REPLIES_PER_PROMPT}", "evaluate.include_base=false", *overrides]
@@ -151,7 +156,7 @@ def main(argv=None) -> None:
                 took = run(setting, seed, folder, SETTINGS[setting])
                 if took is not None:
                     seconds[name] = took
-            if not (folder / "iterations.json").exists():
+            if not finished(folder):
                 continue
             figures = last_iteration(folder)
             figures["distinct_of_ceiling"] = figures["distinct_replies"] / figures["ceiling_distinct_replies"]

@@ -299,13 +299,15 @@ class FolderLock:
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder, holder_doing = _lock_holder(self._read_holder(), doing)
+                text = self._read_holder()
+                holder, holder_doing = _lock_holder(text, doing)
                 if not wait:
                     self._close()
+                    who = (f"process {holder} is {holder_doing} in this folder (it holds {self.path})" if text.strip()
+                           else f"another process holds this folder's lock ({self.path}, which names it, is gone)")
                     raise PipelineError(
-                        f"{self.path.parent}: process {holder} is {holder_doing} in this folder (it holds {self.path}); "
-                        "wait for it to end or stop it, then run again. Two processes on one folder would write the "
-                        "same outputs twice.") from None
+                        f"{self.path.parent}: {who}; wait for it to end or stop it, then run again. Two processes on "
+                        "one folder would write the same outputs twice.") from None
                 print(f"{self.path.parent}: waiting for process {holder}, {holder_doing} in this folder")  # take turns
                 fcntl.flock(self._fd, fcntl.LOCK_EX)
             if name == RUN_LOCK or self._still_in_the_folder():

@@ -290,7 +290,8 @@ class GeneratorSource(Section):
 
     base_model: PathKey = Field(description="Hub id or local folder of the base LLM, e.g. unsloth/llama-2-7b-bnb-4bit")
     adapter: PathKey = Field(description="Hub id or local folder of the SFT LoRA adapter")
-    chat_template: PathKey = Field("args/chat_template.json", description="the chat template file shared by every script")
+    chat_template: PathKey = Field("args/chat_template.json",
+                                   description="the chat template file shared by every script")
     load_in_4bit: bool = Field(True, description="load the base in 4-bit NF4 (bitsandbytes) to fit a 24 GB GPU")
     use_unsloth: Literal["auto"] | bool = Field(
         "auto", description='"auto": unsloth where it imports and a GPU is present; true: required; false: never')

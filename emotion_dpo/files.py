@@ -146,13 +146,14 @@ def read_marker(folder: Path) -> dict | None:
 def legacy_run_script(folder: Path) -> str | None:
     """The script whose run folder `folder` is, by the files earlier versions (without a marker) left there: a
     journal (generate_preferences), config.json with checkpoints or a final adapter (fine_tune_dpo), config.json with
-    `dpo_adapter` (evaluate), pipeline_config.json (run_pipeline). A config.json alone could be anyone's: None."""
+    `dpo_adapter` (evaluate), pipeline_config.json or a stage's iter-k/<stage>.done.json (run_pipeline). A
+    config.json alone could be anyone's: None."""
     try:
         if not folder.is_dir():
             return None
         if any(folder.glob("journal.rank*.jsonl")):
             return "generate_preferences.py"
-        if (folder / "pipeline_config.json").is_file():
+        if (folder / "pipeline_config.json").is_file() or any(folder.glob("iter-*/*.done.json")):
             return PIPELINE_SCRIPT
         config = folder / "config.json"
         if not config.is_file():

@@ -36,7 +36,7 @@ def prepare_output_dir(cfg, fresh: bool) -> FolderLock:
     """Create the run folder, or check that it holds a run of this same config; never overwrite silently.
 
     Returns the run's lock, held until released: a second process on the folder is refused, naming this one. A folder
-    that is not a generate_preferences run is refused, and --fresh moves aside only one that is (files.claim_run_folder)."""
+    that is not a generate_preferences run is refused; --fresh moves aside only one that is (files.claim_run_folder)."""
     folder = Path(cfg.output_dir)
 
     def check(folder: Path, started: bool) -> None:

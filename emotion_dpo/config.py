@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import os
 import re
 import typing
 import warnings
@@ -27,7 +28,14 @@ from . import EMOTIONS
 from .errors import PipelineError
 
 STRICT = ConfigDict(strict=True, allow_inf_nan=False, arbitrary_types_allowed=True, extra="forbid")
-Folder = Annotated[str, Field(min_length=1)]  # "" would silently mean the current folder
+def expand_home(path: str) -> str:
+    """A leading ~ or ~user is the home folder, for every path key, once, here: left as it is, the project would make
+    a folder named "~" while `datasets` (fsspec) saves under the home folder. No Hub id starts with "~"."""
+    return os.path.expanduser(path)
+
+
+PathKey = Annotated[str, AfterValidator(expand_home)]  # a local path (or Hub id) a key names
+Folder = Annotated[str, Field(min_length=1), AfterValidator(expand_home)]  # "" would silently mean the current folder
 
 
 def without_comments(section: dict) -> dict:
@@ -285,9 +293,10 @@ SECTION_KEYS = {"generation": generation_keys, "dpo": lambda: frozenset(dpo_sect
 class GeneratorSource(Section):
     """Where the response generator comes from: a (4-bit) base model plus the SFT LoRA adapter."""
 
-    base_model: str = Field(description="Hub id or local folder of the base LLM, e.g. unsloth/llama-2-7b-bnb-4bit")
-    adapter: str = Field(description="Hub id or local folder of the SFT LoRA adapter")
-    chat_template: str = Field("args/chat_template.json", description="the chat template file shared by every script")
+    base_model: PathKey = Field(description="Hub id or local folder of the base LLM, e.g. unsloth/llama-2-7b-bnb-4bit")
+    adapter: PathKey = Field(description="Hub id or local folder of the SFT LoRA adapter")
+    chat_template: PathKey = Field("args/chat_template.json",
+                                   description="the chat template file shared by every script")
     load_in_4bit: bool = Field(True, description="load the base in 4-bit NF4 (bitsandbytes) to fit a 24 GB GPU")
     use_unsloth: Literal["auto"] | bool = Field(
         "auto", description='"auto": unsloth where it imports and a GPU is present; true: required; false: never')
@@ -296,7 +305,7 @@ class GeneratorSource(Section):
 
 
 class PromptSource(Section):
-    dataset: str = Field(description="Hub id, local save_to_disk folder, or JSONL of dialogues (column 'prompt')")
+    dataset: PathKey = Field(description="Hub id, local save_to_disk folder, or JSONL of dialogues (column 'prompt')")
     dataset_split: str = Field("train+validation", description="split expression, e.g. train+validation")
     system_prompt: str = Field("", description="system prompt prepended to every dialogue window")
     num_turns_history: int = Field(2, ge=0, description="user/assistant turn pairs of history before the target "
@@ -309,11 +318,11 @@ class PromptSource(Section):
 
 
 class RewardConfig(Section):
-    emotion_classifier: str = Field(description="Hub id or folder of the emotion text classifier")
+    emotion_classifier: PathKey = Field(description="Hub id or folder of the emotion text classifier")
     emotion_labels: list[str] = Field(
         default_factory=lambda: list(EMOTIONS),
         description="the emotion classifier's outputs by position (its own id2label is not trusted, as in the reference)")
-    gibberish_detector: str = Field(description="Hub id or folder of the gibberish detector")
+    gibberish_detector: PathKey = Field(description="Hub id or folder of the gibberish detector")
     reward_weights: list[float] = Field(default_factory=lambda: [0.4, 0.25, 0.35],
                                         description="weights of [emotion, length, gibberish] rewards")
     reward_bias: float = Field(0.001, description="added to the weighted sum")
@@ -389,10 +398,10 @@ class TrainConfig(GeneratorSource):
                                              "dpo.save_steps", "dpo.save_total_limit", "dpo.per_device_eval_batch_size",
                                              "dpo.eval_strategy"})
     resumable_changes: ClassVar = unchanged_results
-    dataset: str = Field(description="preference data: Hub id, local save_to_disk folder, or JSONL (columns "
-                                     "prompt, chosen, rejected; other columns are reported and kept out of training)")
+    dataset: PathKey = Field(description="preference data: Hub id, local save_to_disk folder, or JSONL (columns "
+                                         "prompt, chosen, rejected; other columns are reported and kept out of training)")
     dataset_split: str = Field("train", description="split of a Hub dataset or DatasetDict folder")
-    earlier_datasets: list[str] = Field(default_factory=list, description="more preference data trained on with "
+    earlier_datasets: list[PathKey] = Field(default_factory=list, description="more preference data trained on with "
                                         "`dataset`, in the same format (run_pipeline's accumulate_pairs sets it)")
     eval_fraction: float = Field(0.05, ge=0, le=0.5, description="share of pairs held out for an evaluation loss (0: "
                                   "none; with fewer than 10 pairs none is held out, and the run says so)")
@@ -400,7 +409,7 @@ class TrainConfig(GeneratorSource):
         False, description="true: train on prompts that lack the chat template's markers (e.g. decoded with the "
         "special tokens stripped, as Shotaro30678/rlhf-RG-trl-style-v3), with a warning; false: refuse them")
     output_dir: Folder = Field("outputs/dpo", description="checkpoints, the final adapter, metrics")
-    resume_from_checkpoint: bool | str | None = Field(
+    resume_from_checkpoint: bool | PathKey | None = Field(
         None, description="true: the last checkpoint in output_dir; a path: that checkpoint")
     train_modules_to_save: bool = Field(
         True, description="false: train the LoRA matrices only; the SFT adapter's modules_to_save (embedding and "
@@ -411,7 +420,7 @@ class TrainConfig(GeneratorSource):
     pack_pairs_tokens: int = Field(
         0, ge=0, description="with prefix_sharing: pack consecutive pairs into one row up to this many tokens "
         "(0: one pair per row)")
-    reference_adapter: str | None = Field(
+    reference_adapter: PathKey | None = Field(
         None, description="adapter the frozen reference is loaded from (e.g. the SFT adapter as an anchor while "
         "training on from a later iteration's adapter); null: a copy of `adapter`, TRL's default")
     dpo: DpoSection = Field(default_factory=lambda: dict(DPO_DEFAULTS), description="passed to trl.DPOConfig as it is "
@@ -421,7 +430,7 @@ class TrainConfig(GeneratorSource):
 
 class JudgeConfig(Section):
     name: str = Field(description="the judge's name in the results")
-    model: str = Field(description="Hub id or folder of an emotion classifier training never saw")
+    model: PathKey = Field(description="Hub id or folder of an emotion classifier training never saw")
     label_map: dict[str, str] = Field(default_factory=dict, description="the judge's label -> an emotion_labels "
                                       "entry, for labels named otherwise (e.g. {\"joy\": \"happiness\"})")
 
@@ -429,7 +438,7 @@ class JudgeConfig(Section):
 class EvaluateConfig(GeneratorSource, PromptSource, RewardConfig):
     unchanged_results: ClassVar = frozenset({"output_dir", "wandb", "batch_prompts", "classifier_batch_size"})
     resumable_changes: ClassVar = unchanged_results
-    dpo_adapter: str = Field(description="the DPO-trained adapter (fine_tune_dpo.py's output_dir/final_adapter)")
+    dpo_adapter: PathKey = Field(description="the DPO-trained adapter (fine_tune_dpo.py's output_dir/final_adapter)")
     # held-out prompts: generate_preferences' default (train+validation) would score the models on what DPO saw
     dataset_split: str = Field("test", description="split of held-out dialogues, never seen in SFT or DPO")
     include_base: bool = Field(False, description="also evaluate the base model with adapters disabled")
@@ -447,7 +456,7 @@ class EvaluateConfig(GeneratorSource, PromptSource, RewardConfig):
                                                          "intervals (each figure's interval is over prompts)")
     judges: list[JudgeConfig] = Field(default_factory=list, description="held-out emotion classifiers: accuracy, "
                                       "F1, agreement with the training classifier and a win rate under each")
-    well_formed_replies: str | None = Field(
+    well_formed_replies: PathKey | None = Field(
         None, description="JSON {emotion: [every well-formed reply]} of a finite language (the demo world's): the "
         "diversity ceiling of a model that always answers in the requested emotion, uniformly (null: none)")
 
@@ -630,6 +639,7 @@ def read_json_and_repeats(path: str | Path) -> tuple[dict, list[str]]:
 def load_config(cls, path: str | Path, overrides: typing.Sequence[str] = ()):
     """Load `cls` from the JSON file at `path` with `--set` overrides; raise one PipelineError listing all problems
     (a key given twice among them: it hides none of the others)."""
+    path = expand_home(str(path))
     data, repeated = read_json_and_repeats(path)
     for text in overrides:
         keys, value = parse_override(text)

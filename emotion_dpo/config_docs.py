@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -82,10 +83,20 @@ run_pipeline; 127 problems): each is named with its key, in one run, and nothing
 
 
 def type_name(annotation) -> str:
+    """A key's type as a reader writes it: `str | None`, `list[str]` (a path key is a str)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:  # e.g. config.PathKey: a str with ~ expanded
+        return type_name(args[0])
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return "section"
-    if typing.get_origin(annotation) is list and issubclass(typing.get_args(annotation)[0], BaseModel):
+    if origin is list and isinstance(args[0], type) and issubclass(args[0], BaseModel):
         return "list of sections"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if origin is list:
+        return f"list[{type_name(args[0])}]"
+    if annotation is type(None):
+        return "None"
     text = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
     return text.replace("NoneType", "None")
 

@@ -24,9 +24,10 @@ from .distributed import on_cpus, process_state
 from .dpo_reference import REFERENCE_LOGPS
 from .errors import PipelineError
 from .faultpoints import reached
-from .files import FolderLock, folder_entries, run_folder_exists, write_text_atomic
+from .files import RUN_MARKER, claim_run_folder, folder_entries, run_folder_exists, write_text_atomic
 
 FINAL_ADAPTER = "final_adapter"
+SCRIPT = "fine_tune_dpo.py"  # in the run marker: the folder is this script's run
 METRICS_NAME = "metrics.json"
 # What train() writes before training starts, and TRL's model card (README.md), which it writes next to each checkpoint
 # it saves (so also before the first one is whole), and the reference log-probs (dpo_reference: reused by the next start)
@@ -602,18 +603,18 @@ def train(cfg, resume: bool = False) -> dict:
     chat = load_chat_format(cfg.chat_template)
     folder = Path(cfg.output_dir)
     lock, created = None, not folder.exists()
-    with state.main_process_first():  # the main process locks the folder and tidies it; the others then read it
-        if state.is_main_process:  # one writer per run folder, to the end of the run
-            run_folder_exists(folder)
-            lock = FolderLock(folder, doing="training", create=True)
-        checkpoint = resolve_resume(cfg, resume, tidy=state.is_main_process, processes=state.num_processes)
     try:
+        with state.main_process_first():  # the main process locks the folder and tidies it; the others then read it
+            if state.is_main_process:  # one writer per run folder, to the end of the run
+                lock = claim_run_folder(folder, SCRIPT, "training", "fine_tune_dpo run")
+            checkpoint = resolve_resume(cfg, resume, tidy=state.is_main_process, processes=state.num_processes)
         return _train(cfg, state, chat, folder, checkpoint)
     except PipelineError:
-        # refused input leaves no half-made run behind: a folder this run made holding only its lock goes again
-        if lock is not None and created and [p.name for p in folder.iterdir()] == [lock.path.name]:
+        # refused input leaves no half-made run behind: a folder this run made holding only its marker goes again
+        if lock is not None and created:
             lock.release()
-            shutil.rmtree(folder)
+            if {p.name for p in folder.iterdir()} <= {RUN_MARKER}:
+                shutil.rmtree(folder)
         raise
     finally:
         if lock is not None:

@@ -13,13 +13,14 @@ from .distributed import prompt_batches, shard
 from .diversity import ceiling, collapse_warnings, per_draw_report
 from .judges import agreement, check_judges, judge_figures, judge_replies, predicted
 from .errors import PipelineError
-from .files import FolderLock, folder_entries, move_aside, run_folder_exists
+from .files import FolderLock, claim_run_folder, run_script_of
 from .plotting import pyplot
 from .prompts import load_prompts
 from .selection import is_cut_off
 
 RESULTS_JSON, RESULTS_MD, REPLIES, RESULTS_PNG = "results.json", "results.md", "replies.jsonl", "results.png"
 RESULT_FILES = (RESULTS_JSON, RESULTS_MD, REPLIES, RESULTS_PNG)  # what a finished evaluation wrote
+SCRIPT = "evaluate.py"  # in the run marker: the folder is this script's run
 
 DIVERSITY_ROWS = [
     ("distinct_replies", "distinct replies", "{:.0f}"), ("distinct_1", "distinct-1", "{:.3f}"),
@@ -129,13 +130,10 @@ def win_rate(a_totals, b_totals, samples: int = 2000, seed: int = 0) -> dict:
 # ------------------------------------------------------------------ checks before any model loads
 
 def is_evaluation_folder(folder: Path) -> bool:
-    """Holds the config.json that evaluate.py saves: the one with `dpo_adapter`, a key only evaluate has. Other
-    keys may come and go between versions; an older evaluation folder is still one."""
-    try:
-        saved = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(saved, dict) and "dpo_adapter" in saved
+    """Marked as evaluate.py's run folder, or an older one: its config.json has `dpo_adapter`, a key only evaluate
+    has (files.legacy_run_script). Other keys may come and go between versions; an older evaluation folder is still
+    one."""
+    return run_script_of(folder) == SCRIPT
 
 
 def read_well_formed(cfg, emotions: set) -> dict | None:
@@ -152,24 +150,28 @@ def read_well_formed(cfg, emotions: set) -> dict | None:
     return table
 
 
-def prepare_output_dir(cfg, fresh: bool = False) -> Path:
+def holds_results(folder: Path) -> bool:
+    return any((folder / name).exists() for name in RESULT_FILES)
+
+
+def prepare_output_dir(cfg, fresh: bool = False) -> FolderLock:
     """An empty folder, or one an unfinished evaluation left (its config.json, no results): never overwrite
-    results silently; `fresh` moves earlier results aside."""
+    results silently; `fresh` moves earlier results aside. Returns the folder's lock, held until released."""
     folder = Path(cfg.output_dir)
-    if run_folder_exists(folder) and folder_entries(folder):
-        if not is_evaluation_folder(folder):
-            raise PipelineError(f"{folder}: output_dir is not empty and holds no evaluation; choose another output_dir")
-        if any((folder / name).exists() for name in RESULT_FILES):
-            if not fresh:
-                raise PipelineError(f"{folder}: output_dir already holds results; choose another output_dir, "
-                                    "or pass --fresh to move them aside")
-            move_aside(folder, "results")
+
+    def check(folder: Path, started: bool) -> None:
+        if holds_results(folder):
+            raise PipelineError(f"{folder}: output_dir already holds results; choose another output_dir, "
+                                "or pass --fresh to move them aside")
+
+    lock = claim_run_folder(folder, SCRIPT, "evaluating", "evaluation", fresh=fresh, fresh_moves=holds_results,
+                            check=check)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         save_config(cfg, folder, "config.json")
     except OSError as e:
+        lock.release()
         raise PipelineError(f"{folder}: output_dir is not writable ({e.strerror})") from None
-    return folder
+    return lock
 
 
 # ------------------------------------------------------------------ generating and scoring
@@ -341,12 +343,7 @@ def evaluate(cfg, fresh: bool = False) -> dict | None:
     lock, folder = None, Path(cfg.output_dir)
     try:
         if state.is_main_process:
-            run_folder_exists(folder)
-            lock = FolderLock(cfg.output_dir, doing="evaluating", create=True)  # one writer, to the end
-            folder = prepare_output_dir(cfg, fresh)
-            if not lock.path.exists():  # --fresh moved the folder (and the lock file in it) aside
-                lock.release()
-                lock = FolderLock(folder, doing="evaluating")
+            lock = prepare_output_dir(cfg, fresh)  # one writer, to the end
         state.wait_for_everyone()  # (a refused output_dir ends the main process; the launcher then stops the rest)
         return _evaluate(cfg, state, folder, tokenizer, prompts, generation_config, well_formed,
                          judge_mappings)

@@ -13,7 +13,7 @@ from pathlib import Path
 from .card import push_card, write_card
 from .config import GenerateConfig, differing_keys_except, save_config, to_dict
 from .errors import PipelineError
-from .files import FINALIZE_LOCK, FolderLock, folder_entries, move_aside, publish_set, run_folder_exists
+from .files import FINALIZE_LOCK, FolderLock, claim_run_folder, publish_set, run_folder_exists
 from .journal import Journal, journal_files, journal_path, merge_journals
 from .dataset import DATASET_DIR, DATASET_FILES, PREFERENCES_JSONL, choose_pairs, reselect, settle, write_dataset
 from .distributed import process_state, prompt_batches, shard
@@ -26,6 +26,7 @@ RESELECTABLE = {"reward_weights", "reward_bias", "length_unit", "length_min", "l
                 "min_chosen_score", "min_chosen_gibberish_confidence", "chosen_endings", "max_retries", "length_rule",
                 "chosen_text_cap", "chosen_text_cap_min", "min_distinct_passing", "chosen_rule", "rejected_rule"}
 CONFIG_NAME = "config.json"
+SCRIPT = "generate_preferences.py"  # in the run marker: the folder is this script's run
 # What finalize writes: one set, switched in at once (files.publish_set)
 OUTPUTS = [*DATASET_FILES, *REPORT_FILES]
 
@@ -35,33 +36,20 @@ OUTPUTS = [*DATASET_FILES, *REPORT_FILES]
 def prepare_output_dir(cfg, fresh: bool) -> FolderLock:
     """Create the run folder, or check that it holds a run of this same config; never overwrite silently.
 
-    Returns the run's lock, held until released: a second process on the folder is refused, naming this one."""
+    Returns the run's lock, held until released: a second process on the folder is refused, naming this one. A folder
+    that is not a generate_preferences run is refused; --fresh moves aside only one that is (files.claim_run_folder)."""
     folder = Path(cfg.output_dir)
-    earlier = None
-    if run_folder_exists(folder) and folder_entries(folder):
-        if not (folder / CONFIG_NAME).exists() and not journal_files(folder):
-            raise PipelineError(
-                f"{folder}: output_dir is not empty and holds no {CONFIG_NAME} of a generate_preferences run; "
-                "choose another output_dir"
-            )
-        earlier = FolderLock(folder)  # before anything is read or moved: a run going on there is refused
-        try:
-            if fresh:  # the old config is not read: --fresh also gets out of an unreadable one
-                move_aside(folder, "run")
-            else:
-                check_run_config(cfg, folder)
-        except BaseException:
-            earlier.release()
-            raise
+
+    def check(folder: Path, started: bool) -> None:
+        if started and not fresh:  # --fresh on an empty run folder: nothing to move, nothing to check
+            check_run_config(cfg, folder)
+
+    lock = claim_run_folder(folder, SCRIPT, "generating", "generate_preferences run", fresh=fresh, check=check)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        lock = earlier if earlier is not None and not fresh else FolderLock(folder)
         save_config(cfg, folder, CONFIG_NAME)
     except OSError as e:
+        lock.release()
         raise PipelineError(f"{folder}: output_dir is not writable ({e.strerror})") from None
-    finally:
-        if earlier is not None and fresh:
-            earlier.release()
     return lock
 
 

@@ -27,7 +27,7 @@ from .dpo_train import FINAL_ADAPTER, METRICS_NAME
 from .errors import PipelineError
 from .distributed import die_with_parent, launch_command
 from .evaluation import RESULT_FILES, RESULTS_JSON
-from .files import FolderLock, folder_entries, write_text_atomic
+from .files import PIPELINE_SCRIPT, FolderLock, claim_run_folder, folder_entries, write_text_atomic
 from .plotting import pyplot
 from .stats import STATISTICS_JSON
 
@@ -452,21 +452,18 @@ def run_pipeline(cfg) -> dict | None:
     run = Path(cfg.output_dir)
     # An existing run folder is locked before the stage configs are checked (that imports TRL: seconds), so that a
     # second pipeline on it is refused at once; a new one is made only after, so that a bad config leaves no folder.
+    # Either way a refused run writes nothing into it.
+    planned = []
     if run.is_dir():
-        with lock_run_folder(run) as lock:
-            return run_stages(cfg, plan(cfg), run, lock)
+        with lock_run_folder(run, check=lambda folder, started: planned.append(plan(cfg))) as lock:
+            return run_stages(cfg, planned[0], run, lock)
     stages = plan(cfg)
     with lock_run_folder(run) as lock:
         return run_stages(cfg, stages, run, lock)
 
 
-def lock_run_folder(run: Path) -> FolderLock:
-    try:
-        return FolderLock(run, doing="running the pipeline", create=True)
-    except (NotADirectoryError, FileExistsError):
-        raise PipelineError(f"{run}: output_dir is a file, expected a folder; choose another output_dir") from None
-    except OSError as e:
-        raise PipelineError(f"{run}: output_dir is not writable ({e.strerror})") from None
+def lock_run_folder(run: Path, check=None) -> FolderLock:
+    return claim_run_folder(run, PIPELINE_SCRIPT, "running the pipeline", "pipeline run", check=check)
 
 
 def run_stages(cfg, stages: list[Stage], run: Path, lock: FolderLock) -> dict | None:

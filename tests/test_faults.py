@@ -164,7 +164,7 @@ def test_a_torn_config_json_is_a_clear_error_and_fresh_or_deleting_it_gets_out(d
     (out / "config.json").write_text("{")
     lock = prepare_output_dir(cfg, fresh=True)  # --fresh never reads the torn file
     lock.release()
-    assert [p.name for p in out.iterdir() if p.name != ".lock"] == ["config.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "emotion_dpo_run.json"]  # a new run's folder
     assert len(list(tmp_path.glob("run.old-*/journal.rank0.jsonl"))) == 1
 
 

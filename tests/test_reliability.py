@@ -108,7 +108,8 @@ def test_2_fine_tune_dpo_and_evaluate_are_refused_on_a_folder_another_process_wr
             train(cfg)
         with pytest.raises(PipelineError, match=f"process {os.getpid()} is training in this folder"):
             evaluate(evaluate_cfg)
-    assert sorted(p.name for p in folder.iterdir()) == [".lock"]  # nothing written by the refused ones
+        assert sorted(p.name for p in folder.iterdir()) == [".lock"]  # the holder's; nothing by the refused ones
+    assert sorted(p.name for p in folder.iterdir()) == []  # the holder took its .lock with it
 
 
 # ---------------------------------------------------------------- 3. a DPO run that would train 0 steps

@@ -54,7 +54,7 @@ def run(setting: str, seed: int, folder: Path, overrides: list[str]) -> float | 
     """Run (or resume) one pipeline; its wall time in seconds, None when it was already finished."""
     if finished(folder):
         return None
-    sets = [f"output_dir={folder}", f"generate.seed={seed}", f"dpo.seed={seed}",
+    sets = [f"output_dir={folder.relative_to(ROOT)}", f"generate.seed={seed}", f"dpo.seed={seed}",
             f"evaluate.replies_per_prompt={REPLIES_PER_PROMPT}", "evaluate.include_base=false", *overrides]
     command = [sys.executable, "run_pipeline.py", "--config", "args/demo/pipeline_arg.json"]
     for override in sets:
@@ -141,15 +141,15 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--report-only", action="store_true", help="read the finished runs, run nothing")
     args = parser.parse_args(argv)
-    runs_dir, out = ROOT / args.runs, Path(args.out)
-    runs_dir.mkdir(parents=True, exist_ok=True)
+    runs_dir, out = Path(args.runs), Path(args.out)  # relative to the checkout: the configs name the same paths
+    (ROOT / runs_dir).mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     earlier = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
     seconds = {**earlier.get("seconds", {})}
     table, runs = {}, {}
     for setting in args.settings:
         for seed in args.seeds:
-            folder = runs_dir / f"{setting}-s{seed}"
+            folder = ROOT / runs_dir / f"{setting}-s{seed}"
             name = folder.name
             if not args.report_only:
                 print(f"== {name}", flush=True)

@@ -145,7 +145,8 @@ def read_marker(folder: Path) -> dict | None:
 
 def legacy_run_script(folder: Path) -> str | None:
     """The script whose run folder `folder` is, by the files earlier versions (without a marker) left there: a
-    journal (generate_preferences), config.json with checkpoints or a final adapter (fine_tune_dpo), config.json with
+    journal (generate_preferences), config.json with checkpoints, a final adapter or start_adapter.json
+    (fine_tune_dpo), config.json with
     `dpo_adapter` (evaluate), pipeline_config.json or a stage's iter-k/<stage>.done.json (run_pipeline). A
     config.json alone could be anyone's: None."""
     try:
@@ -158,7 +159,10 @@ def legacy_run_script(folder: Path) -> str | None:
         config = folder / "config.json"
         if not config.is_file():
             return None
-        if (folder / "final_adapter").is_dir() or any(p.is_dir() for p in folder.glob("checkpoint-*")):
+        # start_adapter.json: the digests a fine_tune_dpo start writes before its first checkpoint (a start killed
+        # then is resumed as one)
+        if (folder / "final_adapter").is_dir() or any(p.is_dir() for p in folder.glob("checkpoint-*")) \
+                or (folder / "start_adapter.json").is_file():
             return "fine_tune_dpo.py"
         saved = json.loads(config.read_text(encoding="utf-8"))
     except (OSError, ValueError):

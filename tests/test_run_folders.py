@@ -199,3 +199,23 @@ def test_a_second_writer_is_refused_after_the_lock_file_is_deleted(script, demo_
         with pytest.raises(PipelineError, match=f"{folder}: another process holds this folder's lock"):
             start(script, folder, demo_world, tmp_path)
         assert listing(folder) == []  # the refused one wrote nothing either
+
+
+@pytest.mark.parametrize("files, script", [
+    (["journal.rank0.jsonl"], "generate_preferences.py"),
+    (["config.json", "checkpoint-4/"], "fine_tune_dpo.py"),
+    (["config.json", "final_adapter/"], "fine_tune_dpo.py"),
+    (["config.json", "start_adapter.json", "reference_logps/"], "fine_tune_dpo.py"),  # a start killed before step 1
+    (["pipeline_config.json"], "run_pipeline.py"),
+    (["iter-1/preferences.done.json"], "run_pipeline.py"),
+    (["config.json"], None),  # anyone's
+    (["config.json", "reference_logps/"], None),
+])
+def test_an_earlier_versions_run_folder_is_known_by_the_files_only_its_script_writes(files, script, tmp_path):
+    from emotion_dpo.files import legacy_run_script
+
+    for name in files:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir() if name.endswith("/") else path.write_text("{}")
+    assert legacy_run_script(tmp_path) == script

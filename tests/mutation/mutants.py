@@ -455,7 +455,40 @@ DPO_PREFIX = Target("emotion_dpo/dpo_prefix.py", ["tests/test_dpo_prefix_layout.
       "the shared forward left on the model"),
 ])
 
+DPO_REFERENCE = Target("emotion_dpo/dpo_reference.py", ["tests/test_dpo_reference_cache.py"], [
+    M('digest.update(json.dumps({"max_length": args.max_length, "truncation_mode": args.truncation_mode,',
+      'digest.update(json.dumps({"truncation_mode": args.truncation_mode,', "key: max_length left out"),
+    M('digest.update(json.dumps({"max_length": args.max_length, "truncation_mode": args.truncation_mode,',
+      'digest.update(json.dumps({"max_length": args.max_length,', "key: truncation_mode left out"),
+    M('"bf16": args.bf16, "fp16": args.fp16, "path": path_tag,', '"bf16": args.bf16, "path": path_tag,',
+      "key: fp16 left out"),
+    M('"bf16": args.bf16, "fp16": args.fp16, "path": path_tag,', '"bf16": args.bf16, "fp16": args.fp16,',
+      "key: the forward path left out"),
+    M('                              "adapter": adapter_digests(model, adapter)}',
+      '                              "adapter": sorted(adapter_digests(model, adapter))}',
+      "key: the adapter's tensor names only, not their digests"),
+    M('    adapter = REFERENCE_ADAPTER if REFERENCE_ADAPTER in getattr(model, "peft_config", {}) else "default"',
+      '    adapter = "default"', "key: the trained adapter's tensors instead of ref's"),
+    M("    for column in ID_COLUMNS:\n", "    for column in ID_COLUMNS[:2]:\n", "key: the rejected ids left out"),
+    M("digest.update(json.dumps(list(dataset[column])).encode())",
+      "digest.update(json.dumps([len(ids) for ids in dataset[column]]).encode())",
+      "key: the ids' lengths only"),
+    M('path = Path(trainer.args.output_dir) / REFERENCE_LOGPS / f"{name}.json"',
+      'path = Path(trainer.args.output_dir) / REFERENCE_LOGPS / "reference.json"',
+      "file: one for every split"),
+    M('if saved.get("key") == key and all(', "if all(", "file: read back for other inputs"),
+    M('if saved.get("key") == key and all(len(saved.get(c, ())) == len(dataset) for c in COLUMNS):',
+      'if saved.get("key") == key:', "file: read back with fewer values than pairs"),
+    M("        except ValueError:\n            saved = {}", "        except ValueError:\n            raise",
+      "file: a torn file stops the run"),
+    M("                dataset = dataset.add_column(column, saved[column])",
+      "                dataset = dataset.add_column(column, saved[COLUMNS[0]])",
+      "file: chosen's log-probs read into both columns"),
+    M("    if trainer.accelerator.is_main_process:\n", "    if True:\n", "file: every process writes it"),
+])
+
 TARGETS = {"rewards": REWARDS, "selection": SELECTION, "stats": STATS, "journal": JOURNAL, "prompts": PROMPTS,
            "template": TEMPLATE, "dataset": DATASET,
            "diversity": DIVERSITY, "judges": JUDGES,
-           "distributed": DISTRIBUTED, "dpo_prefix": DPO_PREFIX}
+           "distributed": DISTRIBUTED, "dpo_prefix": DPO_PREFIX,
+           "dpo_reference": DPO_REFERENCE}

@@ -1,7 +1,9 @@
-"""The hand-listed mutants of the rule files, each a one-place change a developer could make by mistake.
+"""The hand-listed mutants of the rule files and the newer modules, each a one-place change a developer could make by
+mistake.
 
 `old` must occur exactly once in its file (run.py refuses the list otherwise, so it cannot drift from the code).
-`tests`: the fast, model-free tests of the file (a tokenizer from the demo world at most), run against each mutant.
+`tests`: the fast, model-free tests of the file (a tokenizer from the demo world or a tiny random Llama at most), run
+against each mutant.
 `equivalent`: mutants no test can tell from the original, with the reason; listed, not counted.
 """
 

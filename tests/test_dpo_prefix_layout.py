@@ -22,13 +22,16 @@ def trl_batch(pairs, padding_side="right"):
     width = max(len(p) + len(reply) for p, reply in sequences)
     ids, attention, completion = [], [], []
     for prompt, reply in sequences:
-        pad = [PAD] * (width - len(prompt) - len(reply))
+        n = width - len(prompt) - len(reply)
         real = prompt.tolist() + reply.tolist()
         mark = [0] * len(prompt) + [1] * len(reply)
-        if padding_side == "left":
-            ids.append(pad + real), attention.append([0] * len(pad) + [1] * len(real)), completion.append([0] * len(pad) + mark)
-        else:
-            ids.append(real + pad), attention.append([1] * len(real) + [0] * len(pad)), completion.append(mark + [0] * len(pad))
+
+        def padded(values, filler):
+            return [filler] * n + values if padding_side == "left" else values + [filler] * n
+
+        ids.append(padded(real, PAD))
+        attention.append(padded([1] * len(real), 0))
+        completion.append(padded(mark, 0))
     return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(attention),
             "completion_mask": torch.tensor(completion)}
 
@@ -118,17 +121,22 @@ def test_padding_sits_on_the_side_asked_for_and_attends_to_itself_only(padding_s
 def tiny_llama(attention: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
     config = LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM._from_config(config, attn_implementation=attention)
+    with torch.random.fork_rng():  # seeded weights; the other tests' random state left as it was
+        torch.manual_seed(0)
+        return LlamaForCausalLM._from_config(config, attn_implementation=attention)
 
 
 def tiny_lora_llama(attention: str):
     from peft import LoraConfig, get_peft_model
 
-    # init_lora_weights=False: B is random too, so the adapter is in the pass
-    return get_peft_model(tiny_llama(attention), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    base = tiny_llama(attention)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        # init_lora_weights=False: B is random too, so the adapter is in the pass
+        lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        return get_peft_model(base, lora).eval()
 
 
 @pytest.fixture(scope="module", params=["eager", "sdpa"])

@@ -35,7 +35,8 @@ def sp(model_file):
 
 
 def test_a_text_without_special_tokens_is_sentencepieces_own_encoding(model_file, sp):
-    assert check.SentencePieceReference(model_file).ids("hello  there café", {}) == sp.first.encode("hello  there café")
+    text = "hello  there café"
+    assert check.SentencePieceReference(model_file).ids(text, {}) == sp.first.encode(text)
     assert sp.first.encode("hello") != sp.inner.encode("hello")  # the prefix shows: "▁hello" against "hello"
 
 
@@ -61,7 +62,8 @@ def test_the_tokenizer_rebuilt_from_the_model_tokenizes_as_sentencepiece(model_f
 
 
 def test_a_unigram_model_has_no_bpe_to_rebuild(tmp_path):
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(["hello there , how are you ?", "the meeting is at ten ."] * 20),
+    sentences = ["hello there , how are you ?", "the meeting is at ten ."] * 20
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences),
                                    model_prefix=str(tmp_path / "unigram"), model_type="unigram", vocab_size=40,
                                    hard_vocab_limit=False, minloglevel=2, num_threads=1)
     reference = check.SentencePieceReference(tmp_path / "unigram.model")

@@ -125,3 +125,71 @@ def test_several_draws_per_prompt_are_reported_on_the_scale_of_one_reply_per_pro
     assert report["distinct_replies"] == 2.5
     assert report["by_group"]["happiness"]["most_frequent_share"] == 0.75
     assert report["by_group"]["happiness"]["most_frequent_reply"] == "yay !"  # named over all draws: 3 of 4
+
+
+# ---------------------------------------------------------------- the collapse warning's thresholds, each sat on
+
+def unique(n: int, start: int = 0) -> list[str]:
+    return [f"reply {i} ." for i in range(start, start + n)]
+
+
+def test_exactly_half_of_sfts_distinct_replies_is_no_collapse_one_fewer_is():
+    sft = diversity(unique(8))  # 8 distinct replies; the floor is 0.5 x 8 = 4
+    half = diversity(unique(4) * 2)  # 4 distinct: not below 4
+    assert half["distinct_replies"] == 4 and collapse_warnings(half, sft) == []
+    below = diversity(unique(3) + unique(1) * 5)  # 3 + 0 new = 3 distinct (reply 0 given 6 times)
+    assert below["distinct_replies"] == 3
+    assert collapse_warnings(below, sft)[0] == "distinct replies 3 < 0.5 x SFT's 8"
+
+
+def test_exactly_twice_sfts_canned_share_is_no_collapse_more_is():
+    sft = diversity(["hello ."] * 3 + unique(9))  # "hello ." to 3 prompts: canned 3 of 12 = 0.25
+    assert sft["canned_share"] == 0.25
+    twice = diversity(["hello ."] * 6 + unique(6))  # 6 of 12 = 0.5 = 2 x 0.25 exactly (both binary fractions)
+    assert twice["canned_share"] == 0.5 and collapse_warnings(twice, sft) == []
+    more = diversity(["hello ."] * 7 + unique(5))  # 7 of 12 = 0.583 > 0.5; 6 distinct, not below 0.5 x 10
+    assert collapse_warnings(more, sft) == ["canned share 0.583 > 2 x SFT's 0.250"]
+
+
+def with_group(texts: list[str]) -> dict:
+    return {**diversity(texts), "by_group": {"happiness": diversity(texts)}}
+
+
+def test_one_reply_taking_exactly_30_percent_of_an_emotion_is_no_collapse_more_is():
+    sft = {"distinct_replies": 2, "canned_share": 1.0}  # the first two rules cannot fire
+    exactly = with_group(["you made my day !"] * 3 + unique(7))  # 3 of 10 = 0.3, not above 0.30
+    assert exactly["by_group"]["happiness"]["most_frequent_share"] == 0.3 and collapse_warnings(exactly, sft) == []
+    above = with_group(["you made my day !"] * 4 + unique(6))  # 4 of 10 = 40 %
+    assert collapse_warnings(above, sft) == ["happiness: 40% of its 10 prompts get 'you made my day !'"]
+
+
+def test_the_top_share_rule_starts_at_exactly_10_prompts_of_an_emotion():
+    sft = {"distinct_replies": 2, "canned_share": 1.0}
+    ten = with_group(["you made my day !"] * 4 + unique(6))  # 10 prompts, 40 %
+    nine = with_group(["you made my day !"] * 4 + unique(5))  # 9 prompts, 4/9 = 44 %: too few prompts to judge
+    assert collapse_warnings(ten, sft) == ["happiness: 40% of its 10 prompts get 'you made my day !'"]
+    assert collapse_warnings(nine, sft) == []
+
+
+def test_replies_are_compared_without_their_surrounding_spaces():
+    figures = diversity([" hi .", "hi . ", "hi .", "bye ."])
+    assert figures["distinct_replies"] == 2 and figures["canned_replies"] == 3  # "hi ." to 3 prompts
+    assert figures["most_frequent_reply"] == "hi ."
+
+
+def test_ceiling_with_more_prompts_than_replies():
+    # one group of 3 prompts over 2 well-formed replies (listed with a repeat: still 2):
+    # expected distinct 2 (1 - (1/2)^3) = 2 x 7/8 = 1.75.
+    # the 8 equally likely draws: aaa and bbb put all 3 prompts on one reply (share 3/3), the other 6 split 2 + 1
+    # (share 2/3): expected top share (2 x 1 + 6 x 2/3) / 8 = 6/8 = 0.75
+    c = ceiling({"happiness": 3}, {"happiness": ["a .", "b .", "a ."]}, draws=4000, seed=2)
+    assert c["prompts"] == 3
+    assert c["expected_distinct_replies"] == pytest.approx(1.75)
+    assert c["by_group"]["happiness"]["well_formed"] == 2 and c["by_group"]["happiness"]["prompts"] == 3
+    # the shares are 1 or 2/3 (SD 0.144): 4000 draws put the mean within 0.0023 x 4 of 0.75
+    assert c["by_group"]["happiness"]["expected_most_frequent_share"] == pytest.approx(0.75, abs=0.01)
+    # two groups add up: 4 prompts over 2 replies keep 2 (1 - 1/16) = 1.875; the 16 draws: 2 all on one reply
+    # (share 1), 8 split 3 + 1 (3/4), 6 split 2 + 2 (1/2): (2 + 6 + 3) / 16 = 11/16
+    c = ceiling({"happiness": 3, "anger": 4}, {"happiness": ["a .", "b ."], "anger": ["c .", "d ."]}, draws=4000)
+    assert c["prompts"] == 7 and c["expected_distinct_replies"] == pytest.approx(1.75 + 1.875)
+    assert c["by_group"]["anger"]["expected_most_frequent_share"] == pytest.approx(11 / 16, abs=0.01)

@@ -9,7 +9,7 @@ import pytest
 from emotion_dpo import EMOTIONS
 from emotion_dpo.config import EvaluateConfig, load_config
 from emotion_dpo.errors import PipelineError
-from emotion_dpo.judges import agreement, emotion_probabilities, judge_figures, judge_label_mapping
+from emotion_dpo.judges import agreement, check_judges, emotion_probabilities, judge_figures, judge_label_mapping
 
 ROOT = Path(__file__).resolve().parents[1]
 # j-hartmann/emotion-english-distilroberta-base's labels, in its order (its config.json's id2label)
@@ -79,3 +79,44 @@ def test_cohens_kappa_by_hand():
     assert agreement(a, b) == pytest.approx(0.5)
     assert agreement(a, a) == 1.0
     assert not math.isnan(agreement(["anger"] * 3, ["anger"] * 3))
+
+
+def test_the_label_map_and_the_judges_labels_are_read_case_insensitively():
+    # label_map spelled otherwise than the judge's id2label, the emotion otherwise than emotion_labels
+    mapping = judge_label_mapping(["JOY", "Neutral"], {"joy": "Happiness"}, EMOTIONS, "judge")
+    assert mapping == ["happiness", "neutral"]
+    mapping = judge_label_mapping(HARTMANN, {"Joy": "happiness"}, EMOTIONS, "judge")  # no "label_map names Joy"
+    assert mapping[3] == "happiness"
+
+
+def test_two_judges_named_alike_are_refused():
+    from types import SimpleNamespace
+
+    judge = SimpleNamespace(name="hartmann", model="nowhere", label_map={})
+    cfg = SimpleNamespace(source="evaluate_arg.json", judges=[judge, judge], emotion_labels=EMOTIONS)
+    with pytest.raises(PipelineError, match="two judges are named alike"):
+        check_judges(cfg)
+
+
+def test_judge_f1_is_over_the_requested_emotions_only():
+    # a guess of an emotion no prompt asked for (fear) lowers its prompt's F1 but adds no F1 row of its own
+    targets = ["happiness", "happiness", "anger", "anger"]
+    rows = [{"happiness": 0.9, "fear": 0.1}, {"happiness": 0.2, "fear": 0.8}, {"anger": 0.6, "fear": 0.4},
+            {"anger": 0.7, "fear": 0.3}]
+    f = judge_figures(targets, rows)  # predicted: happiness, fear, anger, anger
+    # happiness P 1/1 R 1/2 -> 2/3; anger P 2/2 R 2/2 -> 1; (fear would be P 0 R 0: 0, were it counted)
+    assert f["emotion_accuracy"] == 0.75
+    assert f["emotion_macro_f1"] == pytest.approx((2 / 3 + 1) / 2)
+    assert f["emotion_weighted_f1"] == pytest.approx((2 * 2 / 3 + 2 * 1) / 4)
+
+
+def test_judge_figures_read_its_emotion_names_case_insensitively():
+    targets = ["Happiness", "anger"]
+    rows = [{"HAPPINESS": 0.9, "anger": 0.1}, {"happiness": 0.4, "Anger": 0.6}]  # both right
+    f = judge_figures(targets, rows)
+    assert f["emotion_accuracy"] == 1.0 and f["emotion_macro_f1"] == 1.0
+    assert f["target_confidence"] == [0.9, 0.6] and f["mean_target_confidence"] == pytest.approx(0.75)
+
+
+def test_agreement_reads_labels_case_insensitively():
+    assert agreement(["Happiness", "anger", "anger"], ["happiness", "Anger", "anger"]) == 1.0

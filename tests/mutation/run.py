@@ -1,4 +1,5 @@
-"""Mutation score of the rule files: each hand-listed mutant (tests/mutation/mutants.py) is applied to a copy of the
+"""Mutation score of the rule files and the newer modules (diversity, judges, distributed, dpo_prefix,
+dpo_reference, sentencepiece_check): each hand-listed mutant (tests/mutation/mutants.py) is applied to a copy of the
 repository and the fast, model-free tests of its file are run against it; a mutant is killed when they fail.
 
     python tests/mutation/run.py                 # every file
@@ -6,7 +7,7 @@ repository and the fast, model-free tests of its file are run against it; a muta
     python tests/mutation/run.py --list          # the mutants and the equivalent ones, without running
 
 Prints killed/survived per mutant and per file; exits 1 when a file scores under --min (default 90 %).
-Not part of the test suite (pytest collects only test_*.py) and not run in CI: it runs pytest ~150 times.
+Not part of the test suite (pytest collects only test_*.py) and not run in CI: it runs pytest ~250 times.
 Equivalent mutants (no test can tell them from the original) are listed with the reason and left out of the score.
 """
 

@@ -124,6 +124,9 @@ def test_a_prompt_given_up_keeps_what_passes_and_fails_only_when_nothing_does():
     cfg = config(overrides=["min_distinct_passing=3"])
     given_up = settle(Prompt(0), [scored(ROUND_ONE_TEXT)], cfg, final=True, eos_token_id=2)
     assert given_up["status"] == "accepted"  # one passing text of the 3 asked for: the retries ran out
+    # round 2 fails on its own (gap 4.5) but passes in the pool (12 - 2): accepted, though its last round failed
+    pooled = settle(Prompt(0), [scored(ROUND_ONE_TEXT), scored(ROUND_NEW_TEXT)], cfg, final=True, eos_token_id=2)
+    assert (pooled["status"], pooled["reason"]) == ("accepted", None)
     low = [cand("fine .", 7.0), cand("no .", 1.0)]  # 7 < min_chosen_score 8
     failed = settle(Prompt(0), [scored(low)], cfg, final=True, eos_token_id=2)
     assert (failed["status"], failed["reason"]) == ("failed", "best score below min_chosen_score")
@@ -163,6 +166,18 @@ def test_a_prompt_whose_passing_texts_are_all_at_the_cap_gets_no_pair():
     assert chosen_texts(records) == ["stock reply !", "stock reply !", "other 2 !", "other 3 !", None]
     assert (records[4]["status"], records[4]["reason"]) == ("failed", "every passing text is at chosen_text_cap")
     assert (report["happiness"]["left_without_pair"], report["happiness"]["top_share_after"]) == (1, 0.5)  # 2 of 4
+
+
+def test_the_cap_is_a_share_of_the_prompts_with_a_pair_not_of_those_given_up():
+    from emotion_dpo.dataset import choose_pairs
+
+    given_up = [record(i, [[cand("no .", 1.0)]], status="failed", reason="best score below min_chosen_score")
+                for i in range(5, 10)]
+    cfg = config(overrides=["chosen_text_cap=0.4", "chosen_text_cap_min=1"])
+    # 5 prompts with a pair (not 10): cap int(0.4 x 5) = 2, so prompts 2-4 take their own reply
+    records, report = choose_pairs(five_prompts_with_a_stock_reply() + given_up, cfg)
+    assert chosen_texts(records[:5]) == ["stock reply !", "stock reply !", "other 2 !", "other 3 !", "other 4 !"]
+    assert report["happiness"]["cap"] == 2
 
 
 def test_the_pairs_do_not_depend_on_the_order_the_journal_lists_the_prompts_in():

@@ -56,7 +56,25 @@ REWARDS = Target("emotion_dpo/rewards.py", ["tests/test_rewards.py", "-k", "not 
     M('raise ValueError(f"unknown length unit {unit!r}")', "return 0", "an unknown unit measures 0"),
 ])
 
-SELECTION = Target("emotion_dpo/selection.py", ["tests/test_selection.py"], [
+SELECTION = Target("emotion_dpo/selection.py", ["tests/test_selection.py", "tests/test_diversity_selection.py"], [
+    M("max(minimum, int(share * prompts))", "max(minimum, round(share * prompts))", "cap: share x prompts rounded"),
+    M("max(minimum, int(share * prompts))", "max(minimum - 1, int(share * prompts))", "cap: minimum less one"),
+    M("and reply.total - worst >= selection.target_score_range", "and reply.total - worst > selection.target_score_range",
+      "pool: a gap of exactly target_score_range fails"),
+    M("and reply.total - worst >= selection.target_score_range",
+      "and reply.total - min(r.total for r in rounds[r]) >= selection.target_score_range",
+      "pool: the gap measured within the candidate's own round"),
+    M(">= selection.min_distinct_passing", "> selection.min_distinct_passing", "pool: one distinct text too many"),
+    M("return (rarity[reply.text.strip()] if rarity is not None else 0, -reply.total)",
+      "return (rarity[reply.text.strip()] if rarity is not None else 0, reply.total)", "chosen: the lowest total"),
+    M("return (rarity[reply.text.strip()] if rarity is not None else 0, -reply.total)",
+      "return (-rarity[reply.text.strip()] if rarity is not None else 0, -reply.total)", "rarest: the most copied"),
+    M("-rarity[rounds[p[0]][p[1]].text.strip()], rounds[p[0]][p[1]].total", "rarity[rounds[p[0]][p[1]].text.strip()], "
+      "rounds[p[0]][p[1]].total", "most_common rejected: the least copied"),
+    M("chosen.total - rounds[p[0]][p[1]].total >= gap]", "chosen.total - rounds[p[0]][p[1]].total >= 0]",
+      "most_common rejected: no gap to the chosen"),
+    M("length_rule = LENGTH_RULES[getattr(rewards, \"length_rule\", \"reference\")]",
+      "length_rule = LENGTH_RULES[\"reference\"]", "length_rule ignored"),
     M("return totals.index(max(totals)), totals.index(min(totals))",
       "return len(totals) - 1 - totals[::-1].index(max(totals)), totals.index(min(totals))",
       "chosen: the last of equal totals"),
@@ -116,7 +134,8 @@ SELECTION = Target("emotion_dpo/selection.py", ["tests/test_selection.py"], [
       "worst: the lower of the first and last reply"),
 ])
 
-STATS = Target("emotion_dpo/stats.py", ["tests/test_stats_and_card.py", "-k", "not statistics_files and not dataset_card"], [
+STATS = Target("emotion_dpo/stats.py", ["tests/test_stats_and_card.py", "tests/test_diversity_selection.py", "-k",
+                                        "not statistics_files and not dataset_card and not finalize and not reselect"], [
     M('"sd": statistics.stdev(values) if len(values) > 1', '"sd": statistics.pstdev(values) if len(values) > 1',
       "reward-part SD: population SD"),
     M('"sd": statistics.stdev(gaps) if len(gaps) > 1', '"sd": statistics.pstdev(gaps) if len(gaps) > 1',
@@ -149,8 +168,16 @@ STATS = Target("emotion_dpo/stats.py", ["tests/test_stats_and_card.py", "-k", "n
     M('"mean_rounds": statistics.fmean(len(r["rounds"]) for r in mine)',
       '"mean_rounds": statistics.fmean(len(r["rounds"]) for r in accepted or mine)',
       "by_emotion: mean rounds of the accepted only"),
-    M('last = record["rounds"][-1]\n    return last[record["chosen_at"]]',
-      'last = record["rounds"][0]\n    return last[record["chosen_at"]]', "the pair read from the first round"),
+    M("if (pairs := row[\"prompts\"] - row[\"left_without_pair\"]) >= MIN_GROUP",
+      "if (pairs := row[\"prompts\"] - row[\"left_without_pair\"]) > MIN_GROUP", "pairs warning: 10 pairs not judged"),
+    M("and row[\"top_share_after\"] > TOP_SHARE_LIMIT]", "and row[\"top_share_after\"] >= TOP_SHARE_LIMIT]",
+      "pairs warning: exactly 30 % flagged"),
+    M("if (pairs := row[\"prompts\"] - row[\"left_without_pair\"])", "if (pairs := row[\"prompts\"])",
+      "pairs warning: counts the prompts left without a pair"),
+    M("n = sum(low <= length < high for length in lengths)", "n = sum(low < length <= high for length in lengths)",
+      "length bins closed on the right"),
+    M('return {"cliff": 2 * length_max, "bins": bins}', 'return {"cliff": length_max, "bins": bins}',
+      "the cliff at length_max"),
     M('"prompts_total": total_prompts if total_prompts is not None else len(records)',
       '"prompts_total": len(records)', "prompts_total ignores the run's total"),
     M('"acceptance_rate": len(accepted) / len(records) if records else 0.0',
@@ -169,8 +196,9 @@ JOURNAL = Target("emotion_dpo/journal.py", ["tests/test_journal.py"], [
       "        return isinstance(value, (int, float))", "true accepted as a float"),
     M("        return isinstance(value, int) and not isinstance(value, bool)",
       "        return isinstance(value, int)", "true accepted as an int"),
-    M("not 0 <= record[key] < last", "not 0 <= record[key] <= last", "chosen_at == len(round) accepted"),
-    M("not 0 <= record[key] < last", "not -last <= record[key] < last", "a negative chosen_at accepted"),
+    M("not 0 <= record[key] < size", "not 0 <= record[key] <= size", "chosen_at == len(round) accepted"),
+    M("not 0 <= at_round < len(rounds)", "not 0 <= at_round <= len(rounds)", "chosen_round == len(rounds) accepted"),
+    M("not 0 <= record[key] < size", "not -size <= record[key] < size", "a negative chosen_at accepted"),
     M('    elif not isinstance(record.get("reason"), str):', '    elif False:', "a failed record without a reason"),
     M('''    if not _are_ids(record.get("prompt_ids")):
         return "key 'prompt_ids': expected a list of token ids"
@@ -270,7 +298,21 @@ TEMPLATE = Target("emotion_dpo/template.py", ["tests/test_template.py", "tests/t
       "a missing template file: a raw FileNotFoundError"),
 ])
 
-DATASET = Target("emotion_dpo/dataset.py", ["tests/test_dataset.py", "tests/test_selection.py"], [
+DATASET = Target("emotion_dpo/dataset.py", ["tests/test_dataset.py", "tests/test_selection.py",
+                                            "tests/test_diversity_selection.py"], [
+    M("return (rounds[-1 if chosen_round is None else chosen_round][record[\"chosen_at\"]],",
+      "return (rounds[0 if chosen_round is None else chosen_round][record[\"chosen_at\"]],",
+      "the pair read from the first round"),
+    M("if taken[emotion][rounds[p[0]][p[1]].text.strip()] < caps[emotion]",
+      "if taken[emotion][rounds[p[0]][p[1]].text.strip()] <= caps[emotion]", "cap: one copy more"),
+    M('accepted[r["target_emotion"]] += r["status"] == "accepted"', 'accepted[r["target_emotion"]] += 1',
+      "cap: share of every prompt, failed ones too"),
+    M('records = sorted(records, key=lambda r: r["index"])', "records = list(records)",
+      "choose_pairs in journal order, not prompt order"),
+    M("if not final and not pool_settles(rounds, target, selection):", "if not pool_settles(rounds, target, selection):",
+      "pool: a prompt given up is never settled"),
+    M("reason = None if passing else round_failure(rounds[-1], target, selection)\n    else:",
+      "reason = round_failure(rounds[-1], target, selection)\n    else:", "pool: a given-up prompt judged by its last round"),
     M('return (record.get("prompt_ids") is not None and record.get("eos_token_id") is not None\n            and all(',
       'return (record.get("prompt_ids") is not None\n            and all(', "has_ids without the EOS check"),
     M("    if without:  # one schema", "    if without == len(rows):  # one schema",
@@ -285,11 +327,11 @@ DATASET = Target("emotion_dpo/dataset.py", ["tests/test_dataset.py", "tests/test
       "reselect counts one round too few"),
     M('stored = record["rounds"][:1 + selection.max_retries]', 'stored = record["rounds"]',
       "reselect counts every stored round"),
-    M('''        if round_failure(rounds[count - 1], target, selection) is None:
-            break''', '''        if round_failure(rounds[count - 1], target, selection) is None:
+    M('''                else round_failure(rounds[count - 1], target, selection) is None):
+            break''', '''                else round_failure(rounds[count - 1], target, selection) is None):
             pass''', "reselect: the last passing round, not the first"),
-    M("    if reason is not None and not final:\n        return None",
-      "    if reason is not None:\n        return None", "settle: a given-up prompt is never recorded"),
+    M("        if reason is not None and not final:\n            return None",
+      "        if reason is not None:\n            return None", "settle: a given-up prompt is never recorded"),
     M('"rounds": len(record["rounds"]),\n        "index"', '"rounds": len(record["rounds"][-1]),\n        "index"',
       "row rounds: candidates of the last round"),
     M('return {"index": record["index"], "dialogue": record["dialogue"], "reason": record["reason"],',

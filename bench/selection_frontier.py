@@ -82,8 +82,8 @@ def last_iteration(folder: Path) -> dict:
         "distinct_replies": diversity["models"]["DPO"]["distinct_replies"],
         "sft_distinct_replies": diversity["models"]["SFT"]["distinct_replies"],
         "ceiling_distinct_replies": diversity["ceiling"]["expected_distinct_replies"],
-        "worst_top_share": intervals["DPO"]["worst_top_share"]["value"],
-        "worst_top_share_ci95": intervals["DPO"]["worst_top_share"]["ci95"],
+        # the degeneration table's (and the collapse rule's) worst emotion: its top share averaged over the draws
+        "worst_top_share": max(g["most_frequent_share"] for g in diversity["models"]["DPO"]["by_group"].values()),
         "canned_share": diversity["models"]["DPO"]["canned_share"],
         "kl_to_sft": results["kl_to_sft"]["DPO"]["kl"],
         "collapse_warning": bool(diversity["collapse"]["DPO"]),

@@ -226,6 +226,22 @@ def worst_top_share(pairs) -> float:
     return max((max(c.values()) / sum(c.values()) for c in by_emotion.values()), default=0.0)
 
 
+def worst_mean_top_share(pairs, draws: int) -> float:
+    """The degeneration table's worst emotion: per requested emotion, its top share in each draw (the j-th reply of
+    every prompt) averaged over the draws, then the largest over the emotions; `pairs` are (emotion, text), prompt
+    by prompt with each prompt's draws next to each other."""
+    from collections import Counter
+
+    shares = {}
+    for j in range(draws):
+        by_emotion = {}
+        for emotion, text in pairs[j::draws]:
+            by_emotion.setdefault(emotion, Counter())[text.strip()] += 1
+        for emotion, counts in by_emotion.items():
+            shares.setdefault(emotion, []).append(max(counts.values()) / sum(counts.values()))
+    return max((sum(s) / len(s) for s in shares.values()), default=0.0)
+
+
 def per_draw(statistic, draws: int):
     """`statistic` of one reply per prompt, averaged over the draws: the values come prompt by prompt, each prompt's
     `draws` values next to each other, so draw j is every draws-th value from j (diversity.per_draw_report's scale)."""
@@ -247,7 +263,7 @@ def interval_figures(targets: list[str], scored: dict, judged: dict, per: int, s
         pairs = per_prompt(list(zip(targets, [r.text for r in replies])), per)
         row = {"emotion_accuracy": bootstrap_interval(correct, lambda v: sum(v) / len(v), samples, seed),
                "distinct_replies": bootstrap_interval(texts, per_draw(lambda v: len(set(v)), per), samples, seed),
-               "worst_top_share": bootstrap_interval(pairs, per_draw(worst_top_share, per), samples, seed)}
+               "worst_top_share": bootstrap_interval(pairs, lambda v: worst_mean_top_share(v, per), samples, seed)}
         for judge, labels in judged.items():
             hits = per_prompt([label.lower() == t.lower() for label, t in zip(labels[name], targets)], per)
             row[f"judge: {judge}"] = bootstrap_interval(hits, lambda v: sum(v) / len(v), samples, seed)

@@ -248,6 +248,18 @@ def test_the_worst_top_share_is_the_largest_share_one_text_takes_of_an_emotions_
     assert worst_top_share([]) == 0.0
 
 
+def test_with_several_draws_the_worst_emotion_is_the_largest_of_the_emotions_shares_averaged_over_draws():
+    from emotion_dpo.evaluation import worst_mean_top_share
+
+    # 2 prompts per emotion, 2 draws each, prompt by prompt:
+    # sadness, draw 0: "oh ." "oh ." -> 1.0; draw 1: "oh ." "no ." -> 0.5; mean 0.75
+    # happiness, draw 0: "yay !" "fun !" -> 0.5; draw 1: "yay !" "yay !" -> 1.0; mean 0.75
+    # -> 0.75, where the largest share within each draw (1.0 in both) would say 1.0
+    pairs = [("sadness", "oh ."), ("sadness", "oh ."), ("sadness", "oh ."), ("sadness", "no ."),
+             ("happiness", "yay !"), ("happiness", "yay !"), ("happiness", "fun !"), ("happiness", "yay !")]
+    assert worst_mean_top_share(pairs, 2) == 0.75
+
+
 def test_several_replies_per_prompt_are_drawn_and_every_figure_gets_its_interval(demo_world, tmp_path):
     cfg = demo_config(demo_world, tmp_path / "eval", f"dpo_adapter={demo_world / 'sft_adapter'}", "num_prompts=12",
                       "replies_per_prompt=3", "bootstrap_samples=200")
@@ -268,4 +280,7 @@ def test_several_replies_per_prompt_are_drawn_and_every_figure_gets_its_interval
     assert intervals["SFT"]["distinct_replies"]["value"] == pytest.approx(sum(per_draw) / 3)
     assert results["diversity"]["models"]["SFT"]["distinct_replies"] == pytest.approx(sum(per_draw) / 3)
     assert results["diversity"]["models"]["SFT"]["replies"] == 12
+    # the interval's worst top share is the degeneration table's: the largest per-emotion share averaged over draws
+    table_worst = max(g["most_frequent_share"] for g in results["diversity"]["models"]["SFT"]["by_group"].values())
+    assert intervals["SFT"]["worst_top_share"]["value"] == pytest.approx(table_worst)
     assert "with its 95 % interval over prompts" in (tmp_path / "eval" / "results.md").read_text()

@@ -89,7 +89,7 @@ def run_pool(tmp_path, sampler, prompts, batches=None, name="journal.rank0.jsonl
     journal = Journal(tmp_path / name)
     progress = SimpleNamespace(n=0, update=lambda k: None, set_postfix=lambda **k: None)
     cfg = SimpleNamespace(**vars(SELECTION), seed=100)
-    sample_pool(cfg, batches or [(0, prompts)], sampler, journal, SimpleNamespace(log=lambda f: None), progress)
+    sample_pool(cfg, batches or [(0, prompts)], sampler, journal, SimpleNamespace(log=lambda f: None), progress, {})
     journal.close()
     return read_journal(tmp_path / name)
 

@@ -68,3 +68,30 @@ def test_every_rows_prompt_ids_are_checked_against_the_tokenizer(tokenizer):
     with pytest.raises(PipelineError, match=r"train dataset: the prompt_ids of 1 of 3 rows \(first: row 1\) are not "
                                             "their prompt's tokens under this adapter's tokenizer"):
         token_id_rows(datasets.Dataset.from_dict(wrong), tokenizer, "train")
+
+
+def test_earlier_datasets_are_trained_on_with_the_dataset_and_a_pair_in_both_counts_once(tmp_path):
+    first = pairs_file(tmp_path, 6)  # pairs 0-5
+    earlier = tmp_path / "earlier.jsonl"
+    # pairs 4-9 of an earlier iteration: 4 and 5 repeat the dataset's
+    earlier.write_text("".join(json.dumps({"prompt": PROMPT.format(i), "chosen": "great !", "rejected": "no"}) + "\n"
+                               for i in range(4, 10)))
+    cfg = load_config(TrainConfig, ROOT / "args/demo/dpo_arg.json",
+                      [f"dataset={first}", f"earlier_datasets={json.dumps([str(earlier)])}",
+                       f"output_dir={tmp_path / 'dpo'}", "eval_fraction=0"])
+    train, _ = load_preferences(cfg)
+    assert sorted(train["prompt"]) == sorted(PROMPT.format(i) for i in range(10))  # 6 + 6 - 2 repeats
+
+
+def test_an_earlier_dataset_with_other_columns_is_refused_naming_both(tmp_path):
+    first = pairs_file(tmp_path, 3)
+    earlier = tmp_path / "earlier.jsonl"
+    earlier.write_text(json.dumps({"prompt": PROMPT.format(9), "chosen": "a !", "rejected": "b", "prompt_ids": [1],
+                                   "chosen_ids": [2], "rejected_ids": [3]}) + "\n")
+    cfg = load_config(TrainConfig, ROOT / "args/demo/dpo_arg.json",
+                      [f"dataset={first}", f"earlier_datasets={json.dumps([str(earlier)])}",
+                       f"output_dir={tmp_path / 'dpo'}", "eval_fraction=0"])
+    with pytest.raises(PipelineError, match=re.escape(
+            f"{earlier}: columns chosen, chosen_ids, prompt, prompt_ids, rejected, rejected_ids differ from {first}'s "
+            "(chosen, prompt, rejected): the datasets are trained on together")):
+        load_preferences(cfg)

@@ -310,3 +310,14 @@ def test_a_second_pipeline_on_a_folder_in_use_is_refused_before_its_stage_config
         cfg = load_config(PipelineConfig, DEMO_CONFIG, [f"output_dir={tmp_path}", "evaluate.clean_confidence=2"])
         with pytest.raises(PipelineError, match=rf"process {os.getpid()} is running the pipeline in this folder"):
             run_pipeline(cfg)
+
+
+def test_accumulate_pairs_trains_iteration_k_on_the_pairs_of_iterations_1_to_k(tmp_path):
+    stages = plan_of(tmp_path, "iterations=3", "accumulate_pairs=true")
+    dpo = [s.resolved for s in stages if s.kind.name == "dpo"]
+    assert [d["dataset"] for d in dpo] == [str(tmp_path / f"iter-{k}/preferences/dataset") for k in (1, 2, 3)]
+    assert [d["earlier_datasets"] for d in dpo] == [
+        [], [str(tmp_path / "iter-1/preferences/dataset")],
+        [str(tmp_path / "iter-1/preferences/dataset"), str(tmp_path / "iter-2/preferences/dataset")]]
+    replacing = [s.resolved for s in plan_of(tmp_path, "iterations=2") if s.kind.name == "dpo"]
+    assert [d["earlier_datasets"] for d in replacing] == [[], []]

@@ -40,6 +40,10 @@ SETTINGS = {
     "flat_e2": ["generate.length_rule=\"flat_above_max\"", "dpo.dpo.num_train_epochs=2"],
     "flat_cap20_resample2_e2": ["generate.length_rule=\"flat_above_max\"", "generate.chosen_text_cap=0.2",
                                 "generate.min_distinct_passing=2", "dpo.dpo.num_train_epochs=2"],
+    "cap10_resample2_e3": ["generate.chosen_text_cap=0.1", "generate.min_distinct_passing=2",
+                           "dpo.dpo.num_train_epochs=3"],
+    "cap10_resample3_e2_accumulate": ["generate.chosen_text_cap=0.1", "generate.min_distinct_passing=3",
+                                      "dpo.dpo.num_train_epochs=2", "accumulate_pairs=true"],
     "cap10_resample2_e2_accumulate": ["generate.chosen_text_cap=0.1", "generate.min_distinct_passing=2",
                                       "dpo.dpo.num_train_epochs=2", "accumulate_pairs=true"],
 }

@@ -361,7 +361,9 @@ def peak_gpu_memory(peak_file: Path, dpo_peak) -> str:
     if not torch.cuda.is_available():
         return "peak GPU memory: no GPU"
     peaks = [json.loads(line) for line in peak_file.read_text().splitlines()] if peak_file.exists() else []
-    by_stage = {p["script"]: p["peak_gib"] for p in peaks}
+    by_stage = {}
+    for p in peaks:  # one line per process: under a launcher, each stage's highest
+        by_stage[p["script"]] = max(p["peak_gib"], by_stage.get(p["script"], 0.0))
     if not by_stage and dpo_peak is not None:
         by_stage["fine_tune_dpo.py"] = dpo_peak
     if not by_stage:

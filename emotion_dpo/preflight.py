@@ -33,7 +33,7 @@ from types import SimpleNamespace
 from .errors import PipelineError
 
 SLICE_BATCHES = 2  # generate_preferences' prompt batches in the slice
-DPO_STEPS = 4  # optimizer steps in the slice, the last one saved as a checkpoint
+DPO_STEPS = 5  # optimizer steps in the slice, each logged (timed), the last one saved as a checkpoint
 PEAK_MEMORY_ENV = "EMOTION_DPO_PEAK_MEMORY_FILE"  # cli.run_main appends the process's peak GPU memory there
 
 
@@ -223,32 +223,36 @@ def folder_bytes(path: Path) -> int:
 # ------------------------------------------------------------------ the slice's figures
 
 def generate_figures(folder: Path, wall: float) -> dict:
-    """Rates from the slice's generate_preferences: its sampling time from the metrics log (prompts_per_minute
-    over the prompts settled), the rest is its start."""
+    """Rates from the slice's generate_preferences: its sampling time from the metrics logs (each process's last
+    line: prompts settled / prompts_per_minute; the processes sample side by side, so the longest counts), the
+    rest is its start."""
     from .stats import STATISTICS_JSON
 
     statistics = json.loads((folder / STATISTICS_JSON).read_text())
-    logs = [json.loads(line) for path in sorted(folder.glob("metrics.rank*.jsonl"))
-            for line in path.read_text().splitlines() if line.strip()]
-    last = logs[-1]
-    settled = last["accepted"] + last["failed"]
-    sampling = 60 * settled / last["prompts_per_minute"]
+    last_lines = [json.loads(text.splitlines()[-1]) for path in sorted(folder.glob("metrics.rank*.jsonl"))
+                  if (text := path.read_text().strip())]
+    settled = sum(last["accepted"] + last["failed"] for last in last_lines)
+    sampling = max(60 * (last["accepted"] + last["failed"]) / last["prompts_per_minute"] for last in last_lines)
     rounds = statistics["rounds_per_prompt"]["mean"]
     return {"prompts": statistics["prompts_settled"], "mean_rounds": rounds,
             "acceptance_rate": statistics["acceptance_rate"], "pairs": statistics["accepted"],
             "start": max(wall - sampling, 0.0), "per_unit": sampling / (settled * rounds)}
 
 
-def dpo_figures(folder: Path, wall: float) -> dict:
-    """Rates from the slice's fine_tune_dpo: trainer.train's own runtime over its steps; the rest (imports, loads,
-    TRL's tokenizing, the reference log-probs, the held-out loss, the final save) is its start."""
+def dpo_figures(folder: Path, wall: float, lines) -> dict:
+    """Rates from the slice's fine_tune_dpo: a step is the time between the first step's log line and the last's
+    over the steps between (the first step's warm-up and the checkpoint save, after the last log, left out; each
+    step is logged: logging_steps 1); without two log lines, trainer.train's runtime over its steps. The rest of
+    the stage (imports, loads, TRL's tokenizing, the reference log-probs, the held-out loss, the saves) is its
+    start."""
     from .dpo_train import METRICS_NAME
 
     metrics = json.loads((folder / METRICS_NAME).read_text())
     summary = next(entry for entry in reversed(metrics["train"]) if "train_runtime" in entry)
     steps = summary["step"]
-    return {"steps": steps, "start": max(wall - summary["train_runtime"], 0.0),
-            "per_unit": summary["train_runtime"] / steps,
+    logged = [t for t, line in lines if line.lstrip().startswith("{'loss'")]
+    per_step = (logged[-1] - logged[0]) / (len(logged) - 1) if len(logged) >= 2 else summary["train_runtime"] / steps
+    return {"steps": steps, "start": max(wall - per_step * steps, 0.0), "per_unit": per_step,
             "peak_gpu_memory_gib": metrics.get("peak_gpu_memory_gib")}
 
 
@@ -273,13 +277,18 @@ def stage_config(stage):
     return load_config(getattr(config_module, stage.kind.config_class), stage.config_file, stage.overrides)
 
 
-def prompt_count(stage) -> int:
-    """The stage's prompts: num_prompts, or (null) all those in its split, counted as the stage counts them."""
-    if stage.resolved["num_prompts"] is not None:
-        return stage.resolved["num_prompts"]
+def prompts_of(cfg) -> int:
+    """A stage's prompts: num_prompts, or (null) all those in its split, counted as the stage counts them."""
+    if cfg.num_prompts is not None:
+        return cfg.num_prompts
     from .prompts import load_prompts
 
-    return len(load_prompts(stage_config(stage))[1])
+    return len(load_prompts(cfg)[1])
+
+
+def prompt_count(stage) -> int:
+    return stage.resolved["num_prompts"] if stage.resolved["num_prompts"] is not None else \
+        prompts_of(stage_config(stage))
 
 
 def job_sizes(cfg, full_stages, generated: dict) -> tuple[Sizes, dict]:
@@ -303,21 +312,20 @@ def job_sizes(cfg, full_stages, generated: dict) -> tuple[Sizes, dict]:
     return sizes, {"pairs_per_iteration": pairs, "checkpoints_kept": kept}
 
 
-def slice_bytes(run: Path) -> SliceBytes:
+def slice_bytes(preferences: Path | None, dpo: Path | None, evaluation: Path | None) -> SliceBytes:
+    """What the slice's stage folders hold, by kind (a stage not run: None, nothing)."""
     from .dpo_reference import REFERENCE_LOGPS
     from .dpo_train import FINAL_ADAPTER
     from .journal import journal_files
-    from .pipeline import DPO, EVALUATE, GENERATE
 
-    preferences, dpo = run / "iter-1" / GENERATE.folder, run / "iter-1" / DPO.folder
-    journal = sum(folder_bytes(p) for p in journal_files(preferences))
-    checkpoints = sorted(dpo.glob("checkpoint-*"))
+    journal = sum(folder_bytes(p) for p in journal_files(preferences)) if preferences else 0
+    checkpoints = sorted(dpo.glob("checkpoint-*")) if dpo else []
     checkpoint = max((folder_bytes(c) for c in checkpoints), default=0)
-    adapter, cache = folder_bytes(dpo / FINAL_ADAPTER), folder_bytes(dpo / REFERENCE_LOGPS)
-    return SliceBytes(journal=journal, preferences=folder_bytes(preferences) - journal, checkpoint=checkpoint,
-                      adapter=adapter, reference_cache=cache,
-                      dpo_other=folder_bytes(dpo) - adapter - cache - sum(folder_bytes(c) for c in checkpoints),
-                      evaluation=folder_bytes(run / "iter-1" / EVALUATE.folder))
+    adapter, cache = (folder_bytes(dpo / FINAL_ADAPTER), folder_bytes(dpo / REFERENCE_LOGPS)) if dpo else (0, 0)
+    return SliceBytes(journal=journal, preferences=(folder_bytes(preferences) - journal) if preferences else 0,
+                      checkpoint=checkpoint, adapter=adapter, reference_cache=cache,
+                      dpo_other=(folder_bytes(dpo) - adapter - cache - sum(folder_bytes(c) for c in checkpoints))
+                      if dpo else 0, evaluation=folder_bytes(evaluation) if evaluation else 0)
 
 
 # ------------------------------------------------------------------ the report
@@ -326,8 +334,10 @@ def duration(seconds: float) -> str:
     seconds = round(seconds)
     if seconds < 120:
         return f"{seconds} s"
-    hours, minutes = divmod(round(seconds / 60), 60)
-    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds % 60:02d} s"
+    if seconds >= 3600:
+        hours, minutes = divmod(round(seconds / 60), 60)
+        return f"{hours} h {minutes:02d} min"
+    return f"{seconds // 60} min {seconds % 60:02d} s"
 
 
 def gib(n: float) -> str:
@@ -336,7 +346,8 @@ def gib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
-def format_projection(rates: Rates, sizes: Sizes, seconds: dict) -> str:
+def format_projection(rates: Rates, sizes: Sizes, seconds: dict, only: str | None = None) -> str:
+    """The table of the stages' projected times and the job's; `only` (a stage's name): that stage's row alone."""
     steps = ", ".join(str(s) for s in sizes.dpo_steps)
     rows = [
         ("generate_preferences", f"{rates.generate_start:.1f} s + {rates.generate_per_prompt_round:.4f} s per "
@@ -346,12 +357,17 @@ def format_projection(rates: Rates, sizes: Sizes, seconds: dict) -> str:
         ("evaluate", f"{rates.evaluate_start:.1f} s + {rates.evaluate_per_prompt:.4f} s per prompt",
          f"{sizes.evaluation_prompts} prompts", seconds["evaluate"]),
     ]
-    lines = [f"projected time of the whole job ({sizes.iterations} iteration(s); each stage's start is paid once "
-             "per iteration):", "",
-             "| stage | measured: start + rate | size per iteration | projected, all iterations |",
+    if only is not None:
+        rows = [row for row, name in zip(rows, ("generate", "dpo", "evaluate")) if name == only]
+        title = "projected time of the whole run:"
+    else:
+        title = (f"projected time of the whole job ({sizes.iterations} iteration(s); each stage's start is paid "
+                 "once per iteration):")
+    lines = [title, "", "| stage | measured: start + rate | size per iteration | projected, all iterations |",
              "| --- | --- | --- | --- |"]
     lines += [f"| {name} | {rate} | {size} | {duration(s)} ({s:.0f} s) |" for name, rate, size, s in rows]
-    lines.append(f"| job | | | {duration(seconds['total'])} ({seconds['total']:.0f} s) |")
+    if only is None:
+        lines.append(f"| job | | | {duration(seconds['total'])} ({seconds['total']:.0f} s) |")
     return "\n".join(lines)
 
 
@@ -374,18 +390,26 @@ def peak_gpu_memory(peak_file: Path, dpo_peak) -> str:
 
 # ------------------------------------------------------------------ the preflight
 
+def generate_slice_prompts(generate: dict) -> int:
+    prompts = SLICE_BATCHES * generate["batch_prompts"]
+    return prompts if generate["num_prompts"] is None else min(prompts, generate["num_prompts"])
+
+
+def evaluate_slice_prompts(evaluate: dict) -> int:
+    return evaluate["batch_prompts"] if evaluate["num_prompts"] is None else \
+        min(evaluate["batch_prompts"], evaluate["num_prompts"])
+
+
+DPO_SLICE = [f"dpo.max_steps={DPO_STEPS}", f"dpo.save_steps={DPO_STEPS}", "dpo.save_strategy=\"steps\"",
+             "dpo.logging_steps=1"]
+
+
 def slice_overrides(full_stages, scratch: Path) -> list[str]:
     """The pipeline-level --set overrides that make iteration 1 a small slice in the scratch folder."""
     first = {s.kind.name: s.resolved for s in full_stages if s.iteration == 1}
-    generate, evaluate = first["generate"], first["evaluate"]
-    prompts = SLICE_BATCHES * generate["batch_prompts"]
-    if generate["num_prompts"] is not None:
-        prompts = min(prompts, generate["num_prompts"])
-    held_out = evaluate["batch_prompts"] if evaluate["num_prompts"] is None else \
-        min(evaluate["batch_prompts"], evaluate["num_prompts"])
-    overrides = [f"output_dir={scratch}", "iterations=1", f"generate.num_prompts={prompts}",
-                 f"dpo.dpo.max_steps={DPO_STEPS}", f"dpo.dpo.save_steps={DPO_STEPS}", "dpo.dpo.save_strategy=\"steps\"",
-                 f"evaluate.num_prompts={held_out}"]
+    overrides = [f"output_dir={scratch}", "iterations=1",
+                 f"generate.num_prompts={generate_slice_prompts(first['generate'])}",
+                 *[f"dpo.{o}" for o in DPO_SLICE], f"evaluate.num_prompts={evaluate_slice_prompts(first['evaluate'])}"]
     for name, resolved in first.items():  # an online wandb would get a run for the slice: kept offline, in scratch
         if resolved["wandb"]["mode"] == "online":
             overrides.append(f"{name}.wandb.mode=\"offline\"")
@@ -429,13 +453,14 @@ def preflight(cfg, config_path: str, overrides: list[str], keep: bool = False) -
             for stage in stages:
                 timed[stage.kind.name] = run_timed(stage, lock, cfg.launcher.num_processes, peak_file)
         generated = generate_figures(scratch / "iter-1" / GENERATE.folder, timed["generate"][0])
-        trained = dpo_figures(scratch / "iter-1" / DPO.folder, timed["dpo"][0])
+        trained = dpo_figures(scratch / "iter-1" / DPO.folder, *timed["dpo"])
         evaluated = evaluate_figures(scratch / "iter-1" / EVALUATE.folder, *timed["evaluate"])
         rates = Rates(generated["start"], generated["per_unit"], trained["start"], trained["per_unit"],
                       evaluated["start"], evaluated["per_unit"])
         sizes, dpo_sizes = job_sizes(cfg, full_stages, generated)
         seconds = projection(rates, sizes)
-        disk = disk_estimate(slice_bytes(scratch), generated["prompts"], generated["pairs"], evaluated["prompts"],
+        folders = [scratch / "iter-1" / kind.folder for kind in (GENERATE, DPO, EVALUATE)]
+        disk = disk_estimate(slice_bytes(*folders), generated["prompts"], generated["pairs"], evaluated["prompts"],
                              sizes, dpo_sizes["pairs_per_iteration"], cfg.accumulate_pairs,
                              dpo_sizes["checkpoints_kept"])
         memory = peak_gpu_memory(peak_file, trained["peak_gpu_memory_gib"])
@@ -455,3 +480,87 @@ def preflight(cfg, config_path: str, overrides: list[str], keep: bool = False) -
     return {"rates": dataclasses.asdict(rates), "sizes": dataclasses.asdict(sizes), "seconds": seconds,
             "disk": disk, "free": free, "peak_gpu_memory": memory,
             "slice": {"generate": generated, "dpo": trained, "evaluate": evaluated}}
+
+
+# ------------------------------------------------------------------ one stage script alone
+
+def stage_slice_overrides(name: str, resolved: dict) -> list[str]:
+    overrides = {"generate": lambda: [f"num_prompts={generate_slice_prompts(resolved)}"],
+                 "dpo": lambda: list(DPO_SLICE),
+                 "evaluate": lambda: [f"num_prompts={evaluate_slice_prompts(resolved)}"]}[name]()
+    return overrides + (["wandb.mode=\"offline\""] if resolved["wandb"]["mode"] == "online" else [])
+
+
+def stage_preflight(name: str, cfg, config_path: str, overrides: list[str], keep: bool = False) -> dict:
+    """generate_preferences.py / fine_tune_dpo.py / evaluate.py --preflight: the stage alone on its slice (as in
+    run_pipeline's preflight) in a scratch folder next to its output_dir, then its whole run projected."""
+    from . import config as config_module
+    from .config import load_config, to_dict
+    from .distributed import world_size
+    from .files import FolderLock
+    from .pipeline import KINDS, Stage
+
+    if world_size() > 1:
+        raise PipelineError("--preflight starts the stage itself, in one process: run it without accelerate launch "
+                            "or torchrun")
+    kind = next(k for k in KINDS if k.name == name)
+    began = time.monotonic()
+    run = Path(cfg.output_dir)
+    check_output_dir(run)
+    free = shutil.disk_usage(nearest_existing(run)).free
+    scratch, made = scratch_folder(run)
+    folder = scratch / kind.folder
+    print(f"== preflight: {kind.script} on a slice in {folder}", flush=True)
+    try:
+        stage_overrides = [*overrides, *stage_slice_overrides(name, to_dict(cfg)), f"output_dir={folder}"]
+        slice_cfg = load_config(getattr(config_module, kind.config_class), config_path, stage_overrides)
+        stage = Stage(kind, 1, folder, config_path, stage_overrides, to_dict(slice_cfg))
+        peak_file = scratch / "peak_gpu_memory.jsonl"
+        with FolderLock(scratch, doing="running the preflight") as lock:
+            wall, lines = run_timed(stage, lock, 1, peak_file)
+        zero = {"generate": (0.0, 0.0), "dpo": (0.0, 0.0), "evaluate": (0.0, 0.0)}
+        if name == "generate":
+            figures = generate_figures(folder, wall)
+            prompts = prompts_of(cfg)
+            sizes = Sizes(1, prompts, figures["mean_rounds"], (0,), 0)
+            what = (f"{figures['prompts']} prompts ({figures['mean_rounds']:.2f} rounds each, acceptance "
+                    f"{figures['acceptance_rate']:.3f})")
+            measured, scale = slice_bytes(folder, None, None), (figures["prompts"], 0, 0, 0, (0,))
+        elif name == "dpo":
+            from .dpo_train import build_dpo_config, training_steps
+
+            figures = dpo_figures(folder, wall, lines)
+            pairs = next(int(m.group(1)) for _, line in lines if (m := re.match(r"training (\d+) pairs", line)))
+            args = build_dpo_config(cfg)
+            steps = training_steps(pairs, args)[0]
+            sizes = Sizes(1, 0, 0.0, (steps,), 0)
+            what = f"{figures['steps']} DPO steps on the run's {pairs} training pairs"
+            kept = checkpoints_kept(steps, str(getattr(args.save_strategy, "value", args.save_strategy)),
+                                    args.save_steps, args.num_train_epochs, args.save_total_limit)
+            measured, scale = slice_bytes(None, folder, None), (0, pairs, 0, pairs, (kept,))
+        else:
+            figures = evaluate_figures(folder, wall, lines)
+            prompts = prompts_of(cfg)
+            sizes = Sizes(1, 0, 0.0, (0,), prompts * cfg.replies_per_prompt)
+            what = f"{figures['prompts']} held-out prompts"
+            measured, scale = slice_bytes(None, None, folder), (0, 0, figures["prompts"], 0, (0,))
+        zero[name] = (figures["start"], figures["per_unit"])
+        rates = Rates(*zero["generate"], *zero["dpo"], *zero["evaluate"])
+        seconds = projection(rates, sizes)
+        slice_prompts, slice_pairs, slice_held_out, pairs_per_run, kept = scale
+        disk = disk_estimate(measured, slice_prompts, slice_pairs, slice_held_out, sizes, pairs_per_run, False, kept)
+        memory = peak_gpu_memory(peak_file, figures.get("peak_gpu_memory_gib"))
+    finally:
+        if keep:
+            print(f"== preflight: scratch folder kept: {scratch}")
+        else:
+            remove_scratch(scratch, made)
+    print(format_projection(rates, sizes, seconds, only=name))
+    print(f"\nslice: {what}")
+    print("disk: " + ", ".join(f"{kind} {gib(n)}" for kind, n in disk.items() if kind != "total" and n)
+          + f"; estimate {gib(disk['total'])} against {gib(free)} free on output_dir's disk")
+    print(memory)
+    check_disk_space(disk["total"], free, nearest_existing(run))
+    print(f"preflight passed in {time.monotonic() - began:.0f} s; nothing was written to {run}")
+    return {"rates": dataclasses.asdict(rates), "sizes": dataclasses.asdict(sizes), "seconds": seconds,
+            "disk": disk, "free": free, "peak_gpu_memory": memory, "slice": figures}

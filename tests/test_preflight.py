@@ -12,7 +12,8 @@ from emotion_dpo.config import PipelineConfig, load_config
 from emotion_dpo.dpo_train import training_steps
 from emotion_dpo.errors import PipelineError
 from emotion_dpo.preflight import (Rates, SliceBytes, Sizes, check_disk_space, checkpoints_kept, disk_estimate,
-                                   dpo_steps_per_iteration, projection, slice_overrides, stage_error_line)
+                                   dpo_steps_per_iteration, duration, projection, slice_overrides, stage_error_line,
+                                   stage_slice_overrides)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "args/demo/pipeline_arg.json"
@@ -35,6 +36,11 @@ def test_each_iteration_pays_its_own_dpo_steps():
     seconds = projection(RATES, Sizes(iterations=2, prompts=512, mean_rounds=1.9, dpo_steps=(29, 57),
                                       evaluation_prompts=252))
     assert seconds["dpo"] == pytest.approx(248.8)  # (90 + 0.8 x 29 = 113.2) + (90 + 0.8 x 57 = 135.6)
+
+
+def test_durations_read_as_a_clock_would():
+    assert [duration(s) for s in (59.6, 119, 174, 230, 3599, 3600 + 29 * 60 + 40)] == [
+        "60 s", "119 s", "2 min 54 s", "3 min 50 s", "59 min 59 s", "1 h 30 min"]  # 5380 s: 89.7 min, rounded
 
 
 def trainer_steps(batch=16, accumulation=1, epochs=1):
@@ -104,10 +110,17 @@ def test_the_slice_is_iteration_1_with_two_prompt_batches_a_few_dpo_steps_and_on
     generate, dpo, evaluate = (s.resolved for s in stages)
     assert [s.iteration for s in stages] == [1, 1, 1]
     assert generate["num_prompts"] == 128  # 2 batches of 64
-    assert (dpo["dpo"]["max_steps"], dpo["dpo"]["save_steps"]) == (4, 4)  # one checkpoint, at the last step
+    assert (dpo["dpo"]["max_steps"], dpo["dpo"]["save_steps"]) == (5, 5)  # one checkpoint, at the last step
+    assert dpo["dpo"]["logging_steps"] == 1  # each step's log line timed
     assert evaluate["num_prompts"] == 64  # one batch of 64 (the demo's num_prompts is null: all 252)
     assert all(Path(s.folder).is_relative_to(scratch) for s in stages)
     assert not run.exists()
+    # a stage script's --preflight takes the same slice of its own config
+    full_generate, full_dpo, full_evaluate = (s.resolved for s in full[:3])
+    assert stage_slice_overrides("generate", full_generate) == ["num_prompts=128"]
+    assert stage_slice_overrides("dpo", full_dpo) == ["dpo.max_steps=5", "dpo.save_steps=5", 'dpo.save_strategy="steps"',
+                                                      "dpo.logging_steps=1"]
+    assert stage_slice_overrides("evaluate", {**full_evaluate, "num_prompts": 16}) == ["num_prompts=16"]  # < a batch
 
 
 def test_the_preflight_on_the_demo_world_projects_the_job_and_leaves_no_trace(demo_world, tmp_path):
@@ -128,6 +141,6 @@ def test_the_preflight_on_the_demo_world_projects_the_job_and_leaves_no_trace(de
     for stage in ("generate_preferences.py", "fine_tune_dpo.py", "evaluate.py"):
         assert f"== preflight: iteration 1 {stage} finished in" in out
     assert "| job |" in out and "64 prompts x" in out  # the whole job's 64 prompts, not the slice's 8
-    assert "slice: 8 prompts" in out and ", 4 DPO steps," in out
+    assert "slice: 8 prompts" in out and ", 5 DPO steps," in out
     assert "disk: journal" in out and "peak GPU memory:" in out
     assert not run.exists() and list(tmp_path.iterdir()) == []  # output_dir not made, the scratch folder removed

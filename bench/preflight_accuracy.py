@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"generate_preferences.py": "generate_preferences", "fine_tune_dpo.py": "fine_tune_dpo",
            "evaluate.py": "evaluate"}
 FINISHED = re.compile(r"== (?:preflight: )?iteration (\d+) (\S+\.py):? finished in (\d+) s")
-PROJECTED = re.compile(r"^\| (generate_preferences|fine_tune_dpo|evaluate|job) \|.*\(([\d.]+) s\) \|$")
+# the table's last cell: "88 s", or "4 min 50 s (290 s)"
+PROJECTED = re.compile(r"^\| (generate_preferences|fine_tune_dpo|evaluate|job) \|.*?(\d+) s\)? \|$")
 
 
 def run(args: list[str], log: Path) -> tuple[float, str]:

@@ -223,20 +223,28 @@ def folder_bytes(path: Path) -> int:
 # ------------------------------------------------------------------ the slice's figures
 
 def generate_figures(folder: Path, wall: float) -> dict:
-    """Rates from the slice's generate_preferences: its sampling time from the metrics logs (each process's last
-    line: prompts settled / prompts_per_minute; the processes sample side by side, so the longest counts), the
-    rest is its start."""
+    """Rates from the slice's generate_preferences, from its metrics log (a line with the time after each sampling
+    call): a prompt-round is the time from the first call's line to the last line over the prompt-rounds between
+    (the first call, one round of a batch, holds the warm-up of the first generate: it is left out). With several
+    processes, rank 0's time over its share, the processes sampling side by side. The rest is its start."""
     from .stats import STATISTICS_JSON
 
     statistics = json.loads((folder / STATISTICS_JSON).read_text())
-    last_lines = [json.loads(text.splitlines()[-1]) for path in sorted(folder.glob("metrics.rank*.jsonl"))
-                  if (text := path.read_text().strip())]
-    settled = sum(last["accepted"] + last["failed"] for last in last_lines)
-    sampling = max(60 * (last["accepted"] + last["failed"]) / last["prompts_per_minute"] for last in last_lines)
+    logs = [[json.loads(line) for line in text.splitlines()] for path in sorted(folder.glob("metrics.rank*.jsonl"))
+            if (text := path.read_text().strip())]
     rounds = statistics["rounds_per_prompt"]["mean"]
+    prompt_rounds = statistics["prompts_settled"] * rounds
+    mine = logs[0]
+    first, last = mine[0], mine[-1]
+    my_prompt_rounds = last["settled"] * last["mean_rounds"]
+    first_call = min(first["batch_prompts"], last["settled"])  # one round of the first batch's prompts
+    if len(mine) >= 2 and my_prompt_rounds > first_call:
+        per_unit = (last["time"] - first["time"]) / (my_prompt_rounds - first_call) / len(logs)
+    else:  # one call: the whole sampling time (prompts settled / prompts per minute)
+        per_unit = 60 * last["settled"] / last["prompts_per_minute"] / my_prompt_rounds / len(logs)
     return {"prompts": statistics["prompts_settled"], "mean_rounds": rounds,
             "acceptance_rate": statistics["acceptance_rate"], "pairs": statistics["accepted"],
-            "start": max(wall - sampling, 0.0), "per_unit": sampling / (settled * rounds)}
+            "start": max(wall - per_unit * prompt_rounds, 0.0), "per_unit": per_unit}
 
 
 def dpo_figures(folder: Path, wall: float, lines) -> dict:
@@ -365,9 +373,12 @@ def format_projection(rates: Rates, sizes: Sizes, seconds: dict, only: str | Non
                  "once per iteration):")
     lines = [title, "", "| stage | measured: start + rate | size per iteration | projected, all iterations |",
              "| --- | --- | --- | --- |"]
-    lines += [f"| {name} | {rate} | {size} | {duration(s)} ({s:.0f} s) |" for name, rate, size, s in rows]
+    def shown(s: float) -> str:
+        return duration(s) + (f" ({s:.0f} s)" if s >= 120 else "")
+
+    lines += [f"| {name} | {rate} | {size} | {shown(s)} |" for name, rate, size, s in rows]
     if only is None:
-        lines.append(f"| job | | | {duration(seconds['total'])} ({seconds['total']:.0f} s) |")
+        lines.append(f"| job | | | {shown(seconds['total'])} |")
     return "\n".join(lines)
 
 

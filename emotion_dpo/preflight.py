@@ -119,15 +119,15 @@ def disk_estimate(measured: SliceBytes, slice_prompts: int, slice_pairs: int, sl
 
 
 def checkpoints_kept(steps: int, save_strategy: str, save_steps: float, epochs: float, save_total_limit) -> int:
-    """How many checkpoint-* folders are on disk at the end: the saves (every save_steps steps, or one per
-    epoch), at most save_total_limit of them."""
+    """How many checkpoint-* folders are on disk at the end: the saves (every save_steps steps and, as
+    transformers' Trainer does, at the last step; or one per epoch), at most save_total_limit of them."""
     if save_strategy == "no":
         return 0
     if save_strategy == "epoch":
         saves = math.ceil(epochs)
     else:
         every = save_steps if save_steps >= 1 else max(1, math.ceil(save_steps * steps))  # a float: a share of steps
-        saves = int(steps // every)
+        saves = math.ceil(steps / every)
     return saves if save_total_limit is None else min(saves, save_total_limit)
 
 

@@ -61,12 +61,14 @@ def test_dpo_steps_come_from_the_pairs_left_after_the_held_out_split():
 
 
 def test_checkpoints_on_disk_are_the_saves_up_to_save_total_limit():
-    assert checkpoints_kept(29, "steps", 50, 1, 2) == 0  # 29 // 50: the demo job saves none
-    assert checkpoints_kept(120, "steps", 50, 1, 2) == 2  # saves at 50 and 100
+    # the Trainer saves every save_steps steps and at the last step
+    assert checkpoints_kept(29, "steps", 50, 1, 2) == 1  # the demo job: one save, at step 29
+    assert checkpoints_kept(100, "steps", 50, 1, 2) == 2  # at 50 and 100 (the last)
+    assert checkpoints_kept(130, "steps", 50, 1, None) == 3  # at 50, 100 and 130
     assert checkpoints_kept(250, "steps", 50, 1, 2) == 2  # 5 saves, 2 kept
     assert checkpoints_kept(250, "steps", 50, 1, None) == 5  # no limit: all 5
     assert checkpoints_kept(100, "steps", 0.25, 1, None) == 4  # a float: every quarter of the steps, 25
-    assert checkpoints_kept(100, "epoch", 50, 3, 2) == 2  # one a epoch, 2 kept
+    assert checkpoints_kept(100, "epoch", 50, 3, 2) == 2  # one an epoch, 2 kept
     assert checkpoints_kept(100, "no", 50, 3, 2) == 0
 
 

@@ -371,8 +371,9 @@ def format_projection(rates: Rates, sizes: Sizes, seconds: dict, only: str | Non
     else:
         title = (f"projected time of the whole job ({sizes.iterations} iteration(s); each stage's start is paid "
                  "once per iteration):")
-    lines = [title, "", "| stage | measured: start + rate | size per iteration | projected, all iterations |",
-             "| --- | --- | --- | --- |"]
+    header = "| stage | measured: start + rate | size | projected |" if only is not None else \
+        "| stage | measured: start + rate | size per iteration | projected, all iterations |"
+    lines = [title, "", header, "| --- | --- | --- | --- |"]
     def shown(s: float) -> str:
         return duration(s) + (f" ({s:.0f} s)" if s >= 120 else "")
 

@@ -28,7 +28,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 from .errors import PipelineError
 
@@ -530,7 +529,8 @@ def stage_preflight(name: str, cfg, config_path: str, overrides: list[str], keep
         peak_file = scratch / "peak_gpu_memory.jsonl"
         with FolderLock(scratch, doing="running the preflight") as lock:
             wall, lines = run_timed(stage, lock, 1, peak_file)
-        zero = {"generate": (0.0, 0.0), "dpo": (0.0, 0.0), "evaluate": (0.0, 0.0)}
+        # (start, rate) of each stage: the one run here measured, the two not run cost nothing
+        stage_rates = {"generate": (0.0, 0.0), "dpo": (0.0, 0.0), "evaluate": (0.0, 0.0)}
         if name == "generate":
             figures = generate_figures(folder, wall)
             prompts = prompts_of(cfg)
@@ -556,8 +556,8 @@ def stage_preflight(name: str, cfg, config_path: str, overrides: list[str], keep
             sizes = Sizes(1, 0, 0.0, (0,), prompts * cfg.replies_per_prompt)
             what = f"{figures['prompts']} held-out prompts"
             measured, scale = slice_bytes(None, None, folder), (0, 0, figures["prompts"], 0, (0,))
-        zero[name] = (figures["start"], figures["per_unit"])
-        rates = Rates(*zero["generate"], *zero["dpo"], *zero["evaluate"])
+        stage_rates[name] = (figures["start"], figures["per_unit"])
+        rates = Rates(*stage_rates["generate"], *stage_rates["dpo"], *stage_rates["evaluate"])
         seconds = projection(rates, sizes)
         slice_prompts, slice_pairs, slice_held_out, pairs_per_run, kept = scale
         disk = disk_estimate(measured, slice_prompts, slice_pairs, slice_held_out, sizes, pairs_per_run, False, kept)

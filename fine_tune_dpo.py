@@ -24,9 +24,22 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, "args/dpo_arg.json")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    parser.add_argument("--preflight", action="store_true",
+                        help="run this stage on a small slice in a scratch folder and project the whole run's time, "
+                             "disk and GPU memory; writes nothing into output_dir (docs/preflight.md)")
+    parser.add_argument("--preflight-keep", action="store_true", help="with --preflight: keep the scratch folder")
     args = parser.parse_args(argv)
+    if args.preflight_keep and not args.preflight:
+        parser.error("--preflight-keep goes with --preflight")
+    if args.preflight and (args.resume):
+        parser.error("--preflight runs the stage afresh on a slice; it goes with no other mode")
 
     def stages(cfg):
+        if args.preflight:
+            from emotion_dpo.preflight import stage_preflight
+
+            stage_preflight("dpo", cfg, args.config, args.set, keep=args.preflight_keep)
+            return
         from emotion_dpo.dpo_train import train
 
         train(cfg, resume=args.resume)

@@ -21,9 +21,22 @@ def main(argv=None) -> None:
     parser.add_argument("--fresh", action="store_true", help="move an earlier run in output_dir aside and start over")
     parser.add_argument("--finalize", action="store_true", help="only build the dataset from the journal so far")
     parser.add_argument("--reselect", metavar="OUT_DIR", help="re-score stored candidates into a new dataset folder")
+    parser.add_argument("--preflight", action="store_true",
+                        help="run this stage on a small slice in a scratch folder and project the whole run's time, "
+                             "disk and GPU memory; writes nothing into output_dir (docs/preflight.md)")
+    parser.add_argument("--preflight-keep", action="store_true", help="with --preflight: keep the scratch folder")
     args = parser.parse_args(argv)
+    if args.preflight_keep and not args.preflight:
+        parser.error("--preflight-keep goes with --preflight")
+    if args.preflight and (args.fresh or args.finalize or args.reselect):
+        parser.error("--preflight runs the stage afresh on a slice; it goes with no other mode")
 
     def stages(cfg):
+        if args.preflight:
+            from emotion_dpo.preflight import stage_preflight
+
+            stage_preflight("generate", cfg, args.config, args.set, keep=args.preflight_keep)
+            return
         from emotion_dpo import generate
 
         if args.reselect:

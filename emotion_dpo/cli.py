@@ -94,6 +94,23 @@ def stop(message: str, code: int = 2):
     sys.exit(code)
 
 
+def record_peak_gpu_memory(script: str) -> None:
+    """For run_pipeline --preflight (preflight.PEAK_MEMORY_ENV names the file): this process's peak GPU memory,
+    one JSON line appended. Nothing when the variable is unset, torch was never imported or there is no GPU."""
+    path = os.environ.get("EMOTION_DPO_PEAK_MEMORY_FILE")
+    torch = sys.modules.get("torch")
+    if not path or torch is None or not torch.cuda.is_available():
+        return
+    import json
+
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"script": os.path.basename(script), "pid": os.getpid(),
+                                "peak_gib": torch.cuda.max_memory_allocated() / 2**30}) + "\n")
+    except OSError:  # a figure for the preflight's report; the stage's own outcome stands
+        pass
+
+
 def run_main(args, config_class: str, stages, resume: str = RESUME) -> int:
     """Load the config, run `stages(cfg)`; a PipelineError or a failed read or write (full disk, read-only
     folder) is printed as one short message and exits with status 2."""
@@ -117,4 +134,6 @@ def run_main(args, config_class: str, stages, resume: str = RESUME) -> int:
         stop(f"error: {os_error_message(full, resume)} ({type(error).__name__}: {str(error).splitlines()[0][:200]})")
     except KeyboardInterrupt:
         stop(f"interrupted: finished work is kept; {resume}", 130)
+    finally:
+        record_peak_gpu_memory(sys.argv[0])
     return 0

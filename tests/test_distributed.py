@@ -155,7 +155,9 @@ def test_evaluate_on_1_process_gives_the_results_of_2(runs):
     for name in ("replies.jsonl", "results.json", "results.md"):
         assert (runs["base"] / "evaluate-1" / name).read_bytes() == (two / "evaluation" / name).read_bytes(), name
     replies = [json.loads(line) for line in (two / "evaluation/replies.jsonl").read_text().splitlines()]
-    assert [r["index"] for r in replies] == sorted(r["index"] for r in replies) and len(replies) == 8
+    # 8 prompts, each with the demo's replies_per_prompt draws next to each other
+    assert [r["index"] for r in replies] == sorted(r["index"] for r in replies)
+    assert len(replies) == 8 * resolved["replies_per_prompt"] and len({r["index"] for r in replies}) == 8
 
 
 KILLED_AFTER_CHECKPOINT_2 = """

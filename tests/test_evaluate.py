@@ -97,7 +97,7 @@ def demo_config(demo_world, output_dir, *extra):
     sets = [f"base_model={w / 'base'}", f"adapter={w / 'sft_adapter'}", f"dataset={w / 'dialogues'}",
             f"emotion_classifier={w / 'emotion_classifier'}", f"gibberish_detector={w / 'gibberish_detector'}",
             f"chat_template={ROOT / 'args/chat_template.json'}", f"output_dir={output_dir}", "wandb.mode=disabled",
-            "include_base=false", "num_prompts=24", *demo_evaluation_overrides(w), *extra]
+            "include_base=false", "num_prompts=24", "replies_per_prompt=1", *demo_evaluation_overrides(w), *extra]
     return load_config(EvaluateConfig, DEMO_CONFIG, sets)
 
 

@@ -163,7 +163,7 @@ def test_evaluate_conditions_on_the_ids_generation_and_dpo_use(generated, demo_w
     spy = GenerateSpy(monkeypatch)
     evaluate(load_config(EvaluateConfig, ROOT / "args/demo/evaluate_arg.json", overrides(
         demo_world, adapter, tmp_path / "eval", "dataset_split=train+validation", "num_prompts=12",
-        "include_base=false", f"dpo_adapter={adapter}")))
+        "include_base=false", "replies_per_prompt=1", f"dpo_adapter={adapter}")))
     contexts = [context for context, _ in spy.calls]
     assert len(contexts) == 2 * 12  # SFT and "DPO", one reply per prompt
     # the generator's first round conditioned on the same 12 contexts, in the same order

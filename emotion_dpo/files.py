@@ -272,6 +272,9 @@ def claim_run_folder(folder: str | Path, script: str, doing: str, what: str, fre
     return lock
 
 
+HOLDER_NAMES_ITSELF_WITHIN = 3  # seconds a refused process waits to read who holds the folder
+
+
 class FolderLock:
     """An exclusive lock (fcntl.flock) that one process holds on a run folder, with the holder's PID (and what it is
     doing) written in RUN_LOCK for the others' messages.
@@ -305,11 +308,18 @@ class FolderLock:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 text = self._read_holder()
+                # the holder names itself once its own checks pass (a refused run writes nothing): give it a moment
+                for _ in range(HOLDER_NAMES_ITSELF_WITHIN * 10):
+                    if text.strip() or wait:
+                        break
+                    time.sleep(0.1)
+                    text = self._read_holder()
                 holder, holder_doing = _lock_holder(text, doing)
                 if not wait:
                     self._close()
                     who = (f"process {holder} is {holder_doing} in this folder (it holds {self.path})" if text.strip()
-                           else f"another process holds this folder's lock ({self.path}, which names it, is gone)")
+                           else f"another process holds this folder's lock and has not named itself in {self.path} "
+                                "(it is starting, or the file was deleted)")
                     raise PipelineError(
                         f"{self.path.parent}: {who}; wait for it to end or stop it, then run again. Two processes on "
                         "one folder would write the same outputs twice.") from None

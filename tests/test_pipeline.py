@@ -319,5 +319,5 @@ def test_accumulate_pairs_trains_iteration_k_on_the_pairs_of_iterations_1_to_k(t
     assert [d["earlier_datasets"] for d in dpo] == [
         [], [str(tmp_path / "iter-1/preferences/dataset")],
         [str(tmp_path / "iter-1/preferences/dataset"), str(tmp_path / "iter-2/preferences/dataset")]]
-    replacing = [s.resolved for s in plan_of(tmp_path, "iterations=2") if s.kind.name == "dpo"]
+    replacing = [s.resolved for s in plan_of(tmp_path, "iterations=2", "accumulate_pairs=false") if s.kind.name == "dpo"]
     assert [d["earlier_datasets"] for d in replacing] == [[], []]

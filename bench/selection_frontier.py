@@ -26,26 +26,29 @@ ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (42, 1, 7)
 REPLIES_PER_PROMPT = 4  # the demo's evaluation draws (docs/configuration.md, replies_per_prompt)
 
-# setting -> run_pipeline overrides (the demo's own config otherwise)
+# setting -> run_pipeline overrides, on top of REFERENCE: the demo config with the reference's selection rule and the
+# demo's settings before issue 31 (1 DPO epoch, each iteration on its own pairs). The demo's default now is
+# cap10_resample2_e2_accumulate.
+REFERENCE = ["generate.chosen_text_cap=null", "generate.min_distinct_passing=1", "generate.chosen_rule=\"best\"",
+             "generate.rejected_rule=\"worst\"", "generate.length_rule=\"reference\"", "dpo.dpo.num_train_epochs=1",
+             "accumulate_pairs=false"]
+CAP10_RESAMPLE2 = ["generate.chosen_text_cap=0.1", "generate.min_distinct_passing=2"]
+FLAT = ["generate.length_rule=\"flat_above_max\""]
 SETTINGS = {
     "reference": [],
-    "cap10_resample2": ["generate.chosen_text_cap=0.1", "generate.min_distinct_passing=2"],
-    "cap10_resample2_e2": ["generate.chosen_text_cap=0.1", "generate.min_distinct_passing=2",
-                           "dpo.dpo.num_train_epochs=2"],
+    "cap10_resample2": CAP10_RESAMPLE2,
+    "cap10_resample2_e2": [*CAP10_RESAMPLE2, "dpo.dpo.num_train_epochs=2"],
     "cap20_resample2_e2": ["generate.chosen_text_cap=0.2", "generate.min_distinct_passing=2",
                            "dpo.dpo.num_train_epochs=2"],
     "rarest_e2": ["generate.chosen_rule=\"rarest\"", "dpo.dpo.num_train_epochs=2"],
-    "flat_cap10_resample2_e2": ["generate.length_rule=\"flat_above_max\"", "generate.chosen_text_cap=0.1",
-                                "generate.min_distinct_passing=2", "dpo.dpo.num_train_epochs=2"],
-    "flat_e2": ["generate.length_rule=\"flat_above_max\"", "dpo.dpo.num_train_epochs=2"],
-    "flat_cap20_resample2_e2": ["generate.length_rule=\"flat_above_max\"", "generate.chosen_text_cap=0.2",
-                                "generate.min_distinct_passing=2", "dpo.dpo.num_train_epochs=2"],
-    "cap10_resample2_e3": ["generate.chosen_text_cap=0.1", "generate.min_distinct_passing=2",
-                           "dpo.dpo.num_train_epochs=3"],
+    "flat_e2": [*FLAT, "dpo.dpo.num_train_epochs=2"],
+    "flat_cap10_resample2_e2": [*FLAT, *CAP10_RESAMPLE2, "dpo.dpo.num_train_epochs=2"],
+    "flat_cap20_resample2_e2": [*FLAT, "generate.chosen_text_cap=0.2", "generate.min_distinct_passing=2",
+                                "dpo.dpo.num_train_epochs=2"],
+    "cap10_resample2_e3": [*CAP10_RESAMPLE2, "dpo.dpo.num_train_epochs=3"],
     "cap10_resample3_e2_accumulate": ["generate.chosen_text_cap=0.1", "generate.min_distinct_passing=3",
                                       "dpo.dpo.num_train_epochs=2", "accumulate_pairs=true"],
-    "cap10_resample2_e2_accumulate": ["generate.chosen_text_cap=0.1", "generate.min_distinct_passing=2",
-                                      "dpo.dpo.num_train_epochs=2", "accumulate_pairs=true"],
+    "cap10_resample2_e2_accumulate": [*CAP10_RESAMPLE2, "dpo.dpo.num_train_epochs=2", "accumulate_pairs=true"],
 }
 
 
@@ -59,7 +62,7 @@ def run(setting: str, seed: int, folder: Path, overrides: list[str]) -> float | 
     if finished(folder):
         return None
     sets = [f"output_dir={folder.relative_to(ROOT)}", f"generate.seed={seed}", f"dpo.seed={seed}",
-            f"evaluate.replies_per_prompt={REPLIES_PER_PROMPT}", "evaluate.include_base=false", *overrides]
+            f"evaluate.replies_per_prompt={REPLIES_PER_PROMPT}", "evaluate.include_base=false", *REFERENCE, *overrides]
     command = [sys.executable, "run_pipeline.py", "--config", "args/demo/pipeline_arg.json"]
     for override in sets:
         command += ["--set", override]
@@ -121,8 +124,15 @@ def markdown(table: dict, machine: str) -> str:
         f = row[figure]
         return f"{fmt.format(f['mean'])} ({fmt.format(f['min'])}-{fmt.format(f['max'])})"
 
-    lines = [f"Last iteration (2) of `bash demo.sh`'s pipeline per setting, mean (range) over the seeds; evaluation "
-             f"draws {REPLIES_PER_PROMPT} replies per prompt. Machine: {machine}.", "",
+    lines = [f"Iteration {ITERATION} of `bash demo.sh`'s pipeline per setting, mean (range) over the seeds (generate and "
+             f"DPO seeds together); evaluation draws {REPLIES_PER_PROMPT} replies per prompt under its own seed 42. "
+             "Made by `python bench/selection_frontier.py --out bench/selection_frontier --seeds 42 1 7 --settings "
+             "...` (each setting's overrides: `SETTINGS` in the script). Distinct replies and the worst emotion's top "
+             "share are per draw of one reply per prompt, averaged over the draws; the ceiling (a model answering "
+             "uniformly among the demo world's well-formed replies of the requested emotion) keeps 127.3. Rounds per "
+             "prompt and pairs: iteration 2's preference data. Minutes per run: wall time of the whole pipeline "
+             "while other jobs shared the 2 cores (load 2-9), so compare costs by rounds per prompt, not minutes. "
+             f"Machine: {machine}.", "",
              "| setting | seeds | emotion accuracy | held-out judge accuracy | distinct replies | of the ceiling | "
              "of SFT's | worst emotion's top share | canned share | KL to SFT | pairs (iteration 2) | rounds per "
              "prompt | warnings | minutes per run |", "| --- |" + " --- |" * 13]

@@ -212,7 +212,7 @@ def bootstrap_interval(values_by_prompt, statistic, samples: int, seed: int) -> 
     estimate = float(statistic([v for values in values_by_prompt for v in values]))
     spread = float(np.std([statistic([v for i in rng.integers(0, n, size=n) for v in values_by_prompt[i]])
                            for _ in range(samples)]))
-    return {"value": estimate, "ci95": [estimate - 1.96 * spread, estimate + 1.96 * spread]}
+    return {"value": estimate, "ci95": [max(0.0, estimate - 1.96 * spread), estimate + 1.96 * spread]}  # none < 0
 
 
 def worst_top_share(pairs) -> float:

@@ -145,8 +145,8 @@ def read_marker(folder: Path) -> dict | None:
 
 def legacy_run_script(folder: Path) -> str | None:
     """The script whose run folder `folder` is, by the files earlier versions (without a marker) left there: a
-    journal (generate_preferences), config.json with checkpoints, a final adapter or start_adapter.json
-    (fine_tune_dpo), config.json with
+    journal (generate_preferences), a Trainer checkpoint (checkpoint-*/trainer_state.json), or config.json with
+    checkpoints, a final adapter or start_adapter.json (fine_tune_dpo), config.json with
     `dpo_adapter` (evaluate), pipeline_config.json or a stage's iter-k/<stage>.done.json (run_pipeline). A
     config.json alone could be anyone's: None."""
     try:
@@ -156,6 +156,8 @@ def legacy_run_script(folder: Path) -> str | None:
             return "generate_preferences.py"
         if (folder / "pipeline_config.json").is_file() or any(folder.glob("iter-*/*.done.json")):
             return PIPELINE_SCRIPT
+        if any(folder.glob("checkpoint-*/trainer_state.json")):  # a Trainer's checkpoints: copied in to resume
+            return "fine_tune_dpo.py"
         config = folder / "config.json"
         if not config.is_file():
             return None

@@ -206,6 +206,8 @@ def test_a_second_writer_is_refused_after_the_lock_file_is_deleted(script, demo_
     (["config.json", "checkpoint-4/"], "fine_tune_dpo.py"),
     (["config.json", "final_adapter/"], "fine_tune_dpo.py"),
     (["config.json", "start_adapter.json", "reference_logps/"], "fine_tune_dpo.py"),  # a start killed before step 1
+    (["checkpoint-4/trainer_state.json"], "fine_tune_dpo.py"),  # a checkpoint copied in to resume from
+    (["checkpoint-4/"], None),
     (["pipeline_config.json"], "run_pipeline.py"),
     (["iter-1/preferences.done.json"], "run_pipeline.py"),
     (["config.json"], None),  # anyone's

@@ -72,6 +72,19 @@ def _import_unsloth():
     return FastLanguageModel
 
 
+def one_4bit_path_on_the_cpu(model) -> None:
+    """bitsandbytes 0.50 on a CPU with AVX512-BF16 repacks a 4-bit layer's weights for a bfloat16 kernel whenever the
+    layer runs without gradients in eval mode: the frozen reference's pass (and generation) would then compute in
+    bfloat16 while the policy's training pass dequantizes in float32, and before training, when the two are one
+    adapter, they would disagree by up to 0.06 nats (the reference guard refuses that). Every layer keeps the one
+    float32 path, as on CPUs without the instruction; on a GPU nothing changes."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_base(source, tokenizer, unsloth: bool):
     """The base LLM in 4-bit (or full precision), its embeddings resized to the tokenizer with template tokens."""
     import torch
@@ -96,6 +109,8 @@ def load_base(source, tokenizer, unsloth: bool):
             source.base_model, quantization_config=quantization, dtype=dtype,
             device_map={"": device_name()} if torch.cuda.is_available() else None,
         )
+    if source.load_in_4bit and not torch.cuda.is_available():
+        one_4bit_path_on_the_cpu(model)
     if model.get_input_embeddings().num_embeddings != len(tokenizer):
         # The SFT adapter was trained after adding the template tokens; its saved embeddings have this size. Its
         # saved embedding and LM-head copies replace the new rows, so no mean initialisation (on Llama-2-7B that

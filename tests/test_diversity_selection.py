@@ -1,8 +1,8 @@
 """Diversity-aware selection (docs/selection.md, "Diversity-aware selection") on hand-made candidates: every
 expected pair, cap and share below is worked out by hand from the rules, never by calling the code under test.
 
-Settings: the demo's (target_score_range 5, min_chosen_score 8, clean confidence >= 0.8, endings ! . ?) unless a
-test says otherwise. Only the totals and the chosen filters matter to these rules, so each candidate is given its
+Settings: the demo's (target_score_range 5, min_chosen_score 8, clean confidence >= 0.8, endings ! . ?) with the
+reference's selection rule (no diversity key) unless a test says otherwise. Only the totals and the chosen filters matter to these rules, so each candidate is given its
 total directly; every candidate is on target, clean and complete unless its text says otherwise ("no" has no
 ending).
 """
@@ -20,8 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "args/demo/generate_preferences_arg.json"
 
 
+# The reference's selection rule: the demo config's own default is diversity-aware selection
+REFERENCE_RULE = ["chosen_text_cap=null", "min_distinct_passing=1", "chosen_rule=\"best\"", "rejected_rule=\"worst\"",
+                  "length_rule=\"reference\""]
+
+
 def config(folder=Path("unused"), overrides=()) -> GenerateConfig:
-    return load_config(GenerateConfig, DEMO_CONFIG, [f"output_dir={folder}", "wandb.mode=disabled", *overrides])
+    return load_config(GenerateConfig, DEMO_CONFIG, [f"output_dir={folder}", "wandb.mode=disabled", *REFERENCE_RULE,
+                                                     *overrides])
 
 
 def cand(text, total, emotion="happiness"):
@@ -103,6 +109,16 @@ def test_a_prompt_is_sampled_again_until_its_rounds_hold_min_distinct_passing_te
     # the prompt's own best anywhere in its pool: round 0's 15; rejected: the pool's lowest, round 0's 2
     assert (settled["chosen_round"], settled["chosen_at"], settled["rejected_round"], settled["rejected_at"]) == \
         (0, 0, 0, 1)
+
+
+def test_a_gap_of_exactly_target_score_range_to_the_pools_lowest_passes():
+    from emotion_dpo.selection import passing_in_pool
+
+    # lowest 3.0; 8.0 is exactly target_score_range 5 above it (and exactly min_chosen_score 8): it passes
+    rounds = [scored([cand("just enough !", 8.0), cand("low .", 3.0)])]
+    assert passing_in_pool(rounds, "happiness", config()) == [(0, 0)]
+    rounds = [scored([cand("not enough !", 7.99), cand("low .", 3.0)])]
+    assert passing_in_pool(rounds, "happiness", config()) == []
 
 
 def test_the_reference_rule_takes_the_last_round_alone():

@@ -276,7 +276,8 @@ def test_the_reference_guard_refuses_a_reference_pass_that_falls_back_to_the_bas
     use_adapter = dpo_trainer.use_adapter
     monkeypatch.setattr(dpo_trainer, "use_adapter", lambda model, adapter_name: use_adapter(model, None))
     cfg, _ = config(demo_world, demo_preferences, tmp_path / "dpo", "dpo.max_steps=2", "eval_fraction=0.0")
-    assert check_reference_weights(build_trainer(cfg).model)["frozen"]  # the weights pass
+    probe, _ = config(demo_world, demo_preferences, tmp_path / "probe", "dpo.max_steps=2", "eval_fraction=0.0")
+    assert check_reference_weights(build_trainer(probe).model)["frozen"]  # the weights pass (in a folder of its own)
     with pytest.raises(PipelineError, match="on the first batch the policy and the reference disagree by up to"):
         train(cfg)
     assert not list((tmp_path / "dpo").glob("checkpoint-*"))

@@ -48,6 +48,10 @@ def test_opening_a_journal_cuts_a_torn_last_line(tmp_path, settled_record):
     ({"chosen_at": 2}, "key 'chosen_at': expected the position of a reply of the last round (0-1), got 2"),
     ({"chosen_at": -1}, "key 'chosen_at': expected the position of a reply of the last round (0-1), got -1"),
     ({"rejected_at": True}, "key 'rejected_at': expected the position of a reply of the last round (0-1), got true"),
+    # the record's one round: round 0 is the only position a chosen_round may name
+    ({"chosen_round": 1}, "key 'chosen_round': expected the position of a round (0-0) or null, got 1"),
+    ({"rejected_round": -1}, "key 'rejected_round': expected the position of a round (0-0) or null, got -1"),
+    ({"chosen_round": 0, "chosen_at": 2}, "key 'chosen_at': expected the position of a reply of round 0 (0-1), got 2"),
     ({"prompt_ids": "1 2 3"}, "key 'prompt_ids': expected a list of token ids"),
     ({"prompt_ids": [1, 2.0]}, "key 'prompt_ids': expected a list of token ids"),
     ({"rounds": [[]]}, "key 'rounds': expected a non-empty list of non-empty rounds"),

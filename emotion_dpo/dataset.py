@@ -124,9 +124,11 @@ def choose_pairs(records: list[dict], selection) -> tuple[list[dict], dict]:
     rarity = defaultdict(Counter)  # DivPO's measure: copies of a text among the run's candidates for the emotion
     for r in records:
         rarity[r["target_emotion"]].update(reply["text"].strip() for round_ in r["rounds"] for reply in round_)
-    accepted = defaultdict(int)
+    pools = {r["index"]: (rounds := pool(r), passing_in_pool(rounds, r["target_emotion"], selection))
+             for r in records if r["status"] == "accepted"}
+    accepted = defaultdict(int)  # per emotion, the prompts with a passing reply: the cap is a share of them
     for r in records:
-        accepted[r["target_emotion"]] += r["status"] == "accepted"
+        accepted[r["target_emotion"]] += r["status"] == "accepted" and bool(pools[r["index"]][1])
     caps = {e: text_cap(selection.chosen_text_cap, n, selection.chosen_text_cap_min) for e, n in accepted.items()}
     taken = defaultdict(Counter)
     before, after, dropped, out = defaultdict(list), defaultdict(list), Counter(), []
@@ -135,8 +137,12 @@ def choose_pairs(records: list[dict], selection) -> tuple[list[dict], dict]:
         if record["status"] != "accepted":
             out.append(record)
             continue
-        rounds = pool(record)
-        passing = passing_in_pool(rounds, emotion, selection)
+        rounds, passing = pools[record["index"]]
+        if not passing:  # accepted under other rules (an older or hand-made journal): no pair under these
+            out.append({**record, "status": "failed", "reason": round_failure(rounds[-1], emotion, selection)
+                        or "no candidate passes in the prompt's pool", "chosen_at": None, "rejected_at": None,
+                        "chosen_round": None, "rejected_round": None})
+            continue
         order = chosen_order(rounds, passing, rarity[emotion] if selection.chosen_rule == "rarest" else None)
         best = chosen_order(rounds, passing, None)[0]
         before[emotion].append(rounds[best[0]][best[1]].text.strip())

@@ -34,6 +34,12 @@ def pytest_collection_modifyitems(items):
     items.sort(key=group)  # stable: the files within a group, and each file's tests, keep pytest's order
 
 
+# The reference's selection rule, for tests that work its rules out by hand on the demo config (whose own default is
+# diversity-aware selection: docs/selection.md)
+REFERENCE_SELECTION = ["chosen_text_cap=null", "min_distinct_passing=1", 'chosen_rule="best"', 'rejected_rule="worst"',
+                       'length_rule="reference"']
+
+
 def process_environment(fault: str | None = None, one_thread: bool = True) -> dict:
     """The environment of a run a test starts: one OpenMP and MKL thread (or torch's default, one per core), and
     EMOTION_DPO_FAULT only where the test names a fault point (emotion_dpo/faultpoints.py)."""

@@ -15,18 +15,14 @@ from pathlib import Path
 import pytest
 
 from emotion_dpo.config import GenerateConfig, load_config, save_config
+from conftest import REFERENCE_SELECTION
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "args/demo/generate_preferences_arg.json"
 
 
-# The reference's selection rule: the demo config's own default is diversity-aware selection
-REFERENCE_RULE = ["chosen_text_cap=null", "min_distinct_passing=1", "chosen_rule=\"best\"", "rejected_rule=\"worst\"",
-                  "length_rule=\"reference\""]
-
-
 def config(folder=Path("unused"), overrides=()) -> GenerateConfig:
-    return load_config(GenerateConfig, DEMO_CONFIG, [f"output_dir={folder}", "wandb.mode=disabled", *REFERENCE_RULE,
+    return load_config(GenerateConfig, DEMO_CONFIG, [f"output_dir={folder}", "wandb.mode=disabled", *REFERENCE_SELECTION,
                                                      *overrides])
 
 
@@ -281,12 +277,12 @@ def ten_stock_prompts():
 
 
 def test_finalize_warns_of_a_collapse_in_the_pairs_and_reports_the_share_before_and_after(tmp_path):
-    from emotion_dpo.generate import finalize_run
+    from emotion_dpo.generate import finalize
 
     run = tmp_path / "run"
     write_run(run, ten_stock_prompts())
     with pytest.warns(UserWarning, match=r"happiness: 100% of its 10 pairs choose 'the stock reply !'"):
-        finalize_run(config(run))
+        finalize(config(run), run, total_prompts=10)
     stats = json.loads((run / "statistics.json").read_text())
     assert stats["collapse_ahead"] == ["happiness: 100% of its 10 pairs choose 'the stock reply !'"]
     card = (run / "dataset/README.md").read_text()

@@ -17,6 +17,7 @@ from emotion_dpo.config import GenerateConfig, load_config
 from emotion_dpo.errors import PipelineError
 from emotion_dpo.distributed import shard
 from emotion_dpo.journal import journal_files, merge_journals, read_journal
+from conftest import REFERENCE_SELECTION
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "args/demo/generate_preferences_arg.json"
@@ -29,7 +30,7 @@ def demo_overrides(demo_world, output_dir, num_prompts=16, extra=()):
     return [f"base_model={w / 'base'}", f"adapter={w / 'sft_adapter'}", f"dataset={w / 'dialogues'}",
             f"emotion_classifier={w / 'emotion_classifier'}", f"gibberish_detector={w / 'gibberish_detector'}",
             f"chat_template={ROOT / 'args/chat_template.json'}", f"output_dir={output_dir}",
-            f"num_prompts={num_prompts}", "wandb.mode=disabled", *extra]
+            f"num_prompts={num_prompts}", "wandb.mode=disabled", *REFERENCE_SELECTION, *extra]
 
 
 def run_script(demo_world, output_dir, num_prompts=16, extra=(), flags=()):
@@ -196,6 +197,32 @@ def reselected(finished_run, demo_world, tmp_path, extra):
     cfg = load_config(GenerateConfig, DEMO_CONFIG, demo_overrides(demo_world, finished_run.out, extra=extra))
     reselect_run(cfg, str(tmp_path / "reselected"))
     return merge_journals(journal_files(tmp_path / "reselected"))
+
+
+def test_diversity_aware_pairs_pass_the_rules_over_the_prompts_pool_and_keep_under_the_cap(finished_run, demo_world,
+                                                                                             tmp_path):
+    """docs/selection.md, "Diversity-aware selection", written out literally on the run's stored candidates: a cap of
+    25 % (at least 1) per text and emotion, the pair from anywhere in the prompt's rounds."""
+    reselected(finished_run, demo_world, tmp_path, ["chosen_text_cap=0.25", "chosen_text_cap_min=1"])
+    out = tmp_path / "reselected"
+    records = {r["index"]: r for r in merge_journals(journal_files(out))}  # the candidates, as the run stored them
+    rows = [json.loads(line) for line in (out / "preferences.jsonl").read_text().splitlines()]
+    assert rows
+    by_emotion = {}
+    for row in rows:
+        pool = [reply for round_ in records[row["index"]]["rounds"] for reply in round_]
+        chosen = next(reply for reply in pool if reply["text"] == row["chosen"] and reply["total"] == row["chosen_score"])
+        assert row["rejected_score"] == min(reply["total"] for reply in pool)
+        assert chosen["emotion_label"].lower() == row["target_emotion"].lower()
+        assert chosen["gibberish_label"].lower() == "clean" and chosen["gibberish_confidence"] >= 0.8
+        assert chosen["text"].rstrip(" ")[-1:] in ("!", ".", "?")
+        assert row["chosen_score"] >= 8.0 and row["chosen_score"] - row["rejected_score"] >= 5.0
+        by_emotion.setdefault(row["target_emotion"], []).append(row["chosen"].strip())
+    statistics = json.loads((out / "statistics.json").read_text())["chosen_text"]
+    for emotion, texts in by_emotion.items():
+        cap = max(1, int(0.25 * statistics[emotion]["prompts"]))
+        assert statistics[emotion]["cap"] == cap
+        assert max(texts.count(t) for t in texts) <= cap
 
 
 def test_reselect_with_fewer_retries_counts_only_the_first_rounds(finished_run, demo_world, tmp_path):

@@ -1,5 +1,6 @@
 """The selection, --reselect and statistics rules on hand-made journals: every expected value below is worked
-out by hand from the rules in docs/selection.md ("The rules"), never by calling the code under test.
+out by hand from the rules in docs/selection.md ("The rules", the reference's: the demo config with its diversity
+keys off, conftest.REFERENCE_SELECTION), never by calling the code under test.
 
 Reward settings unless said otherwise: weights [0.4, 0.25, 0.35], bias 0.001, length in characters against
 length_min 5 / length_max 20, target_score_range 5, min_chosen_score 8, clean confidence >= 0.8, endings ! . ?
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from emotion_dpo.config import GenerateConfig, load_config, save_config
+from conftest import REFERENCE_SELECTION
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "args/demo/generate_preferences_arg.json"
@@ -67,7 +69,7 @@ def write_run(folder: Path, records: list[dict], overrides=()) -> None:
 def run_cli(folder: Path, *flags, overrides=()):
     args = [sys.executable, str(ROOT / "generate_preferences.py"), "--config", str(DEMO_CONFIG), *flags,
             "--set", f"output_dir={folder}", "--set", "wandb.mode=disabled"]
-    for override in overrides:
+    for override in [*REFERENCE_SELECTION, *overrides]:
         args += ["--set", override]
     return subprocess.run(args, capture_output=True, text=True, timeout=300)
 
@@ -81,7 +83,8 @@ def reselected(folder: Path, into: Path, overrides=()) -> None:
 
 
 def config(folder: Path, overrides=()) -> GenerateConfig:
-    return load_config(GenerateConfig, DEMO_CONFIG, [f"output_dir={folder}", "wandb.mode=disabled", *overrides])
+    return load_config(GenerateConfig, DEMO_CONFIG, [f"output_dir={folder}", "wandb.mode=disabled", *REFERENCE_SELECTION,
+                                                     *overrides])
 
 
 def rows(folder: Path) -> list[dict]:

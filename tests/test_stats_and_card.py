@@ -10,6 +10,7 @@ from huggingface_hub import DatasetCard
 
 from emotion_dpo.config import GenerateConfig, load_config
 from emotion_dpo.stats import format_summary, format_tables, summarize
+from conftest import REFERENCE_SELECTION
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = [0.4, 0.25, 0.35]
@@ -98,7 +99,7 @@ def finalized(tmp_path_factory):
     folder.mkdir()
     cfg = load_config(GenerateConfig, ROOT / "args/demo/generate_preferences_arg.json", [
         f"output_dir={folder}", f"chat_template={ROOT / 'args/chat_template.json'}", "reward_weights=[0.5,0.2,0.3]",
-        "min_chosen_score=7.5", "target_score_range=4.0"])
+        "min_chosen_score=7.5", "target_score_range=4.0", *REFERENCE_SELECTION])
     finalize(cfg, folder, records=JOURNAL)
     return folder, cfg
 

@@ -96,11 +96,12 @@ def diversity_sentence(cfg) -> str:
            f"one text may be at most {cfg.chosen_text_cap:g} of an emotion's chosen replies (at least "
            f"{cfg.chosen_text_cap_min}), counted in prompt order; a prompt whose passing texts are all at the cap gets "
            "no pair")
+    chosen = ("rarest text among the run's candidates for the emotion (DivPO)" if cfg.chosen_rule == "rarest"
+              else "highest-scoring")
+    rejected = "most copied failing one (DivPO)" if cfg.rejected_rule == "most_common" else "lowest-scoring"
     return (f" Diversity-aware selection: each prompt chooses over all its rounds, which are sampled until they hold "
             f"{cfg.min_distinct_passing} different passing texts (or the retries run out); the chosen reply is the "
-            f"{'rarest text among the run' + chr(39) + 's candidates for the emotion (DivPO)' if cfg.chosen_rule == 'rarest' else 'highest-scoring'} "
-            f"passing one, the rejected the {'most copied failing one (DivPO)' if cfg.rejected_rule == 'most_common' else 'lowest-scoring'}; "
-            f"{cap}. The length reward is {cfg.length_rule}.")
+            f"{chosen} passing one, the rejected the {rejected}; {cap}. The length reward is {cfg.length_rule}.")
 
 
 def size_category(n: int) -> str:

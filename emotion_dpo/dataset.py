@@ -6,8 +6,8 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from .selection import (ScoredReply, chosen_order, passing_in_pool, pick_pair, pool_settles, rejected_place, rescore,
-                        round_failure, text_cap, top_share, uses_pool)
+from .selection import (ScoredReply, chosen_order, distinct_texts, passing_in_pool, pick_pair, pool_settles,
+                        rejected_place, rescore, round_failure, text_cap, top_share, uses_pool)
 
 COLUMNS = ("prompt", "chosen", "rejected", "chosen_score", "rejected_score")
 # The token ids generation used, which fine_tune_dpo trains on as they are: the context the generator was
@@ -26,7 +26,7 @@ def settle(prompt, rounds: list[list[ScoredReply]], selection, final: bool, eos_
     pooled = uses_pool(selection)
     if pooled:
         passing = passing_in_pool(rounds, target, selection)
-        if not final and not pool_settles(rounds, target, selection):
+        if not final and distinct_texts(rounds, passing) < selection.min_distinct_passing:  # pool_settles' rule
             return None
         reason = None if passing else round_failure(rounds[-1], target, selection)
     else:

@@ -215,17 +215,6 @@ def bootstrap_interval(values_by_prompt, statistic, samples: int, seed: int) -> 
     return {"value": estimate, "ci95": [max(0.0, estimate - 1.96 * spread), estimate + 1.96 * spread]}  # none < 0
 
 
-def worst_top_share(pairs) -> float:
-    """The largest share one text takes of a requested emotion's replies, over the emotions; `pairs` are
-    (emotion, text)."""
-    from collections import Counter
-
-    by_emotion = {}
-    for emotion, text in pairs:
-        by_emotion.setdefault(emotion, Counter())[text.strip()] += 1
-    return max((max(c.values()) / sum(c.values()) for c in by_emotion.values()), default=0.0)
-
-
 def worst_mean_top_share(pairs, draws: int) -> float:
     """The degeneration table's worst emotion: per requested emotion, its top share in each draw (the j-th reply of
     every prompt) averaged over the draws, then the largest over the emotions; `pairs` are (emotion, text), prompt

@@ -5,6 +5,7 @@ Pure functions over ScoredReply records, so every rule can be checked by hand.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -176,8 +177,5 @@ def top_share(texts: Sequence[str]) -> tuple[str, float]:
     """The most frequent text and its share (first seen wins ties); ("", 0.0) for none."""
     if not texts:
         return "", 0.0
-    counts: dict[str, int] = {}
-    for text in texts:
-        counts[text] = counts.get(text, 0) + 1
-    best = max(counts, key=counts.get)  # dicts keep insertion order: the first seen of the most frequent
-    return best, counts[best] / len(texts)
+    best, count = Counter(texts).most_common(1)[0]  # equal counts keep the order first seen
+    return best, count / len(texts)

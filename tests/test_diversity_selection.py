@@ -117,6 +117,16 @@ def test_a_gap_of_exactly_target_score_range_to_the_pools_lowest_passes():
     assert passing_in_pool(rounds, "happiness", config()) == []
 
 
+def test_a_prompts_rounds_are_enough_once_they_hold_exactly_min_distinct_passing_texts():
+    from emotion_dpo.selection import pool_settles
+
+    one_text, two_texts = [scored(ROUND_ONE_TEXT)], [scored(ROUND_ONE_TEXT), scored(ROUND_NEW_TEXT)]
+    assert pool_settles(one_text, "happiness", config(overrides=["min_distinct_passing=1"]))
+    assert not pool_settles(one_text, "happiness", config(overrides=["min_distinct_passing=2"]))
+    assert pool_settles(two_texts, "happiness", config(overrides=["min_distinct_passing=2"]))  # exactly 2
+    assert not pool_settles(two_texts, "happiness", config(overrides=["min_distinct_passing=3"]))
+
+
 def test_the_reference_rule_takes_the_last_round_alone():
     from emotion_dpo.dataset import settle
 
@@ -328,3 +338,14 @@ def test_the_journal_takes_a_pair_from_an_earlier_round_and_names_a_round_out_of
         "key 'chosen_round': expected the position of a round (0-1) or null, got 2"
     assert record_problem({**two_rounds, "rejected_round": 1, "rejected_at": 1}) == \
         "key 'rejected_at': expected the position of a reply of round 1 (0-0), got 1"
+
+
+def test_the_card_says_which_diversity_rules_chose_the_pairs():
+    from emotion_dpo.card import rules_paragraph
+
+    text = rules_paragraph(config(overrides=["chosen_text_cap=0.1", "chosen_rule=\"rarest\"",
+                                             "rejected_rule=\"most_common\""]))
+    assert ("the chosen reply is the rarest text among the run's candidates for the emotion (DivPO) passing one, "
+            "the rejected the most copied failing one (DivPO); one text may be at most 0.1 of an emotion's chosen "
+            "replies (at least 2)") in text
+    assert "Diversity-aware selection" not in rules_paragraph(config())

@@ -239,13 +239,13 @@ def test_a_bootstrap_interval_over_prompts_has_the_spread_worked_out_by_hand():
 
 
 def test_the_worst_top_share_is_the_largest_share_one_text_takes_of_an_emotions_replies():
-    from emotion_dpo.evaluation import worst_top_share
+    from emotion_dpo.evaluation import worst_mean_top_share
 
-    # sadness: "oh no ." 2 of 3 (0.667); happiness: 1 of 2 each (0.5)
+    # one draw per prompt; sadness: "oh no ." 2 of 3 (0.667); happiness: 1 of 2 each (0.5)
     pairs = [("sadness", "oh no ."), ("sadness", " oh no . "), ("sadness", "sigh ."), ("happiness", "yay !"),
              ("happiness", "great !")]
-    assert worst_top_share(pairs) == pytest.approx(2 / 3)
-    assert worst_top_share([]) == 0.0
+    assert worst_mean_top_share(pairs, 1) == pytest.approx(2 / 3)
+    assert worst_mean_top_share([], 1) == 0.0
 
 
 def test_with_several_draws_the_worst_emotion_is_the_largest_of_the_emotions_shares_averaged_over_draws():
